@@ -1,0 +1,28 @@
+# wisp — the two commands of README.md:
+#   make run    set up what is missing, build, serve the default model on 127.0.0.1:8080
+#   make test   set up what is missing, build once (release), run every test
+#
+# Tests and the binary share the release profile, so `make test` then `make run` builds once.
+
+CARGO ?= cargo
+
+.PHONY: run test build model test-deps bench clean-model
+
+run: model build
+	./target/release/wisp serve
+
+build:
+	$(CARGO) build --release --bin wisp
+
+test: model test-deps
+	scripts/test.sh
+
+model:
+	scripts/fetch-model.sh
+
+test-deps:
+	scripts/setup-test-deps.sh
+
+# prompt/decode speed of wisp beside llama.cpp's llama-bench on the same GGUF.
+bench: model
+	scripts/bench-vs-llama.sh

@@ -1,0 +1,169 @@
+//! The one client-facing error type and the one place that turns it into the OpenAI shape
+//! `{"error":{"message","type","param","code"}}`. The HTTP body, the SSE error event and
+//! the catcher for unmatched routes all call [`ApiError::body`]; handlers only use `?`.
+
+use salvo::http::StatusCode;
+use salvo::prelude::*;
+use serde_json::{Value, json};
+
+use crate::engine::EngineError;
+use crate::engine::template::TemplateError;
+
+/// A client-facing error: status, OpenAI `type`, optional `param` and `code`, message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: Option<&str>, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, message: message.into(), param: None, code: code.map(str::to_string) }
+    }
+
+    /// 400: the request is malformed or a value is out of range.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError { param: Some(param.into()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message) }
+    }
+
+    /// 400 with a machine-readable code.
+    pub fn invalid_code(param: Option<&str>, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: param.map(str::to_string),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(code), message)
+        }
+    }
+
+    /// 400 for a parameter wisp understands but does not implement.
+    pub fn unsupported(param: &str, message: impl Into<String>) -> ApiError {
+        Self::invalid_code(Some(param), "unsupported_parameter", message)
+    }
+
+    pub fn model_not_found(model: &str) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                format!("The model `{model}` does not exist"),
+            )
+        }
+    }
+
+    /// The engine failed on an accepted request.
+    pub fn engine_failure(message: String) -> ApiError {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("engine_error"), message)
+    }
+
+    pub fn not_ready(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), message)
+    }
+
+    /// Any status without a specific error (unmatched route, wrong method, …).
+    pub fn from_status(status: StatusCode) -> ApiError {
+        let (kind, code, message) = match status {
+            StatusCode::NOT_FOUND => ("invalid_request_error", "not_found", "No such route".to_string()),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                ("invalid_request_error", "method_not_allowed", "This route does not accept that method".to_string())
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ("invalid_request_error", "payload_too_large", "The request body is too large".to_string())
+            }
+            s if s.is_client_error() => ("invalid_request_error", "bad_request", s.to_string()),
+            s => ("server_error", "internal_error", s.to_string()),
+        };
+        Self::new(status, kind, Some(code), message)
+    }
+
+    /// The label used for the errors metric.
+    pub fn metric_type(&self) -> &str {
+        self.code.as_deref().unwrap_or(self.kind)
+    }
+
+    /// The OpenAI error body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.kind, self.message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match &e {
+            EngineError::UnknownModel(id) => ApiError::model_not_found(id),
+            EngineError::Load { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("model_load_failed"), e.to_string())
+            }
+            EngineError::Overloaded(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_overloaded"), e.to_string())
+            }
+            EngineError::Stopped(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_stopped"), e.to_string())
+            }
+            EngineError::Template(t) => ApiError::from(TemplateError::Rejected(t.to_string())),
+        }
+    }
+}
+
+impl From<TemplateError> for ApiError {
+    fn from(e: TemplateError) -> ApiError {
+        match e {
+            TemplateError::Rejected(message) => ApiError {
+                param: Some("messages".into()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_messages"), message)
+            },
+            TemplateError::Compile(message) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("bad_chat_template"), message)
+            }
+        }
+    }
+}
+
+impl Scribe for ApiError {
+    fn render(self, res: &mut Response) {
+        res.status_code(self.status);
+        res.render(Json(self.body()));
+    }
+}
+
+/// Catcher hoop: any error status without a body (unmatched route, wrong method, salvo's
+/// own limits) gets the OpenAI shape too.
+#[handler]
+pub async fn catch_errors(res: &mut Response, ctrl: &mut FlowCtrl) {
+    let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
+    if status.is_client_error() || status.is_server_error() {
+        ApiError::from_status(status).render(res);
+        ctrl.skip_rest();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_openai_shape() {
+        let e = ApiError::invalid("temperature", "temperature must be between 0 and 2, got 3");
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "temperature must be between 0 and 2, got 3", "type": "invalid_request_error", "param": "temperature", "code": null}})
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn unknown_model_is_404_model_not_found() {
+        let e = ApiError::from(EngineError::UnknownModel("nope".into()));
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.code.as_deref(), Some("model_not_found"));
+    }
+}

@@ -1,0 +1,353 @@
+//! OpenAI response framing as pure state machines: engine [`StreamEvent`]s in, chat or
+//! completion chunks (streaming) or one response object (non-streaming) out. No server or
+//! model is needed to test them.
+//!
+//! Streams follow what OpenAI sends: a first chunk with the assistant role (chat), content
+//! deltas, a chunk with `finish_reason`, then, only with `stream_options.include_usage`, a
+//! chunk with empty `choices` and the usage (every earlier chunk then carries
+//! `"usage": null`), then `data: [DONE]`.
+
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::engine::{FinishReason, StreamEvent, TokenLogprob};
+
+/// Which API shape to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// The identity every chunk of one response repeats.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub include_usage: bool,
+    /// Chat: `logprobs: true`. Completion: `logprobs: N` given.
+    pub logprobs: bool,
+}
+
+pub const SYSTEM_FINGERPRINT: &str = concat!("wisp-", env!("CARGO_PKG_VERSION"));
+
+impl ResponseMeta {
+    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool) -> ResponseMeta {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        ResponseMeta {
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            model: model.to_string(),
+            endpoint,
+            include_usage,
+            logprobs,
+        }
+    }
+
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        });
+        if self.include_usage {
+            chunk["usage"] = usage.unwrap_or(Value::Null);
+        }
+        chunk
+    }
+}
+
+fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+/// One chat `logprobs.content` entry.
+fn chat_logprob(lp: &TokenLogprob) -> Value {
+    json!({
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": lp.token.as_bytes(),
+        "top_logprobs": lp.top.iter().map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()})).collect::<Vec<_>>(),
+    })
+}
+
+/// The legacy completions `logprobs` object for a run of tokens starting at `offset`.
+fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut text_offset = Vec::with_capacity(lps.len());
+    for lp in lps {
+        text_offset.push(offset);
+        offset += lp.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+/// Streaming: turns events into SSE `data:` payloads.
+pub struct StreamFramer {
+    meta: ResponseMeta,
+    /// Characters emitted so far (completion `text_offset`).
+    offset: usize,
+    done: bool,
+}
+
+impl StreamFramer {
+    pub fn new(meta: ResponseMeta) -> StreamFramer {
+        StreamFramer { meta, offset: 0, done: false }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// What goes out before any token: the role chunk (chat) or the echoed prompt.
+    pub fn start(&mut self, echo: Option<&str>) -> Vec<String> {
+        match (self.meta.endpoint, echo) {
+            (Endpoint::Chat, _) => vec![self.delta(json!({"role": "assistant", "content": ""}), None, None)],
+            (Endpoint::Completion, Some(prompt)) => {
+                self.offset += prompt.len();
+                vec![self.delta(json!(prompt), None, None)]
+            }
+            (Endpoint::Completion, None) => Vec::new(),
+        }
+    }
+
+    /// One engine event in, zero or more payloads out.
+    pub fn push(&mut self, event: StreamEvent) -> Vec<String> {
+        if self.done {
+            return Vec::new();
+        }
+        match event {
+            StreamEvent::Token { text, logprob, .. } => {
+                let logprob = logprob.filter(|_| self.meta.logprobs);
+                if text.is_empty() && logprob.is_none() {
+                    return Vec::new();
+                }
+                let lp = logprob.map(|lp| self.logprobs(std::slice::from_ref(&lp)));
+                let content = self.content(&text);
+                self.offset += text.len();
+                vec![self.delta(content, lp, None)]
+            }
+            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                let mut out = Vec::new();
+                if !text.is_empty() {
+                    let content = self.content(&text);
+                    out.push(self.delta(content, None, None));
+                }
+                let empty = match self.meta.endpoint {
+                    Endpoint::Chat => json!({}),
+                    Endpoint::Completion => json!(""),
+                };
+                out.push(self.delta(empty, None, Some(reason)));
+                if self.meta.include_usage {
+                    let usage = usage_json(prompt_tokens, completion_tokens);
+                    out.push(self.meta.chunk(json!([]), Some(usage)).to_string());
+                }
+                out.push("[DONE]".to_string());
+                self.done = true;
+                out
+            }
+            StreamEvent::Error(message) => self.error(&ApiError::engine_failure(message)),
+        }
+    }
+
+    /// An error after the first byte: an error event, then `[DONE]`.
+    pub fn error(&mut self, error: &ApiError) -> Vec<String> {
+        self.done = true;
+        vec![error.body().to_string(), "[DONE]".to_string()]
+    }
+
+    fn content(&self, text: &str) -> Value {
+        match self.meta.endpoint {
+            Endpoint::Chat => json!({"content": text}),
+            Endpoint::Completion => json!(text),
+        }
+    }
+
+    fn logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        match self.meta.endpoint {
+            Endpoint::Chat => json!({"content": lps.iter().map(chat_logprob).collect::<Vec<_>>()}),
+            Endpoint::Completion => completion_logprobs(lps, self.offset),
+        }
+    }
+
+    fn delta(&self, content: Value, logprobs: Option<Value>, finish: Option<FinishReason>) -> String {
+        let finish_reason = finish.map(FinishReason::as_str);
+        let choice = match self.meta.endpoint {
+            Endpoint::Chat => json!({"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}),
+            Endpoint::Completion => json!({"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish_reason}),
+        };
+        self.meta.chunk(json!([choice]), None).to_string()
+    }
+}
+
+/// Non-streaming: gathers every event, then builds one response.
+pub struct Collector {
+    meta: ResponseMeta,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<(FinishReason, usize, usize)>,
+    /// Length of the echoed prompt (completion `text_offset` starts after it).
+    echo_len: usize,
+}
+
+impl Collector {
+    pub fn new(meta: ResponseMeta, echo: Option<&str>) -> Collector {
+        let text = echo.unwrap_or_default().to_string();
+        Collector { echo_len: text.len(), meta, text, logprobs: Vec::new(), finish: None }
+    }
+
+    /// Adds one event; an engine failure becomes the request's error.
+    pub fn push(&mut self, event: StreamEvent) -> Result<(), ApiError> {
+        match event {
+            StreamEvent::Token { text, logprob, .. } => {
+                self.text.push_str(&text);
+                if let Some(lp) = logprob {
+                    self.logprobs.push(lp);
+                }
+            }
+            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                self.text.push_str(&text);
+                self.finish = Some((reason, prompt_tokens, completion_tokens));
+            }
+            StreamEvent::Error(message) => return Err(ApiError::engine_failure(message)),
+        }
+        Ok(())
+    }
+
+    /// The response; an error if the engine stopped without finishing.
+    pub fn finish(self) -> Result<Value, ApiError> {
+        let (reason, prompt_tokens, completion_tokens) =
+            self.finish.ok_or_else(|| ApiError::engine_failure("the engine ended the request without finishing".into()))?;
+        let logprobs = match (self.meta.logprobs, self.meta.endpoint) {
+            (false, _) => Value::Null,
+            (true, Endpoint::Chat) => json!({"content": self.logprobs.iter().map(chat_logprob).collect::<Vec<_>>()}),
+            (true, Endpoint::Completion) => completion_logprobs(&self.logprobs, self.echo_len),
+        };
+        let choice = match self.meta.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": self.text, "refusal": null},
+                "logprobs": logprobs,
+                "finish_reason": reason.as_str(),
+            }),
+            Endpoint::Completion => json!({
+                "index": 0, "text": self.text, "logprobs": logprobs, "finish_reason": reason.as_str(),
+            }),
+        };
+        Ok(json!({
+            "id": self.meta.id,
+            "object": self.meta.object(false),
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [choice],
+            "usage": usage_json(prompt_tokens, completion_tokens),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> StreamEvent {
+        StreamEvent::Token { id: 1, text: text.into(), logprob: None }
+    }
+
+    fn finished(text: &str) -> StreamEvent {
+        StreamEvent::Finished { text: text.into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 }
+    }
+
+    fn parse(payloads: &[String]) -> Vec<Value> {
+        payloads.iter().filter(|p| *p != "[DONE]").map(|p| serde_json::from_str(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn chat_stream_is_role_then_deltas_then_finish_then_done() {
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false));
+        let mut out = f.start(None);
+        out.extend(f.push(token("Hel")));
+        out.extend(f.push(token("")));
+        out.extend(f.push(finished("lo")));
+        assert_eq!(out.last().unwrap(), "[DONE]");
+        let chunks = parse(&out);
+        assert_eq!(chunks.len(), 4, "{chunks:?}");
+        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hel");
+        assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "lo");
+        assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+        assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+        assert!(f.is_done());
+    }
+
+    #[test]
+    fn include_usage_adds_a_final_usage_chunk_and_nulls_before() {
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", true, false));
+        let mut out = f.start(None);
+        out.extend(f.push(token("a")));
+        out.extend(f.push(finished("")));
+        let chunks = parse(&out);
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}));
+        assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+    }
+
+    #[test]
+    fn an_engine_error_mid_stream_is_an_error_event_then_done() {
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Completion, "m", false, false));
+        let out = f.push(StreamEvent::Error("boom".into()));
+        assert_eq!(out[1], "[DONE]");
+        let e: Value = serde_json::from_str(&out[0]).unwrap();
+        assert!(e["error"]["message"].as_str().unwrap().contains("boom"));
+        assert!(f.push(token("x")).is_empty());
+    }
+
+    #[test]
+    fn collector_builds_a_chat_completion_with_exact_usage() {
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false), None);
+        c.push(token("Hi")).unwrap();
+        c.push(finished(" there")).unwrap();
+        let r = c.finish().unwrap();
+        assert_eq!(r["object"], "chat.completion");
+        assert_eq!(r["choices"][0]["message"]["content"], "Hi there");
+        assert_eq!(r["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn completion_logprobs_have_offsets_after_the_echo() {
+        let lp = |t: &str| TokenLogprob { token: t.into(), logprob: -0.5, top: vec![(t.into(), -0.5)] };
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Completion, "m", false, true), Some("ab"));
+        c.push(StreamEvent::Token { id: 1, text: "x".into(), logprob: Some(lp("x")) }).unwrap();
+        c.push(StreamEvent::Token { id: 2, text: "yz".into(), logprob: Some(lp("yz")) }).unwrap();
+        c.push(finished("")).unwrap();
+        let r = c.finish().unwrap();
+        assert_eq!(r["choices"][0]["text"], "abxyz");
+        assert_eq!(r["choices"][0]["logprobs"]["text_offset"], json!([2, 3]));
+        assert_eq!(r["choices"][0]["logprobs"]["top_logprobs"][1], json!({"yz": -0.5}));
+    }
+}

@@ -1,0 +1,553 @@
+//! OpenAI wire types for requests, and their validation into the engine's types.
+//!
+//! Parsing rejects unknown fields (as OpenAI does) and names the offending field; the
+//! `validate_*` functions check every range and limit once, so nothing downstream
+//! re-checks (STYLE.md, "Validate once").
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::config::Limits;
+use crate::engine::sampling::SamplingParams;
+use crate::engine::template::TemplateMessage;
+
+/// Parses a request body into the endpoint's fields and the shared sampling fields.
+/// The sampling keys are split off first so each part is parsed with exact field paths:
+/// a failure names the field as `param`, and unknown fields are refused by name.
+pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields), ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_code(None, "invalid_json", format!("The request body is not valid JSON: {e}"))
+    })?;
+    let serde_json::Value::Object(mut fields) = value else {
+        return Err(ApiError::invalid_code(None, "invalid_json", "The request body must be a JSON object"));
+    };
+    let sampling: serde_json::Map<String, serde_json::Value> =
+        SamplingFields::KEYS.iter().filter_map(|k| fields.remove(*k).map(|v| (k.to_string(), v))).collect();
+    let sampling = from_value(serde_json::Value::Object(sampling))?;
+    let request = from_value(serde_json::Value::Object(fields))?;
+    Ok((request, sampling))
+}
+
+fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if let Some(field) = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+            return ApiError::invalid_code(
+                Some(field),
+                "unknown_parameter",
+                format!("Unrecognized request argument supplied: {field}"),
+            );
+        }
+        match path.as_str() {
+            "." => ApiError::invalid_code(None, "invalid_request", format!("Invalid request: {inner}")),
+            _ => ApiError { param: Some(path.clone()), ..ApiError::invalid_code(None, "invalid_type", format!("Invalid value for `{path}`: {inner}")) },
+        }
+    })
+}
+
+/// `stop`: one string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
+}
+
+/// Message content: a string or a list of parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+/// The sampling fields chat and completions share (split off by [`parse_request`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub n: Option<u32>,
+}
+
+impl SamplingFields {
+    /// The JSON keys of the fields above (a test keeps the two in step).
+    pub const KEYS: &[&str] = &[
+        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "logit_bias", "seed", "stop", "n",
+    ];
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    #[serde(default)]
+    pub store: Option<bool>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `prompt`: a string, a list of one string, token ids, or a list of one token-id list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// What both endpoints hand on after validation, besides the prompt.
+#[derive(Debug, Clone)]
+pub struct ValidParams {
+    pub model: Option<String>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Explicit `max_tokens`; `None` takes the default for the endpoint.
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub struct ValidChat {
+    pub params: ValidParams,
+    pub messages: Vec<TemplateMessage>,
+    pub logprobs: bool,
+}
+
+pub enum ValidPrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub struct ValidCompletion {
+    pub params: ValidParams,
+    pub prompt: ValidPrompt,
+    pub echo: bool,
+    /// Alternatives per position for the legacy `logprobs` object.
+    pub logprobs: Option<usize>,
+}
+
+fn range(param: &str, value: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
+    match value {
+        Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => {
+            Err(ApiError::invalid(param, format!("`{param}` must be between {lo} and {hi}, got {v}")))
+        }
+        v => Ok(v),
+    }
+}
+
+fn validate_sampling(f: SamplingFields, vocab: usize, limits: &Limits) -> Result<(SamplingParams, Vec<String>), ApiError> {
+    if let Some(n) = f.n
+        && n != 1
+    {
+        return Err(ApiError::unsupported("n", format!("wisp generates one choice per request; `n` must be 1, got {n}")));
+    }
+    let temperature = range("temperature", f.temperature, 0.0, 2.0)?.unwrap_or(1.0);
+    let top_p = range("top_p", f.top_p, 0.0, 1.0)?.unwrap_or(1.0);
+    if top_p == 0.0 {
+        return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0, got 0"));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(ApiError::invalid("top_k", format!("`top_k` must be -1, 0 (off) or positive, got {k}"))),
+    };
+    let min_p = range("min_p", f.min_p, 0.0, 1.0)?.unwrap_or(0.0);
+    let repetition_penalty = range("repetition_penalty", f.repetition_penalty, 0.0, 2.0)?.unwrap_or(1.0);
+    if repetition_penalty == 0.0 {
+        return Err(ApiError::invalid("repetition_penalty", "`repetition_penalty` must be greater than 0, got 0"));
+    }
+    let presence_penalty = range("presence_penalty", f.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let frequency_penalty = range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let mut logit_bias = Vec::new();
+    for (key, bias) in f.logit_bias.unwrap_or_default() {
+        let param = format!("logit_bias.{key}");
+        let token: u32 =
+            key.parse().map_err(|_| ApiError::invalid(&param, format!("`logit_bias` keys must be token ids, got `{key}`")))?;
+        if token as usize >= vocab {
+            return Err(ApiError::invalid(&param, format!("token id {token} is outside the vocabulary of {vocab} tokens")));
+        }
+        range(&param, Some(bias), -100.0, 100.0)?;
+        logit_bias.push((token, bias));
+    }
+    logit_bias.sort_by_key(|(t, _)| *t);
+    let stop = match f.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s],
+        Some(StopField::Many(v)) => v,
+    };
+    if stop.len() > limits.max_stop_sequences {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {} stop sequences are allowed, got {}", limits.max_stop_sequences, stop.len()),
+        ));
+    }
+    for s in &stop {
+        if s.is_empty() {
+            return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+        }
+        if s.len() > limits.max_stop_bytes {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("a stop sequence may be at most {} bytes, got {}", limits.max_stop_bytes, s.len()),
+            ));
+        }
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        presence_penalty,
+        frequency_penalty,
+        logit_bias,
+        seed: f.seed.map(|s| s as u64),
+        logprobs: None,
+    };
+    Ok((sampling, stop))
+}
+
+fn max_tokens(param: &str, value: Option<u32>) -> Result<Option<usize>, ApiError> {
+    match value {
+        Some(0) => Err(ApiError::invalid(param, format!("`{param}` must be at least 1, got 0"))),
+        v => Ok(v.map(|v| v as usize)),
+    }
+}
+
+fn stream_flags(stream: Option<bool>, options: Option<StreamOptions>) -> Result<(bool, bool), ApiError> {
+    let stream = stream.unwrap_or(false);
+    match options {
+        Some(_) if !stream => {
+            Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"))
+        }
+        Some(o) => Ok((true, o.include_usage)),
+        None => Ok((stream, false)),
+    }
+}
+
+/// Flattens one message's content to text; only text parts are supported.
+fn message_text(idx: usize, content: Option<Content>) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (p, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", None) => {
+                        return Err(ApiError::invalid(format!("messages[{idx}].content[{p}].text"), "a text part needs `text`"));
+                    }
+                    (other, _) => {
+                        return Err(ApiError::unsupported(
+                            &format!("messages[{idx}].content[{p}].type"),
+                            format!("content parts of type `{other}` are not supported; only `text`"),
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: usize, limits: &Limits) -> Result<ValidChat, ApiError> {
+    if let Some(tools) = &r.tools
+        && !tools.is_empty()
+    {
+        return Err(ApiError::unsupported("tools", "tool calling is not supported"));
+    }
+    if let Some(choice) = &r.tool_choice
+        && choice != "none"
+    {
+        return Err(ApiError::unsupported("tool_choice", "tool calling is not supported; `tool_choice` may only be \"none\""));
+    }
+    if let Some(format) = &r.response_format
+        && format.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
+        return Err(ApiError::unsupported("response_format", "only `{\"type\": \"text\"}` is supported"));
+    }
+    if r.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
+    }
+    if r.messages.len() > limits.max_messages {
+        return Err(ApiError::invalid(
+            "messages",
+            format!("at most {} messages are allowed, got {}", limits.max_messages, r.messages.len()),
+        ));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" | "function" => {
+                return Err(ApiError::unsupported(&format!("messages[{i}].role"), "tool messages are not supported"));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unknown role `{other}`; expected system, developer, user or assistant"),
+                ));
+            }
+        };
+        if m.tool_calls.is_some() || m.tool_call_id.is_some() {
+            return Err(ApiError::unsupported(&format!("messages[{i}].tool_calls"), "tool calling is not supported"));
+        }
+        if m.content.is_none() && role != "assistant" {
+            return Err(ApiError::invalid(format!("messages[{i}].content"), "`content` is required"));
+        }
+        messages.push(TemplateMessage { role: role.to_string(), content: message_text(i, m.content)? });
+    }
+    let logprobs = r.logprobs.unwrap_or(false);
+    let top = match (logprobs, r.top_logprobs) {
+        (_, Some(n)) if n > 20 => {
+            return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be between 0 and 20, got {n}")));
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs` set to true"));
+        }
+        (true, n) => Some(n.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let (mut sampling, stop) = validate_sampling(sampling, vocab, limits)?;
+    sampling.logprobs = top;
+    let max_tokens = match (max_tokens("max_completion_tokens", r.max_completion_tokens)?, max_tokens("max_tokens", r.max_tokens)?) {
+        (Some(a), _) => Some(a),
+        (None, b) => b,
+    };
+    let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
+    Ok(ValidChat {
+        params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage },
+        messages,
+        logprobs,
+    })
+}
+
+pub fn validate_completion(r: CompletionRequest, sampling: SamplingFields, vocab: usize, limits: &Limits) -> Result<ValidCompletion, ApiError> {
+    if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported("suffix", "`suffix` (fill-in-the-middle) is not supported"));
+    }
+    if let Some(b) = r.best_of
+        && b != 1
+    {
+        return Err(ApiError::unsupported("best_of", format!("`best_of` must be 1, got {b}")));
+    }
+    let prompt = match r.prompt {
+        PromptField::Text(t) => ValidPrompt::Text(t),
+        PromptField::Texts(mut v) if v.len() == 1 => ValidPrompt::Text(v.remove(0)),
+        PromptField::Tokens(t) => ValidPrompt::Tokens(t),
+        PromptField::TokenLists(mut v) if v.len() == 1 => ValidPrompt::Tokens(v.remove(0)),
+        _ => return Err(ApiError::unsupported("prompt", "wisp accepts one prompt per request (a string or one list of token ids)")),
+    };
+    match &prompt {
+        ValidPrompt::Text(t) if t.is_empty() => return Err(ApiError::invalid("prompt", "`prompt` must not be empty")),
+        ValidPrompt::Tokens(t) if t.is_empty() => return Err(ApiError::invalid("prompt", "`prompt` must not be empty")),
+        ValidPrompt::Tokens(t) => {
+            if let Some(bad) = t.iter().find(|id| **id as usize >= vocab) {
+                return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab} tokens")));
+            }
+        }
+        ValidPrompt::Text(_) => {}
+    }
+    let logprobs = match r.logprobs {
+        Some(n) if n > 5 => return Err(ApiError::invalid("logprobs", format!("`logprobs` must be between 0 and 5, got {n}"))),
+        n => n.map(|n| n as usize),
+    };
+    let echo = r.echo.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::unsupported("echo", "`echo` together with `logprobs` is not supported"));
+    }
+    let (mut sampling, stop) = validate_sampling(sampling, vocab, limits)?;
+    sampling.logprobs = logprobs;
+    let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
+    Ok(ValidCompletion {
+        params: ValidParams { model: r.model, sampling, stop, max_tokens: max_tokens("max_tokens", r.max_tokens)?, stream, include_usage },
+        prompt,
+        echo,
+        logprobs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: &str) -> Result<ValidChat, ApiError> {
+        let (r, sampling) = parse_request::<ChatCompletionRequest>(json.as_bytes())?;
+        validate_chat(r, sampling, 1000, &Limits::default())
+    }
+
+    #[test]
+    fn sampling_keys_match_the_struct() {
+        for key in SamplingFields::KEYS {
+            let body = format!(r#"{{"{key}": {{"x": [true]}}}}"#);
+            let err = from_value::<SamplingFields>(serde_json::from_str(&body).unwrap()).err().unwrap();
+            // A known key fails on its type, never as an unknown field.
+            assert_ne!(err.code.as_deref(), Some("unknown_parameter"), "{key}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        assert_eq!(e.status.as_u16(), 400);
+    }
+
+    #[test]
+    fn malformed_json_is_400() {
+        let e = chat(r#"{"messages": ["#).err().unwrap();
+        assert_eq!(e.status.as_u16(), 400);
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"temprature":1}"#).err().unwrap();
+        assert!(e.message.contains("temprature"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("temprature"));
+    }
+
+    #[test]
+    fn out_of_range_values_say_the_range() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":3}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        assert!(e.message.contains("between 0 and 2"), "{}", e.message);
+    }
+
+    #[test]
+    fn n_above_one_and_tools_are_refused_not_ignored() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#).err().unwrap();
+        assert_eq!(e.code.as_deref(), Some("unsupported_parameter"));
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("tools"));
+    }
+
+    #[test]
+    fn stop_takes_a_string_or_up_to_four() {
+        let ok = chat(r#"{"messages":[{"role":"user","content":"hi"}],"stop":"x"}"#).ok().unwrap();
+        assert_eq!(ok.params.stop, vec!["x"]);
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"stop":["a","b","c","d","e"]}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_images_refused() {
+        let ok = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#)
+            .ok()
+            .unwrap();
+        assert_eq!(ok.messages[0].content, "ab");
+        let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let ok = chat(r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_completion_tokens":7}"#).ok().unwrap();
+        assert_eq!(ok.params.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn logit_bias_keys_must_be_token_ids_in_the_vocabulary() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"logit_bias":{"5000":1}}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("logit_bias.5000"));
+    }
+}

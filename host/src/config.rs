@@ -1,0 +1,371 @@
+//! wisp's configuration: one TOML file, every field defaulted, `WISP_` environment
+//! overrides, validated once at start with errors that name the field.
+//!
+//! Environment overrides use `__` between levels: `WISP_SERVER__LISTEN=0.0.0.0:8080`,
+//! `WISP_LIMITS__MAX_QUEUE=8`. Relative paths are resolved from the working directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Where the default model lands (scripts/fetch-model.sh).
+pub const DEFAULT_MODEL_PATH: &str = "models/gemma-3-270m-q4_k_m.gguf";
+/// The id the default model is served under.
+pub const DEFAULT_MODEL_ID: &str = "gemma-3-270m";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+    pub limits: Limits,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            models: vec![ModelConfig::default_model()],
+            limits: Limits::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: String,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Origins allowed by CORS; empty disables CORS headers, `["*"]` allows any.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 4 * 1024 * 1024, cors_origins: Vec::new() }
+    }
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA if compiled in and present, then Metal, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "metal" => Ok(DeviceSpec::Metal),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`, expected auto, cpu, cuda:N or metal")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send as `model`.
+    pub id: String,
+    /// Path of a GGUF file. Exactly one of `path` and `hf` is set.
+    pub path: Option<PathBuf>,
+    /// `owner/repo:file.gguf`, resolved from the local Hugging Face cache (never downloaded
+    /// at request time; fetch it first with `huggingface-cli download owner/repo file.gguf`).
+    pub hf: Option<String>,
+    /// `auto`, `cpu`, `cuda:N` or `metal`.
+    pub device: String,
+    /// Context length in tokens; 0 uses the GGUF's `context_length`.
+    pub context_length: usize,
+    /// The model used when a request names none; the first model if none is marked.
+    pub default: bool,
+    /// Load at start instead of on first use (the default model always loads at start).
+    pub preload: bool,
+    /// Chat template (Jinja) overriding the GGUF's and the built-in one.
+    pub chat_template: Option<String>,
+    /// Tokens prefilled per forward pass; long prompts are split into chunks of this size.
+    pub prefill_chunk: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            id: String::new(),
+            path: None,
+            hf: None,
+            device: "auto".into(),
+            context_length: 0,
+            default: false,
+            preload: false,
+            chat_template: None,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+impl ModelConfig {
+    fn default_model() -> Self {
+        ModelConfig {
+            id: DEFAULT_MODEL_ID.into(),
+            path: Some(DEFAULT_MODEL_PATH.into()),
+            default: true,
+            ..ModelConfig::default()
+        }
+    }
+
+    pub fn device_spec(&self) -> DeviceSpec {
+        self.device.parse().unwrap_or(DeviceSpec::Auto)
+    }
+}
+
+/// Serving limits; every request is validated against these before it is queued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Requests waiting for the engine (per model) before new ones get 503.
+    pub max_queue: usize,
+    /// `max_tokens` used when a request gives none: the rest of the context, capped here.
+    pub default_max_tokens: usize,
+    /// At most this many `stop` strings per request (OpenAI: 4).
+    pub max_stop_sequences: usize,
+    /// Longest accepted `stop` string, in bytes.
+    pub max_stop_bytes: usize,
+    /// Messages per chat request.
+    pub max_messages: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_queue: 64, default_max_tokens: 4096, max_stop_sequences: 4, max_stop_bytes: 256, max_messages: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `text` (human-readable) or `json`.
+    pub log_format: LogFormat,
+    /// A tracing filter (`info`, `wisp=debug,salvo=warn`); `RUST_LOG` wins when set.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { log_format: LogFormat::Text, log_level: "info".into() }
+    }
+}
+
+impl Config {
+    /// Loads `file` (or `wisp.toml` in the working directory if it exists, else the
+    /// built-in defaults), applies `WISP_` overrides and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::Parse(format!("config file {} does not exist", path.display())));
+            }
+            Some(path) => Some(path),
+            None => Some(Path::new("wisp.toml")).filter(|p| p.exists()),
+        };
+        let figment = match file {
+            Some(path) => Self::defaults().merge(Toml::file_exact(path)),
+            None => Self::defaults(),
+        };
+        Self::extract(figment.merge(Env::prefixed("WISP_").split("__")))
+    }
+
+    /// Parses TOML text (no file, no environment): for tests and `config check`.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::extract(Self::defaults().merge(Toml::string(text)))
+    }
+
+    /// Defaults without models: a file that lists models replaces the default model rather
+    /// than adding to it; `extract` puts it back when none is listed.
+    fn defaults() -> Figment {
+        Figment::from(Serialized::defaults(Config { models: Vec::new(), ..Config::default() }))
+    }
+
+    fn extract(figment: Figment) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(figment_message(e)))?;
+        if config.models.is_empty() {
+            config.models.push(ModelConfig::default_model());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot; every error names its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let field = |name: &str| format!("models[{i}].{name}");
+            if m.id.trim().is_empty() {
+                return Err(invalid(field("id"), "must not be empty"));
+            }
+            if !ids.insert(m.id.as_str()) {
+                return Err(invalid(field("id"), format!("`{}` is listed twice", m.id)));
+            }
+            match (&m.path, &m.hf) {
+                (Some(_), Some(_)) => return Err(invalid(field("path"), "set either `path` or `hf`, not both")),
+                (None, None) => return Err(invalid(field("path"), "one of `path` or `hf` is required")),
+                (None, Some(hf)) => {
+                    parse_hf(hf).map_err(|e| invalid(field("hf"), e))?;
+                }
+                (Some(_), None) => {}
+            }
+            m.device.parse::<DeviceSpec>().map_err(|e| invalid(field("device"), e))?;
+            if m.prefill_chunk == 0 {
+                return Err(invalid(field("prefill_chunk"), "must be at least 1"));
+            }
+        }
+        if self.models.iter().filter(|m| m.default).count() > 1 {
+            return Err(invalid("models", "more than one model has `default = true`"));
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("max_queue", l.max_queue),
+            ("default_max_tokens", l.default_max_tokens),
+            ("max_stop_bytes", l.max_stop_bytes),
+            ("max_messages", l.max_messages),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("limits.{name}"), "must be at least 1"));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
+            .map_err(|e| invalid("telemetry.log_level", e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("`{}` is not an address like 127.0.0.1:8080", self.server.listen)))
+    }
+
+    /// The model used when a request does not name one.
+    pub fn default_model(&self) -> &ModelConfig {
+        self.models.iter().find(|m| m.default).unwrap_or(&self.models[0])
+    }
+}
+
+/// Splits `owner/repo:file.gguf`.
+pub fn parse_hf(spec: &str) -> Result<(&str, &str), String> {
+    match spec.split_once(':') {
+        Some((repo, file)) if repo.contains('/') && !file.is_empty() => Ok((repo, file)),
+        _ => Err(format!("`{spec}` is not of the form owner/repo:file.gguf")),
+    }
+}
+
+/// figment's messages name the key path (`for key "default.server.listen"`); keep them but
+/// drop its profile prefix.
+fn figment_message(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let path = e.path.join(".");
+            let what = e.kind.to_string();
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            if path.is_empty() { format!("{what}{source}") } else { format!("{path}: {what}{source}") }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_default_model() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.default_model().id, DEFAULT_MODEL_ID);
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml("[server]\nlisten = 5").unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = Config::from_toml("[[models]]\nid = \"a\"\npath = \"x\"\ndevice = \"gpu\"").unwrap_err().to_string();
+        assert!(e.contains("models[0].device") && e.contains("gpu"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_queue = 0").unwrap_err().to_string();
+        assert!(e.contains("limits.max_queue"), "{e}");
+        let e = Config::from_toml("[server]\nlisten = \"nowhere\"").unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = Config::from_toml("[server]\nlisen = \"1.2.3.4:1\"").unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn a_model_needs_exactly_one_source() {
+        let e = Config::from_toml("[[models]]\nid = \"a\"").unwrap_err().to_string();
+        assert!(e.contains("models[0].path"), "{e}");
+        let e = Config::from_toml("[[models]]\nid = \"a\"\nhf = \"nope\"").unwrap_err().to_string();
+        assert!(e.contains("models[0].hf"), "{e}");
+        assert!(Config::from_toml("[[models]]\nid = \"a\"\nhf = \"o/r:f.gguf\"").is_ok());
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!("auto".parse::<DeviceSpec>(), Ok(DeviceSpec::Auto));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+}

@@ -1,0 +1,319 @@
+//! The engine: model registry, GGUF loading, tokenizer and chat template, sampling, and the
+//! scheduler that owns each model.
+//!
+//! The seam the api uses is [`LoadedModel::schedule`]: a validated [`GenerateRequest`] goes
+//! into the model's queue and comes back as a [`TokenStream`], a channel of
+//! [`StreamEvent`]s. Dropping the stream cancels the generation at the next step. Nothing
+//! here knows HTTP.
+
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
+pub mod template;
+pub mod tokenizer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::config::{Config, DeviceSpec, ModelConfig, parse_hf};
+use crate::telemetry::Metrics;
+use model::{Family, Hparams, Model};
+use sampling::SamplingParams;
+use scheduler::Scheduler;
+use template::{ChatTemplate, TemplateError, TemplateMessage};
+use tokenizer::GgufTokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+    #[error("model `{id}` failed to load: {message}")]
+    Load { id: String, message: String },
+    #[error("the engine for `{0}` is overloaded (queue full); retry later")]
+    Overloaded(String),
+    #[error("the engine for `{0}` has stopped")]
+    Stopped(String),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+}
+
+/// A request the api has validated: token ids and settings within the model's limits.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// New tokens to generate at most; prompt + max_tokens fits the context.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop strings: output ends before the first one that appears.
+    pub stop: Vec<String>,
+    /// When the api accepted the request, for queue-time metrics.
+    pub received: Instant,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What flows out of the engine for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// One generated token and the text that became final with it (possibly empty: the
+    /// detokenizer or the stop matcher may hold text back).
+    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    /// The end: text still held back, why it ended, and exact token counts.
+    Finished { text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The engine failed on this request after it was accepted.
+    Error(String),
+}
+
+/// The receiving end of one generation; dropping it cancels the request.
+pub type TokenStream = mpsc::UnboundedReceiver<StreamEvent>;
+
+/// A model ready to serve: tokenizer, template and the handle of its scheduler.
+pub struct LoadedModel {
+    pub id: String,
+    pub family: Family,
+    pub tokenizer: Arc<GgufTokenizer>,
+    template: ChatTemplate,
+    /// Longest prompt + completion, in tokens.
+    pub context_length: usize,
+    scheduler: Scheduler,
+}
+
+impl LoadedModel {
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(&self, messages: &[TemplateMessage]) -> Result<String, TemplateError> {
+        self.template.render(messages, true)
+    }
+
+    /// Token ids of `text`. A rendered chat already holds its special tokens, so
+    /// `add_bos` is only for raw completions prompts.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if add_bos && self.tokenizer.add_bos {
+            ids.extend(self.tokenizer.bos);
+        }
+        let encoding = self.tokenizer.tokenizer.encode(text, false).expect("encoding a string cannot fail; this is a bug");
+        ids.extend_from_slice(encoding.get_ids());
+        ids
+    }
+
+    /// Text of token ids, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Queues a request; the stream yields its tokens as they are generated.
+    pub fn schedule(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+        self.scheduler.schedule(request)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+}
+
+/// A configured model: loaded on first use (or at start) and then kept.
+struct ModelSlot {
+    config: ModelConfig,
+    loaded: OnceCell<Arc<LoadedModel>>,
+    created: u64,
+}
+
+/// Every configured model by id.
+pub struct Registry {
+    slots: HashMap<String, ModelSlot>,
+    order: Vec<String>,
+    default_id: String,
+    max_queue: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// What `/v1/models` lists.
+pub struct ModelInfo {
+    pub id: String,
+    pub created: u64,
+    pub loaded: bool,
+}
+
+impl Registry {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Registry {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let slots = config
+            .models
+            .iter()
+            .map(|m| (m.id.clone(), ModelSlot { config: m.clone(), loaded: OnceCell::new(), created }))
+            .collect();
+        Registry {
+            slots,
+            order: config.models.iter().map(|m| m.id.clone()).collect(),
+            default_id: config.default_model().id.clone(),
+            max_queue: config.limits.max_queue,
+            metrics,
+        }
+    }
+
+    pub fn default_id(&self) -> &str {
+        &self.default_id
+    }
+
+    pub fn list(&self) -> Vec<ModelInfo> {
+        self.order.iter().filter_map(|id| self.info(id)).collect()
+    }
+
+    pub fn info(&self, id: &str) -> Option<ModelInfo> {
+        self.slots.get(id).map(|s| ModelInfo { id: id.to_string(), created: s.created, loaded: s.loaded.initialized() })
+    }
+
+    /// Whether the default model is loaded (what `/ready` reports).
+    pub fn is_ready(&self) -> bool {
+        self.slots.get(&self.default_id).is_some_and(|s| s.loaded.initialized())
+    }
+
+    /// The models to load at start: the default one and those with `preload = true`.
+    pub fn preload_ids(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|id| **id == self.default_id || self.slots[*id].config.preload)
+            .cloned()
+            .collect()
+    }
+
+    /// The loaded model `id`, loading it first if needed (off the async executor).
+    pub async fn get(&self, id: &str) -> Result<Arc<LoadedModel>, EngineError> {
+        let slot = self.slots.get(id).ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
+        slot.loaded
+            .get_or_try_init(|| async {
+                let config = slot.config.clone();
+                let max_queue = self.max_queue;
+                let metrics = self.metrics.clone();
+                let started = Instant::now();
+                let loaded = tokio::task::spawn_blocking(move || load(&config, max_queue, metrics))
+                    .await
+                    .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })??;
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics.model_load_seconds.with_label_values(&[id]).set(secs);
+                tracing::info!(model = id, seconds = format!("{secs:.2}"), context = loaded.context_length, "model loaded");
+                Ok(Arc::new(loaded))
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// Resolves where a model's GGUF lives.
+fn model_path(config: &ModelConfig) -> Result<PathBuf, String> {
+    if let Some(path) = &config.path {
+        return Ok(path.clone());
+    }
+    let spec = config.hf.as_deref().unwrap_or_default();
+    let (repo, file) = parse_hf(spec)?;
+    hf_hub::Cache::from_env().model(repo.to_string()).get(file).ok_or_else(|| {
+        format!(
+            "`{spec}` is not in the local Hugging Face cache ({}); wisp never downloads at request time: \
+             fetch it first with `huggingface-cli download {repo} {file}`",
+            hf_hub::Cache::from_env().path().display()
+        )
+    })
+}
+
+/// Picks the candle device for a spec.
+pub fn select_device(spec: DeviceSpec) -> candle_core::Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) => Device::new_cuda(n),
+        DeviceSpec::Metal => Device::new_metal(0),
+        DeviceSpec::Auto => {
+            if candle_core::utils::cuda_is_available() {
+                Device::new_cuda(0)
+            } else if candle_core::utils::metal_is_available() {
+                Device::new_metal(0)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// A model file read into memory, before any scheduler owns it.
+pub struct ModelParts {
+    pub family: Family,
+    pub model: Model,
+    pub tokenizer: GgufTokenizer,
+    pub template: ChatTemplate,
+    pub context_length: usize,
+}
+
+/// Reads the GGUF and builds tokenizer, template and model (also used by `wisp bench`).
+pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
+    let fail = |message: String| EngineError::Load { id: config.id.clone(), message };
+    let path = model_path(config).map_err(&fail)?;
+    let mut file = File::open(&path).map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| fail(format!("{} is not a GGUF file: {e}", path.display())))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let family = Family::from_architecture(&arch)
+        .ok_or_else(|| fail(format!("architecture `{arch}` is not supported (supported: gemma3, llama, qwen2)")))?;
+    let hparams = Hparams::from_gguf(&content, family).map_err(|e| fail(e.to_string()))?;
+    let context_length = match config.context_length {
+        0 => hparams.context_length,
+        n => n,
+    };
+    let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| fail(e.to_string()))?;
+    let source = config
+        .chat_template
+        .clone()
+        .or_else(|| tokenizer.chat_template.clone())
+        .unwrap_or_else(|| template::builtin_template(family).to_string());
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
+    let template = ChatTemplate::new(source, token_text(tokenizer.bos), token_text(tokenizer.eos))?;
+    let device = select_device(config.device_spec()).map_err(|e| fail(format!("device `{}`: {e}", config.device)))?;
+    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| fail(e.to_string()))?;
+    Ok(ModelParts { family, model, tokenizer, template, context_length })
+}
+
+/// Loads a model and starts its scheduler.
+fn load(config: &ModelConfig, max_queue: usize, metrics: Arc<Metrics>) -> Result<LoadedModel, EngineError> {
+    let ModelParts { family, model, tokenizer, template, context_length } = load_parts(config)?;
+    let tokenizer = Arc::new(tokenizer);
+    let scheduler = Scheduler::start(
+        scheduler::SchedulerConfig { model_id: config.id.clone(), max_queue, prefill_chunk: config.prefill_chunk },
+        model,
+        tokenizer.clone(),
+        metrics,
+    );
+    Ok(LoadedModel { id: config.id.clone(), family, tokenizer, template, context_length, scheduler })
+}

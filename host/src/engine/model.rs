@@ -1,0 +1,481 @@
+//! The decoder-only transformer wisp serves, for the GGUF families gemma3, llama and qwen2.
+//!
+//! This is wisp's own model file instead of candle-transformers' because the stock
+//! quantized Gemma 3 is wrong (SiLU instead of GELU, no sliding window in decode) and
+//! cannot serve (full-context RoPE tables per layer, concatenating KV cache, one position
+//! per batch, no chunked prefill); see shared/notes/candle-gemma3.md. Here:
+//! - each sequence owns a [`SeqCache`] preallocated to what the request can use, written
+//!   in place; positions are explicit so prefill may be chunked and a prefix reused;
+//! - RoPE tables are built once per frequency base, sized to the configured context;
+//! - grouped-query attention folds the query heads of one KV head into the row dimension,
+//!   so K and V are never repeated;
+//! - Q5_0/Q5_1 weights (which candle only has scalar kernels for) are requantised to Q8_0
+//!   at load.
+//!
+//! Tensor names and hyper-parameter keys follow llama.cpp's GGUF conventions
+//! (`llama.cpp: src/llama-model.cpp`, `build_gemma3`, `build_llama`, `build_qwen2`).
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+/// The architectures this file implements, from `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Gemma3,
+    Llama,
+    Qwen2,
+}
+
+impl Family {
+    /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
+    pub fn from_architecture(arch: &str) -> Option<Family> {
+        match arch {
+            "gemma3" => Some(Family::Gemma3),
+            "llama" => Some(Family::Llama),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The GGUF metadata key prefix.
+    pub fn arch_name(self) -> &'static str {
+        match self {
+            Family::Gemma3 => "gemma3",
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Hparams {
+    pub family: Family,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rms_eps: f64,
+    pub rope_base: f32,
+    /// Gemma 3's sliding-window layers use their own RoPE base.
+    pub rope_base_local: f32,
+    pub sliding_window: Option<usize>,
+    /// Every `swa_pattern`-th layer is global, the others sliding (Gemma 3: 6).
+    pub swa_pattern: usize,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+impl Hparams {
+    pub fn from_gguf(content: &gguf_file::Content, family: Family) -> Result<Hparams> {
+        let arch = family.arch_name();
+        let md = |key: &str| {
+            let key = format!("{arch}.{key}");
+            content
+                .metadata
+                .get(&key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no `{key}`")))
+        };
+        let n_embd = md("embedding_length")?.to_u32()? as usize;
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = match md("attention.head_count_kv") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) => n_head,
+        };
+        let head_dim = match md("attention.key_length") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) => n_embd / n_head,
+        };
+        let default_base = if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+        let rope_base = md("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(default_base);
+        let sliding_window = match family {
+            Family::Gemma3 => Some(md("attention.sliding_window")?.to_u32()? as usize),
+            _ => None,
+        };
+        let vocab_size = match content.metadata.get("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(tokens)) => tokens.len(),
+            _ => content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .unwrap_or(0),
+        };
+        let hp = Hparams {
+            family,
+            n_layer: md("block_count")?.to_u32()? as usize,
+            n_embd,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rms_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_base,
+            rope_base_local: md("rope.local_freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
+            sliding_window,
+            swa_pattern: md("attention.sliding_window_type")
+                .and_then(|v| v.to_u32())
+                .map(|v| v as usize)
+                .unwrap_or(6),
+            context_length: md("context_length")?.to_u32()? as usize,
+            vocab_size,
+        };
+        if hp.n_head == 0 || hp.n_kv_head == 0 || hp.n_head % hp.n_kv_head != 0 {
+            candle_core::bail!("bad head counts: {} query heads, {} KV heads", hp.n_head, hp.n_kv_head)
+        }
+        Ok(hp)
+    }
+
+    /// Gemma 3 alternates five sliding-window layers with one global layer.
+    fn layer_window(&self, layer: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        ((layer + 1) % self.swa_pattern != 0).then_some(window)
+    }
+}
+
+/// One sequence's KV cache: per layer, K and V of shape `(1, n_kv_head, capacity, head_dim)`,
+/// filled in place up to `len`.
+pub struct SeqCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl SeqCache {
+    /// Number of positions already in the cache (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
+    }
+}
+
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.weight.forward(xs)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<RmsNorm>,
+    /// Sliding window for this layer, `None` for global attention.
+    window: Option<usize>,
+    rope: usize,
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Rope> {
+        let inv_freq: Vec<f32> =
+            (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
+        let t = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+}
+
+/// A loaded model: weights, RoPE tables and the forward pass.
+pub struct Model {
+    hp: Hparams,
+    embed: Arc<QTensor>,
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    ropes: Vec<Rope>,
+    /// Query heads grouped on one KV head.
+    groups: usize,
+    max_len: usize,
+    device: Device,
+    gelu: bool,
+    interleaved_rope: bool,
+}
+
+impl Model {
+    /// Loads the weights of `content`, sizing position tables for `max_len` tokens.
+    pub fn load<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        hp: Hparams,
+        max_len: usize,
+        device: &Device,
+    ) -> Result<Model> {
+        let mut tensor = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
+        let eps = hp.rms_eps as f32;
+        let embed = Arc::new(tensor("token_embd.weight")?);
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => QMatMul::from_qtensor(fast_dtype(tensor("output.weight")?)?)?,
+            false => QMatMul::from_arc(embed.clone())?,
+        };
+        let norm = RmsNorm { weight: tensor("output_norm.weight")?.dequantize(device)?, eps };
+        let gemma = hp.family == Family::Gemma3;
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}"));
+            let has = |name: &str| content.tensor_infos.contains_key(&format!("blk.{i}.{name}"));
+            let mut linear = |name: &str| -> Result<Linear> {
+                let weight = QMatMul::from_qtensor(fast_dtype(t(&format!("{name}.weight"))?)?)?;
+                let bias = match has(&format!("{name}.bias")) {
+                    true => Some(t(&format!("{name}.bias"))?.dequantize(device)?),
+                    false => None,
+                };
+                Ok(Linear { weight, bias })
+            };
+            let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
+            let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
+            let mut norm = |name: &str| -> Result<RmsNorm> {
+                Ok(RmsNorm { weight: tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
+            };
+            let optional_norm = |norm: &mut dyn FnMut(&str) -> Result<RmsNorm>, name: &str| {
+                if gemma { norm(name).map(Some) } else { Ok(None) }
+            };
+            let window = hp.layer_window(i);
+            layers.push(Layer {
+                attn_norm: norm("attn_norm")?,
+                q_norm: optional_norm(&mut norm, "attn_q_norm")?,
+                k_norm: optional_norm(&mut norm, "attn_k_norm")?,
+                post_attn_norm: optional_norm(&mut norm, "post_attention_norm")?,
+                ffn_norm: norm("ffn_norm")?,
+                post_ffn_norm: optional_norm(&mut norm, "post_ffw_norm")?,
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
+                window,
+                rope: usize::from(window.is_some()),
+            });
+        }
+        let mut ropes = vec![Rope::new(hp.head_dim, hp.rope_base, max_len, device)?];
+        if hp.sliding_window.is_some() {
+            ropes.push(Rope::new(hp.head_dim, hp.rope_base_local, max_len, device)?);
+        }
+        Ok(Model {
+            embed_scale: gemma.then(|| (hp.n_embd as f64).sqrt()),
+            groups: hp.n_head / hp.n_kv_head,
+            gelu: gemma,
+            interleaved_rope: hp.family == Family::Llama,
+            hp,
+            embed,
+            layers,
+            norm,
+            output,
+            ropes,
+            max_len,
+            device: device.clone(),
+        })
+    }
+
+    pub fn hparams(&self) -> &Hparams {
+        &self.hp
+    }
+
+    /// The longest sequence the position tables allow.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// A cache for one sequence of at most `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
+        let capacity = capacity.min(self.max_len).max(1);
+        let shape = (1, self.hp.n_kv_head, capacity, self.hp.head_dim);
+        let mut k = Vec::with_capacity(self.hp.n_layer);
+        let mut v = Vec::with_capacity(self.hp.n_layer);
+        for _ in 0..self.hp.n_layer {
+            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+        }
+        Ok(SeqCache { k, v, len: 0, capacity })
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
+    /// cache and returns the logits of the last token, shape `(vocab,)`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
+        let n = tokens.len();
+        let pos = cache.len;
+        if n == 0 {
+            candle_core::bail!("forward needs at least one token")
+        }
+        if pos + n > cache.capacity {
+            candle_core::bail!("sequence of {} tokens exceeds its cache of {}", pos + n, cache.capacity)
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        // Masks are shared by every layer of the same kind; built only for chunks of >1 token.
+        let mut masks: [Option<Tensor>; 2] = [None, None];
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let mask = if n > 1 {
+                let slot = &mut masks[usize::from(layer.window.is_some())];
+                if slot.is_none() {
+                    *slot = Some(self.mask(pos, n, layer.window)?);
+                }
+                slot.as_ref()
+            } else {
+                None
+            };
+            x = self.layer_forward(layer, &x, pos, cache, idx, mask)?;
+        }
+        cache.len = pos + n;
+        let last = x.narrow(1, n - 1, 1)?;
+        let last = self.norm.forward(&last)?;
+        self.output.forward(&last)?.flatten_all()
+    }
+
+    /// First key position visible to queries `pos..pos + n` of a layer with `window`.
+    fn first_key(pos: usize, window: Option<usize>) -> usize {
+        match window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    /// Additive mask `(n, keys)`: 0 where query `pos + i` may see key `first + j`, -inf else.
+    fn mask(&self, pos: usize, n: usize, window: Option<usize>) -> Result<Tensor> {
+        let first = Self::first_key(pos, window);
+        let keys = pos + n - first;
+        let mut mask = vec![0f32; n * keys];
+        for i in 0..n {
+            let q = pos + i;
+            for j in 0..keys {
+                let k = first + j;
+                let visible = k <= q && window.is_none_or(|w| q - k < w);
+                if !visible {
+                    mask[i * keys + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(mask, (n, keys), &self.device)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut SeqCache,
+        idx: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let hp = &self.hp;
+        let (_, n, _) = x.dims3()?;
+        let h = layer.attn_norm.forward(x)?;
+        let q = layer.wq.forward(&h)?.reshape((1, n, hp.n_head, hp.head_dim))?.transpose(1, 2)?;
+        let k = layer.wk.forward(&h)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+        let v = layer.wv.forward(&h)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?),
+            _ => (q.contiguous()?, k.contiguous()?),
+        };
+        let rope = &self.ropes[layer.rope];
+        let cos = rope.cos.narrow(0, pos, n)?;
+        let sin = rope.sin.narrow(0, pos, n)?;
+        let (q, k) = if self.interleaved_rope {
+            (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)
+        } else {
+            (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
+        };
+        cache.k[idx].slice_set(&k, 2, pos)?;
+        cache.v[idx].slice_set(&v.contiguous()?, 2, pos)?;
+        let first = Self::first_key(pos, layer.window);
+        let keys = pos + n - first;
+        let k_all = cache.k[idx].narrow(2, first, keys)?;
+        let v_all = cache.v[idx].narrow(2, first, keys)?;
+
+        // Fold the query heads sharing a KV head into rows: (1, kv, groups * n, d).
+        let scale = 1.0 / (hp.head_dim as f64).sqrt();
+        let q = (q * scale)?.reshape((1, hp.n_kv_head, self.groups * n, hp.head_dim))?;
+        let scores = q.matmul(&k_all.t()?)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((1, hp.n_kv_head, self.groups, n, keys))?
+                .broadcast_add(mask)?
+                .reshape((1, hp.n_kv_head, self.groups * n, keys))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = probs.matmul(&v_all)?; // (1, kv, groups * n, d)
+        let attn = attn
+            .reshape((1, hp.n_head, n, hp.head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, n, hp.n_head * hp.head_dim))?;
+        let mut attn = layer.wo.forward(&attn)?;
+        if let Some(norm) = &layer.post_attn_norm {
+            attn = norm.forward(&attn)?;
+        }
+        let x = (x + attn)?;
+
+        let h = layer.ffn_norm.forward(&x)?;
+        let gate = layer.gate.forward(&h)?;
+        let gate = if self.gelu { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+        let mut ffn = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            ffn = norm.forward(&ffn)?;
+        }
+        x + ffn
+    }
+}
+
+/// Requantises weights whose dtype candle has only scalar CPU kernels for to Q8_0, which
+/// has SIMD kernels: the Q5_0 attention and FFN weights of the default model make decode
+/// 1.3x and prompt processing 2x faster this way (shared/notes/candle-gemma3.md).
+fn fast_dtype(t: QTensor) -> Result<QTensor> {
+    match t.dtype() {
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.device().is_cpu() => {
+            let device = t.device();
+            QTensor::quantize(&t.dequantize(&device)?, GgmlDType::Q8_0)
+        }
+        _ => Ok(t),
+    }
+}

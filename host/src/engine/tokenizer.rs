@@ -1,0 +1,293 @@
+//! A `tokenizers::Tokenizer` built from GGUF metadata alone, and incremental detokenizing.
+//!
+//! GGUF files carry their vocabulary in `tokenizer.ggml.*`; many (the default Gemma 3
+//! among them) have no tokenizer.json anywhere. Two GGUF tokenizer models are supported:
+//!
+//! - `llama` (SentencePiece vocabularies: Gemma, Llama 2, Mistral): a BPE with byte fallback
+//!   whose merges are derived from the token scores: every split of a normal token into two
+//!   vocabulary tokens is a merge, ranked by the merged token's score. This reproduces
+//!   llama.cpp's SPM tokenizer exactly on the default model (shared/notes/candle-gemma3.md;
+//!   the fixture test in this file checks it token for token).
+//! - `gpt2` (byte-level BPE: Qwen 2, Llama 3): merges from `tokenizer.ggml.merges`, the
+//!   pre-tokenizer regex chosen by `tokenizer.ggml.pre`.
+//!
+//! `tokenizers` has no programmatic builder for this, so the tokenizer.json is generated in
+//! memory and loaded.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use serde_json::{Value as Json, json};
+use tokenizers::Tokenizer;
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_UNUSED: i32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("GGUF tokenizer metadata: {0}")]
+    Metadata(String),
+    #[error("building the tokenizer: {0}")]
+    Build(String),
+}
+
+/// The tokenizer plus the special ids a server needs.
+pub struct GgufTokenizer {
+    pub tokenizer: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    /// Ids that end a generation: eos, eot and the family's end-of-turn tokens.
+    pub stop_ids: Vec<u32>,
+    /// `tokenizer.chat_template` when the GGUF has one.
+    pub chat_template: Option<String>,
+}
+
+impl GgufTokenizer {
+    pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, TokenizerError> {
+        let md = &content.metadata;
+        let model = string(md, "tokenizer.ggml.model")?;
+        let tokens = strings(md, "tokenizer.ggml.tokens")?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(v)) => v.iter().map(|x| x.to_i32().unwrap_or(TYPE_NORMAL)).collect(),
+            _ => vec![TYPE_NORMAL; tokens.len()],
+        };
+        let json = match model.as_str() {
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(v)) => v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect(),
+                    _ => return Err(TokenizerError::Metadata("`tokenizer.ggml.scores` is missing".into())),
+                };
+                let add_space_prefix = md
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(true);
+                spm_json(&tokens, &scores, &types, add_space_prefix, id(md, "tokenizer.ggml.unknown_token_id"))
+            }
+            "gpt2" => {
+                let merges = strings(md, "tokenizer.ggml.merges")?;
+                let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
+                gpt2_json(&tokens, &merges, &types, pre.unwrap_or("default"))
+            }
+            other => {
+                return Err(TokenizerError::Metadata(format!(
+                    "tokenizer model `{other}` is not supported (supported: llama, gpt2)"
+                )));
+            }
+        };
+        let tokenizer = Tokenizer::from_str(&json.to_string()).map_err(|e| TokenizerError::Build(e.to_string()))?;
+        let bos = id(md, "tokenizer.ggml.bos_token_id");
+        let eos = id(md, "tokenizer.ggml.eos_token_id");
+        let default_add_bos = model == "llama";
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(default_add_bos);
+        let mut stop_ids: Vec<u32> = [eos, id(md, "tokenizer.ggml.eot_token_id")].into_iter().flatten().collect();
+        for name in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+            if let Some(t) = tokenizer.token_to_id(name) {
+                stop_ids.push(t);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let chat_template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        Ok(GgufTokenizer { tokenizer, bos, eos, add_bos, stop_ids, chat_template })
+    }
+
+    /// The text of a token id (with SentencePiece's "▁" shown as a space), for logprobs.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+}
+
+fn string(md: &HashMap<String, Value>, key: &str) -> Result<String, TokenizerError> {
+    md.get(key)
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| TokenizerError::Metadata(format!("`{key}` is missing")))
+}
+
+fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, TokenizerError> {
+    match md.get(key) {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.to_string().cloned().map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}"))))
+            .collect(),
+        _ => Err(TokenizerError::Metadata(format!("`{key}` is missing"))),
+    }
+}
+
+fn id(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
+    md.get(key).and_then(|v| v.to_u32().ok())
+}
+
+/// Control, unknown and unused tokens are special (matched whole, skipped in output);
+/// user-defined tokens are matched whole on raw text but decoded as text.
+fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<Json> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, t))| matches!(**t, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNUSED))
+        .map(|(id, (content, t))| {
+            json!({
+                "id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": *t != TYPE_USER_DEFINED,
+            })
+        })
+        .collect()
+}
+
+fn vocab_json(tokens: &[String]) -> serde_json::Map<String, Json> {
+    tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect()
+}
+
+/// SentencePiece vocabulary as a byte-fallback BPE with merges derived from scores.
+fn spm_json(tokens: &[String], scores: &[f32], types: &[i32], add_space_prefix: bool, unk: Option<u32>) -> Json {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // (score of merged token, merged id, split offset) → (left, right). Higher scores merge
+    // first; ties break on the merged id, then the split, so the order is deterministic.
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (merged, token) in tokens.iter().enumerate() {
+        if types.get(merged) != Some(&TYPE_NORMAL) || token.chars().nth(1).is_none() {
+            continue;
+        }
+        for (split, _) in token.char_indices().skip(1) {
+            let (left, right) = token.split_at(split);
+            if index.contains_key(left) && index.contains_key(right) {
+                merges.push((scores.get(merged).copied().unwrap_or(0.0), merged, split, left, right));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<Json> = merges.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect();
+    let mut normalizers = vec![];
+    if add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null,
+            "unk_token": unk.and_then(|u| tokens.get(u as usize)),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab_json(tokens), "merges": merges,
+        },
+    })
+}
+
+/// The split regexes of llama.cpp's `tokenizer.ggml.pre` values (`llama-vocab.cpp`).
+fn pre_tokenizer_regex(pre: &str) -> &'static str {
+    match pre {
+        "qwen2" | "deepseek-r1-qwen" => {
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
+        "llama3" | "llama-bpe" | "smaug-bpe" => {
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
+        _ => r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    }
+}
+
+/// Byte-level BPE (GPT-2 style) with the GGUF's merges.
+fn gpt2_json(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> Json {
+    let merges: Vec<Json> = merges
+        .iter()
+        .filter_map(|m| m.split_once(' ').map(|(l, r)| json!([l, r])))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pre_tokenizer_regex(pre)}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab_json(tokens), "merges": merges,
+        },
+    })
+}
+
+/// Turns a stream of token ids into text deltas, never splitting a UTF-8 character:
+/// text is released only once the decoded suffix no longer ends in a partial character.
+/// Ported from candle's `TokenOutputStream` (candle-examples/src/token_output_stream.rs).
+pub struct Detokenizer {
+    tokens: Vec<u32>,
+    prev: usize,
+    current: usize,
+}
+
+impl Detokenizer {
+    pub fn new() -> Detokenizer {
+        Detokenizer { tokens: Vec::new(), prev: 0, current: 0 }
+    }
+
+    /// Adds one token; returns the text that became final, if any.
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
+        let before = self.decode(tokenizer, self.prev, self.current);
+        self.tokens.push(token);
+        let after = self.decode(tokenizer, self.prev, self.tokens.len());
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.is_char_boundary(before.len()) {
+            let text = after[before.len()..].to_string();
+            self.prev = self.current;
+            self.current = self.tokens.len();
+            text
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whatever is still held (a partial character at the end of the stream).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
+        let before = self.decode(tokenizer, self.prev, self.current);
+        let after = self.decode(tokenizer, self.prev, self.tokens.len());
+        self.prev = self.tokens.len();
+        self.current = self.tokens.len();
+        match after.get(before.len()..) {
+            Some(rest) if after.len() > before.len() => rest.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    fn decode(&self, tokenizer: &Tokenizer, from: usize, to: usize) -> String {
+        tokenizer.decode(&self.tokens[from..to], true).unwrap_or_default()
+    }
+}
+
+impl Default for Detokenizer {
+    fn default() -> Self {
+        Detokenizer::new()
+    }
+}

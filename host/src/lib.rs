@@ -1,0 +1,13 @@
+//! wisp: an LLM inference server with an OpenAI-compatible API whose governance is
+//! pluggable WebAssembly.
+//!
+//! Modules, each with one job (see ARCHITECTURE.md): `config` (the TOML file), `api`
+//! (HTTP routes and OpenAI shapes), `engine` (models, tokenizer, sampling, scheduler),
+//! `telemetry` (logs and metrics). `server` wires them together.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,64 @@
+//! Starts the HTTP server: builds the registry, preloads the default model in the
+//! background (so `/health` answers at once and `/ready` flips when it is loaded), binds,
+//! serves, and shuts down gracefully on SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use salvo::conn::{Acceptor, TcpListener};
+use salvo::prelude::*;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::engine::Registry;
+use crate::telemetry::Metrics;
+
+/// How long in-flight requests may run after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let addr = config.listen_addr()?;
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(&config, metrics.clone()));
+    for id in registry.preload_ids() {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry.get(&id).await {
+                tracing::error!(model = %id, error = %e, "preloading failed");
+            }
+        });
+    }
+    let state = Arc::new(AppState { config: config.clone(), registry, metrics });
+    let acceptor = TcpListener::new(addr).try_bind().await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = acceptor.holdings().first().map(|h| h.local_addr.to_string()).unwrap_or_else(|| addr.to_string());
+    let local = local.trim_start_matches("socket://");
+    // Tests and scripts read this line to find a port chosen with `:0`.
+    println!("wisp listening on http://{local}");
+    tracing::info!(address = %local, default_model = %config.default_model().id, "serving");
+    let server = Server::new(acceptor);
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(grace_seconds = SHUTDOWN_GRACE.as_secs(), "shutting down");
+        handle.stop_graceful(Some(SHUTDOWN_GRACE));
+    });
+    server.serve(api::service(state)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix; this is a bug");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

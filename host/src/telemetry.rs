@@ -1,0 +1,98 @@
+//! Logging (tracing) setup and the Prometheus metrics the host exports at `/metrics`.
+//!
+//! Metric names are `wisp_<noun>_<unit>`; labels are the model id and route, both bounded
+//! by configuration, never by client input. Latency buckets follow vLLM's, which suit LLM
+//! serving (milliseconds for inter-token latency, up to minutes end to end).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global tracing subscriber. `RUST_LOG` wins over the configured level.
+pub fn init_tracing(config: &TelemetryConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+];
+const ITL_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const E2E_BUCKETS: &[f64] =
+    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0];
+
+/// Every metric handle, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub errors: IntCounterVec,
+    pub ttft_seconds: HistogramVec,
+    pub itl_seconds: HistogramVec,
+    pub queue_seconds: HistogramVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generation_tokens: IntCounterVec,
+    pub requests_running: IntGaugeVec,
+    pub requests_waiting: IntGaugeVec,
+    pub model_load_seconds: GaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid; this is a bug");
+            registry.register(Box::new(c.clone())).expect("metric names are unique; this is a bug");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .expect("metric definition is valid; this is a bug");
+            registry.register(Box::new(h.clone())).expect("metric names are unique; this is a bug");
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("metric definition is valid; this is a bug");
+            registry.register(Box::new(g.clone())).expect("metric names are unique; this is a bug");
+            g
+        };
+        let model_load_seconds = GaugeVec::new(Opts::new("wisp_model_load_seconds", "Time the model took to load"), &["model"])
+            .expect("metric definition is valid; this is a bug");
+        registry.register(Box::new(model_load_seconds.clone())).expect("metric names are unique; this is a bug");
+        Metrics {
+            requests: counter("wisp_requests_total", "HTTP requests by route and status", &["route", "status"]),
+            request_seconds: histogram("wisp_request_duration_seconds", "End-to-end request latency", E2E_BUCKETS, &["route"]),
+            errors: counter("wisp_errors_total", "Errors by type", &["type"]),
+            ttft_seconds: histogram("wisp_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS, &["model"]),
+            itl_seconds: histogram("wisp_inter_token_latency_seconds", "Time between tokens", ITL_BUCKETS, &["model"]),
+            queue_seconds: histogram("wisp_queue_time_seconds", "Time waiting for the engine", TTFT_BUCKETS, &["model"]),
+            prompt_tokens: counter("wisp_prompt_tokens_total", "Prompt tokens processed", &["model"]),
+            generation_tokens: counter("wisp_generation_tokens_total", "Tokens generated", &["model"]),
+            requests_running: gauge("wisp_requests_running", "Requests being generated"),
+            requests_waiting: gauge("wisp_requests_waiting", "Requests queued for the engine"),
+            model_load_seconds,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to a Vec cannot fail; this is a bug");
+        String::from_utf8(out).expect("the text encoder writes UTF-8; this is a bug")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,344 @@
+//! End-to-end tests: the real `wisp` binary, the real default model, real HTTP.
+//! Raw SSE framing, bad inputs, cancellation and responsiveness are checked here; the
+//! official Python and JavaScript SDKs are driven from here too (tests/sdk/).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Server, client, workspace_root};
+use serde_json::{Value, json};
+
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(server.url(path)).json(body).send().expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().expect("JSON body"))
+}
+
+fn post_raw(server: &Server, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
+    let r = client()
+        .post(server.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().expect("JSON body"))
+}
+
+/// Every `data:` payload of an SSE response, in order.
+fn sse_payloads(server: &Server, path: &str, body: &Value) -> Vec<String> {
+    let r = client().post(server.url(path)).json(body).send().expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    BufReader::new(r)
+        .lines()
+        .map(|l| l.expect("line"))
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn assert_openai_error(body: &Value, code: Option<&str>) {
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(e["type"].is_string(), "{body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    if let Some(code) = code {
+        assert_eq!(e["code"], code, "{body}");
+    }
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": content}]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+/// A counter or gauge value from the Prometheus text.
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn serves_health_ready_models_and_metrics() {
+    let server = Server::start("");
+    let r = client().get(server.url("/health")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r: Value = client().get(server.url("/ready")).send().unwrap().json().unwrap();
+    assert_eq!(r["status"], "ready");
+    let models: Value = client().get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "gemma-3-270m");
+    let one = client().get(server.url("/v1/models/gemma-3-270m")).send().unwrap();
+    assert_eq!(one.status().as_u16(), 200);
+    let missing = client().get(server.url("/v1/models/nope")).send().unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    assert_openai_error(&missing.json().unwrap(), Some("model_not_found"));
+    assert!(metric(&server, "wisp_model_load_seconds") > 0.0);
+}
+
+#[test]
+fn chat_completion_answers_coherently_with_exact_usage() {
+    let server = Server::start("");
+    let (status, r) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France? Answer in one word.", json!({"max_tokens": 16, "temperature": 0})),
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    let usage = &r["usage"];
+    assert_eq!(usage["total_tokens"], usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap());
+    // `<bos><start_of_turn>user\n` + question + `<end_of_turn>\n<start_of_turn>model\n`.
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10, "{usage}");
+}
+
+#[test]
+fn streams_sse_exactly_as_openai() {
+    let server = Server::start("");
+    let body = chat_body("Count from one to five.", json!({"max_tokens": 12, "temperature": 0, "stream": true}));
+    let payloads = sse_payloads(&server, "/v1/chat/completions", &body);
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "usage only with include_usage");
+    let finish: Vec<_> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finish.len(), 1);
+    assert!(std::ptr::eq(finish[0], chunks.last().unwrap()), "finish_reason comes last");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+
+    // The same request without streaming gives the same text.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let (_, r) = post(&server, "/v1/chat/completions", &plain);
+    assert_eq!(streamed, r["choices"][0]["message"]["content"].as_str().unwrap());
+
+    // include_usage: a final chunk with empty choices and the usage, `usage: null` before.
+    let mut with_usage = body.clone();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let payloads = sse_payloads(&server, "/v1/chat/completions", &with_usage);
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], r["usage"]);
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+}
+
+#[test]
+fn completions_stream_and_stop_across_tokens() {
+    let server = Server::start("");
+    let prompt = "The days of the week are Monday, Tuesday, Wednesday,";
+    let (status, full) = post(&server, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}));
+    assert_eq!(status, 200, "{full}");
+    let full_text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(full_text.contains("Thursday"), "{full_text}");
+    // "rsday" starts inside a token: the cut must still land exactly before it.
+    let (_, cut) =
+        post(&server, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["rsday"]}));
+    let want = &full_text[..full_text.find("rsday").unwrap()];
+    assert_eq!(cut["choices"][0]["text"], want);
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    let payloads = sse_payloads(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": "rsday", "stream": true}),
+    );
+    let streamed: String = payloads
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(streamed, want);
+}
+
+#[test]
+fn bad_inputs_get_clean_4xx_in_the_openai_shape() {
+    let server = Server::start("[server]\nmax_body_bytes = 65536\n[limits]\nmax_stop_sequences = 4");
+    let chat = "/v1/chat/completions";
+    let cases: Vec<(&str, Value, u16, Option<&str>)> = vec![
+        ("unknown model", chat_body("hi", json!({"model": "nope"})), 404, Some("model_not_found")),
+        ("wrong type", chat_body("hi", json!({"temperature": "hot"})), 400, None),
+        ("out of range", chat_body("hi", json!({"top_p": 1.5})), 400, None),
+        ("n > 1", chat_body("hi", json!({"n": 3})), 400, Some("unsupported_parameter")),
+        ("tools", chat_body("hi", json!({"tools": [{"type": "function", "function": {"name": "f"}}]})), 400, None),
+        ("five stops", chat_body("hi", json!({"stop": ["a", "b", "c", "d", "e"]})), 400, None),
+        ("empty messages", json!({"messages": []}), 400, None),
+        ("bad role", json!({"messages": [{"role": "wizard", "content": "x"}]}), 400, None),
+        ("unknown field", chat_body("hi", json!({"temprature": 1})), 400, Some("unknown_parameter")),
+        ("max_tokens 0", chat_body("hi", json!({"max_tokens": 0})), 400, None),
+        ("negative max_tokens", chat_body("hi", json!({"max_tokens": -5})), 400, None),
+        ("max_tokens beyond context", chat_body("hi", json!({"max_tokens": 10_000_000})), 400, Some("context_length_exceeded")),
+        ("stream_options without stream", chat_body("hi", json!({"stream_options": {"include_usage": true}})), 400, None),
+        ("top_logprobs > 20", chat_body("hi", json!({"logprobs": true, "top_logprobs": 21})), 400, None),
+        ("no messages field", json!({"model": "gemma-3-270m"}), 400, None),
+        ("image part", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, None),
+    ];
+    for (name, body, status, code) in cases {
+        let (got, r) = post(&server, chat, &body);
+        assert_eq!(got, status, "{name}: {r}");
+        assert_openai_error(&r, code);
+    }
+    for (name, body) in [
+        ("malformed JSON", "{\"messages\": [".to_string()),
+        ("not an object", "[1,2,3]".to_string()),
+        ("empty body", String::new()),
+        ("invalid UTF-8 escape", "{\"messages\":[{\"role\":\"user\",\"content\":\"\\ud800\"}]}".to_string()),
+    ] {
+        let (got, r) = post_raw(&server, chat, body);
+        assert_eq!(got, 400, "{name}: {r}");
+        assert_openai_error(&r, None);
+    }
+    let (got, r) = post_raw(&server, chat, vec![b'x'; 200_000]);
+    assert_eq!(got, 413, "{r}");
+    assert_openai_error(&r, Some("payload_too_large"));
+    let (got, r) = post(&server, "/v1/completions", &json!({"prompt": "hi", "logprobs": 9}));
+    assert_eq!(got, 400, "{r}");
+    let (got, r) = post(&server, "/v1/completions", &json!({"prompt": [1, 2, 999_999_999]}));
+    assert_eq!(got, 400, "{r}");
+    let (got, r) = post(&server, "/v1/completions", &json!({"prompt": ["a", "b"]}));
+    assert_eq!(got, 400, "{r}");
+    let r = client().get(server.url("/v1/nowhere")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_openai_error(&r.json().unwrap(), Some("not_found"));
+    let r = client().get(server.url("/v1/chat/completions")).send().unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert_openai_error(&r.json().unwrap(), None);
+    // The server is still fine.
+    let (status, _) = post(&server, chat, &chat_body("hi", json!({"max_tokens": 2})));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_prompt_over_the_context_is_refused_with_the_numbers() {
+    let server = Server::start("context_length = 64");
+    let long = "word ".repeat(200);
+    let (status, r) = post(&server, "/v1/chat/completions", &chat_body(&long, json!({})));
+    assert_eq!(status, 400, "{r}");
+    assert_openai_error(&r, Some("context_length_exceeded"));
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("64 tokens"), "{message}");
+    // Without max_tokens the default fills the rest of the context: finish_reason length.
+    let (status, r) = post(&server, "/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}));
+    assert_eq!(status, 200, "{r}");
+}
+
+#[test]
+fn hanging_up_mid_stream_stops_the_generation() {
+    let server = Server::start("");
+    let body = chat_body(
+        "Write a very long story about a dragon.",
+        json!({"max_tokens": 3000, "temperature": 1.0, "seed": 1, "stream": true, "logit_bias": {"1": -100, "106": -100}}),
+    );
+    let r = client().post(server.url("/v1/chat/completions")).json(&body).send().unwrap();
+    let mut lines = BufReader::new(r).lines();
+    let mut seen = 0;
+    while seen < 5 {
+        if lines.next().unwrap().unwrap().starts_with("data: ") {
+            seen += 1;
+        }
+    }
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "wisp_requests_running") > 0.0 {
+        assert!(Instant::now() < deadline, "generation still running after the client hung up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let generated = metric(&server, "wisp_generation_tokens_total");
+    assert!(generated < 3000.0, "generated {generated} tokens for a client that left");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(metric(&server, "wisp_generation_tokens_total"), generated, "tokens kept coming");
+}
+
+#[test]
+fn stays_responsive_and_queues_while_generating() {
+    let server = Server::start("");
+    let url = server.url("/v1/chat/completions");
+    let long = chat_body(
+        "Tell me a long story.",
+        json!({"max_tokens": 200, "temperature": 1.0, "seed": 3, "logit_bias": {"1": -100, "106": -100}}),
+    );
+    let first = std::thread::spawn({
+        let (url, body) = (url.clone(), long.clone());
+        move || client().post(url).json(&body).send().unwrap().json::<Value>().unwrap()
+    });
+    // Wait until it is generating.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "wisp_requests_running") < 1.0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let quick = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    assert_eq!(quick.get(server.url("/health")).send().unwrap().status().as_u16(), 200);
+    assert_eq!(quick.get(server.url("/v1/models")).send().unwrap().status().as_u16(), 200);
+    // A second generation waits its turn and then completes.
+    let (status, second) = post(&server, "/v1/chat/completions", &chat_body("Say hi.", json!({"max_tokens": 4})));
+    assert_eq!(status, 200, "{second}");
+    let first = first.join().unwrap();
+    assert_eq!(first["usage"]["completion_tokens"], 200, "{first}");
+}
+
+#[test]
+fn the_queue_limit_answers_503_not_a_hang() {
+    let server = Server::start("[limits]\nmax_queue = 1");
+    let url = server.url("/v1/chat/completions");
+    let body = chat_body("Tell me a story.", json!({"max_tokens": 60, "logit_bias": {"1": -100, "106": -100}}));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            std::thread::spawn(move || client().post(url).json(&body).send().unwrap().status().as_u16())
+        })
+        .collect();
+    let statuses: Vec<u16> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+}
+
+#[test]
+fn config_check_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[models]]\nid = \"m\"\npath = \"x.gguf\"\ndevice = \"tpu\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wisp")).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("models[0].device"), "{stderr}");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[server]\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wisp")).args(["config", "check"]).arg(&good).env("WISP_LIMITS__MAX_QUEUE", "7").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("max_queue = 7") && stdout.contains("0.0.0.0:9000"), "{stdout}");
+}
+
+fn run_sdk(program: &str, args: &[&str]) {
+    let server = Server::start("");
+    let out = Command::new(program).args(args).arg(&server.url).current_dir(workspace_root()).output().unwrap_or_else(|e| {
+        panic!("cannot run {program}: {e} (run `make setup` to install the SDKs)")
+    });
+    assert!(
+        out.status.success(),
+        "{program} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_official_python_sdk_works_unchanged() {
+    let python = workspace_root().join(".venv/bin/python");
+    run_sdk(python.to_str().unwrap(), &["host/tests/sdk/openai_sdk.py"]);
+}
+
+#[test]
+fn the_official_javascript_sdk_works_unchanged() {
+    run_sdk("node", &["host/tests/sdk/openai_sdk.mjs"]);
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the tests need besides Rust: cargo-nextest if absent, the official OpenAI
+# SDKs (Python in .venv/, JavaScript in host/tests/sdk/node_modules). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+  echo "setup: creating .venv with the openai Python SDK"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r host/tests/sdk/requirements.txt
+fi
+
+if [ ! -d host/tests/sdk/node_modules/openai ]; then
+  echo "setup: installing the openai JavaScript SDK"
+  (cd host/tests/sdk && npm ci --no-audit --no-fund --silent)
+fi

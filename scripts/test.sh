@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace in the release profile (the profile the binary uses,
+# so CI builds once). End-to-end tests start the real binary with the real default model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo nextest run --release --workspace --no-fail-fast "$@"
