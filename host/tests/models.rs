@@ -162,10 +162,24 @@ fn last_logits(parts: &ModelParts, tokens: &[u32], chunk: usize) -> Vec<f32> {
     logits.unwrap().to_vec1().unwrap()
 }
 
+/// Feeding order changes float summation order and, through the 8-bit quantisation of
+/// activations in the quantised matmuls, can flip a rounding; that moves logits by a few
+/// percent at most. A wrong position, mask or cache slot moves them by their whole scale
+/// and changes the ranking, which is what this catches.
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
     let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1.0);
-    assert!(worst / scale < 2e-3, "{what}: logits differ by {worst} (scale {scale})");
+    assert!(worst / scale < 0.05, "{what}: logits differ by {worst} (scale {scale})");
+    let top = |l: &[f32]| {
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|x, y| l[*y].total_cmp(&l[*x]));
+        idx.truncate(10);
+        idx
+    };
+    let (ta, tb) = (top(a), top(b));
+    assert_eq!(ta[0], tb[0], "{what}: the most likely token differs");
+    let shared = ta.iter().filter(|t| tb.contains(t)).count();
+    assert!(shared >= 8, "{what}: only {shared} of the top 10 tokens agree");
 }
 
 fn check_family(tiny: Tiny, text: &str) {

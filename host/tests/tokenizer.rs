@@ -1,0 +1,70 @@
+//! The tokenizer built from the default model's GGUF metadata, checked token for token
+//! against llama.cpp's on a multilingual corpus (fixture made by
+//! scripts/make-tokenizer-fixture.py), and incremental detokenizing checked against
+//! whole-sequence decoding.
+
+mod common;
+
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+use wisp::engine::tokenizer::{Detokenizer, GgufTokenizer};
+
+fn tokenizer() -> GgufTokenizer {
+    let mut file = std::fs::File::open(common::default_model_path()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    GgufTokenizer::from_gguf(&content).unwrap()
+}
+
+fn cases() -> Vec<(String, Vec<u32>)> {
+    let path = common::workspace_root().join("host/tests/fixtures/tokenizer_expected.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+            (c["text"].as_str().unwrap().to_string(), ids)
+        })
+        .collect()
+}
+
+#[test]
+fn matches_llama_cpp_token_for_token() {
+    let tok = tokenizer();
+    let cases = cases();
+    assert!(cases.len() >= 50);
+    let mismatches: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, want)| {
+            let got = tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            (got != *want).then(|| format!("{text:?}\n  llama.cpp {want:?}\n  wisp      {got:?}"))
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "{} of {} lines differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
+}
+
+#[test]
+fn special_ids_come_from_the_metadata() {
+    let tok = tokenizer();
+    assert_eq!(tok.bos, Some(2));
+    assert_eq!(tok.eos, Some(1));
+    assert!(tok.add_bos);
+    // <eos> and <end_of_turn> both end a generation.
+    assert!(tok.stop_ids.contains(&1) && tok.stop_ids.contains(&106), "{:?}", tok.stop_ids);
+    assert!(tok.chat_template.is_none(), "the default GGUF has no template; wisp brings its own");
+}
+
+#[test]
+fn streaming_detokenizing_equals_whole_decoding() {
+    let tok = tokenizer();
+    for (text, ids) in cases() {
+        let mut detok = Detokenizer::new();
+        let mut streamed = String::new();
+        for id in &ids {
+            streamed.push_str(&detok.push(&tok.tokenizer, *id));
+        }
+        streamed.push_str(&detok.finish(&tok.tokenizer));
+        assert_eq!(streamed, tok.tokenizer.decode(&ids, true).unwrap(), "{text:?}");
+    }
+}
