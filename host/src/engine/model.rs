@@ -18,7 +18,7 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// The architectures this file implements, from `general.architecture`.
@@ -467,15 +467,52 @@ impl Model {
     }
 }
 
-/// Requantises weights whose dtype candle has only scalar CPU kernels for to Q8_0, which
-/// has SIMD kernels: the Q5_0 attention and FFN weights of the default model make decode
-/// 1.3x and prompt processing 2x faster this way (shared/notes/candle-gemma3.md).
+/// Converts Q5_0 weights, for which candle has only a scalar CPU kernel, to Q8_0, which has
+/// SIMD kernels: decode 1.3x and prompt processing 2x faster on the default model
+/// (shared/notes/candle-gemma3.md). The conversion is exact: a Q5_0 value is `d * q` with
+/// `q` in -16..=15, which Q8_0 holds with the same scale `d` and `q` as an int8. (Going
+/// through f32 and `QTensor::quantize` would pick a new scale and round every weight;
+/// measured here, that cost 3 of 160 greedy tokens of agreement with llama.cpp.)
 fn fast_dtype(t: QTensor) -> Result<QTensor> {
-    match t.dtype() {
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.device().is_cpu() => {
-            let device = t.device();
-            QTensor::quantize(&t.dequantize(&device)?, GgmlDType::Q8_0)
+    if t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
+        return Ok(t);
+    }
+    const Q5_0_BLOCK: usize = 22; // f16 d, u32 high bits, 16 bytes of low nibbles
+    const Q8_0_BLOCK: usize = 34; // f16 d, 32 x i8
+    let data = t.data()?;
+    let mut out = Vec::with_capacity(data.len() / Q5_0_BLOCK * Q8_0_BLOCK);
+    for block in data.chunks_exact(Q5_0_BLOCK) {
+        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        let qs = &block[6..22];
+        let mut q = [0u8; 32];
+        for j in 0..16 {
+            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
+            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
+            q[j] = ((qs[j] & 0x0f) | hi0).wrapping_sub(16);
+            q[j + 16] = ((qs[j] >> 4) | hi1).wrapping_sub(16);
         }
-        _ => Ok(t),
+        out.extend_from_slice(&block[..2]);
+        out.extend_from_slice(&q);
+    }
+    let device = t.device();
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &device, GgmlDType::Q8_0)?;
+    QTensor::new(storage, t.shape().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q5_0_to_q8_0_is_exact() {
+        let device = Device::Cpu;
+        let values: Vec<f32> = (0..256).map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0).collect();
+        let x = Tensor::from_vec(values, (4, 64), &device).unwrap();
+        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let want = q5.dequantize(&device).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q8 = fast_dtype(q5).unwrap();
+        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
+        let got = q8.dequantize(&device).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, want);
     }
 }
