@@ -86,14 +86,20 @@ fn serves_health_ready_models_and_metrics() {
 #[test]
 fn chat_completion_answers_coherently_with_exact_usage() {
     let server = Server::start("");
-    let (status, r) = post(
-        &server,
-        "/v1/chat/completions",
-        &chat_body("What is the capital of France? Answer in one word.", json!({"max_tokens": 16, "temperature": 0})),
-    );
+    // The default model is a base model: a few-shot conversation in Gemma's turn format
+    // (the built-in template) is what makes it answer.
+    let messages = json!([
+        {"role": "user", "content": "What is the capital of Germany?"},
+        {"role": "assistant", "content": "Berlin."},
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]);
+    let (status, r) =
+        post(&server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 8, "temperature": 0}));
     assert_eq!(status, 200, "{r}");
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(text.contains("Paris"), "{text}");
+    assert!(text.starts_with("Paris"), "{text}");
     let usage = &r["usage"];
     assert_eq!(usage["total_tokens"], usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap());
     // `<bos><start_of_turn>user\n` + question + `<end_of_turn>\n<start_of_turn>model\n`.
