@@ -6,19 +6,24 @@
 
 CARGO ?= cargo
 
-.PHONY: run test build model test-deps bench clean-model
+.PHONY: run test build model plugins test-deps bench
 
-run: model build
+# Serves ./wisp.toml: the default model and the default plugins.
+run: model plugins build
 	./target/release/wisp serve
 
 build:
 	$(CARGO) build --release --bin wisp
 
-test: model test-deps
+test: model plugins test-deps
 	scripts/test.sh
 
 model:
 	scripts/fetch-model.sh
+
+# The built-in governance plugins, as components in plugins/dist/.
+plugins:
+	scripts/build-plugins.sh
 
 test-deps:
 	scripts/setup-test-deps.sh

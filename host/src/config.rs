@@ -11,6 +11,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub use crate::policy::PluginConfig;
+
 /// Where the default model lands (scripts/fetch-model.sh).
 pub const DEFAULT_MODEL_PATH: &str = "models/gemma-3-270m-q4_k_m.gguf";
 /// The id the default model is served under.
@@ -35,6 +37,21 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub limits: Limits,
     pub telemetry: TelemetryConfig,
+    /// The governance chain, in order.
+    pub plugins: Vec<PluginConfig>,
+    pub admin: AdminConfig,
+    /// The file this config was read from (hot reload re-reads it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The `/admin` routes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer key for `/admin/*`; unset disables those routes (403). Prefer setting it
+    /// through `WISP_ADMIN__KEY` rather than in the file.
+    pub key: Option<String>,
 }
 
 impl Default for Config {
@@ -44,6 +61,9 @@ impl Default for Config {
             models: vec![ModelConfig::default_model()],
             limits: Limits::default(),
             telemetry: TelemetryConfig::default(),
+            plugins: Vec::new(),
+            admin: AdminConfig::default(),
+            source: None,
         }
     }
 }
@@ -218,7 +238,9 @@ impl Config {
             Some(path) => Self::defaults().merge(Toml::file_exact(path)),
             None => Self::defaults(),
         };
-        Self::extract(figment.merge(Env::prefixed("WISP_").split("__")))
+        let mut config = Self::extract(figment.merge(Env::prefixed("WISP_").split("__")))?;
+        config.source = file.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// Parses TOML text (no file, no environment): for tests and `config check`.
@@ -281,6 +303,18 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(format!("limits.{name}"), "must be at least 1"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            if p.name.trim().is_empty() || p.name.contains('/') {
+                return Err(invalid(format!("plugins[{i}].name"), "must be a non-empty name without `/`"));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(format!("plugins[{i}].name"), format!("`{}` is listed twice", p.name)));
+            }
+            if p.limits.timeout_ms == 0 || p.limits.memory_mb == 0 {
+                return Err(invalid(format!("plugins[{i}].limits"), "timeout_ms and memory_mb must be at least 1"));
             }
         }
         tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
@@ -360,6 +394,21 @@ mod tests {
         let e = Config::from_toml("[[models]]\nid = \"a\"\nhf = \"nope\"").unwrap_err().to_string();
         assert!(e.contains("models[0].hf"), "{e}");
         assert!(Config::from_toml("[[models]]\nid = \"a\"\nhf = \"o/r:f.gguf\"").is_ok());
+    }
+
+    #[test]
+    fn plugins_parse_with_their_config_table() {
+        let c = Config::from_toml(
+            "[[plugins]]\nname = \"guard\"\nwasm = \"g.wasm\"\nfail = \"open\"\nconfig = { deny = [{ name = \"x\", pattern = \"y\" }] }\n[plugins.limits]\ntimeout_ms = 20\n",
+        )
+        .unwrap();
+        assert_eq!(c.plugins[0].name, "guard");
+        assert_eq!(c.plugins[0].fail, crate::policy::FailMode::Open);
+        assert_eq!(c.plugins[0].limits.timeout_ms, 20);
+        assert_eq!(c.plugins[0].limits.memory_mb, crate::policy::limits::DEFAULT_MEMORY_MB);
+        assert!(c.plugins[0].config.contains_key("deny"));
+        let e = Config::from_toml("[[plugins]]\nname = \"a\"\nwasm = \"a.wasm\"\n[[plugins]]\nname = \"a\"\nwasm = \"b.wasm\"").unwrap_err();
+        assert!(e.to_string().contains("plugins[1].name"), "{e}");
     }
 
     #[test]

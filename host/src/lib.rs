@@ -9,5 +9,7 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod plugin_cli;
+pub mod policy;
 pub mod server;
 pub mod telemetry;

@@ -31,6 +31,11 @@ enum Command {
     },
     /// Measure prompt and decode speed of a model, without the server.
     Bench(wisp::bench::BenchArgs),
+    /// Write and test governance plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: wisp::plugin_cli::PluginCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -64,5 +69,6 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Bench(args) => wisp::bench::run(args),
+        Command::Plugin { command } => wisp::plugin_cli::run(command),
     }
 }

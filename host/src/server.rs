@@ -12,6 +12,8 @@ use salvo::prelude::*;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::Registry;
+use crate::policy::kv::MemoryKv;
+use crate::policy::{PolicyEngine, PolicyManager};
 use crate::telemetry::Metrics;
 
 /// How long in-flight requests may run after a shutdown signal.
@@ -30,7 +32,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let state = Arc::new(AppState { config: config.clone(), registry, metrics });
+    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), metrics.clone())?;
+    let policies = PolicyManager::new(engine, &config.plugins, config.source.clone()).await?;
+    if config.source.is_some() {
+        policies.watch().context("watching the config and plugin files")?;
+    }
+    #[cfg(unix)]
+    {
+        let policies = policies.clone();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = policies.reload().await;
+            }
+        });
+    }
+    tracing::info!(plugins = ?policies.current().info().iter().map(|p| p.name.clone()).collect::<Vec<_>>(), "policy chain loaded");
+    let state = Arc::new(AppState { config: config.clone(), registry, metrics, policies });
     let acceptor = TcpListener::new(addr).try_bind().await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = acceptor.holdings().first().map(|h| h.local_addr.to_string()).unwrap_or_else(|| addr.to_string());
     let local = local.trim_start_matches("socket://");

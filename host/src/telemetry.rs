@@ -29,6 +29,9 @@ const ITL_BUCKETS: &[f64] =
 const E2E_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0];
 
+/// Plugin hooks take microseconds; a timeout ends them at tens of milliseconds.
+const PLUGIN_BUCKETS: &[f64] = &[0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
+
 /// Every metric handle, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +46,9 @@ pub struct Metrics {
     pub requests_running: IntGaugeVec,
     pub requests_waiting: IntGaugeVec,
     pub model_load_seconds: GaugeVec,
+    pub plugin_hook_seconds: HistogramVec,
+    pub plugin_verdicts: IntCounterVec,
+    pub plugin_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,6 +85,14 @@ impl Metrics {
             requests_running: gauge("wisp_requests_running", "Requests being generated"),
             requests_waiting: gauge("wisp_requests_waiting", "Requests queued for the engine"),
             model_load_seconds,
+            plugin_hook_seconds: histogram(
+                "wisp_plugin_hook_duration_seconds",
+                "Plugin hook call duration",
+                PLUGIN_BUCKETS,
+                &["plugin", "hook"],
+            ),
+            plugin_verdicts: counter("wisp_plugin_verdicts_total", "Plugin on-request verdicts", &["plugin", "verdict"]),
+            plugin_failures: counter("wisp_plugin_failures_total", "Plugin failures by kind", &["plugin", "kind"]),
             registry,
         }
     }

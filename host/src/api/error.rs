@@ -59,6 +59,23 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("engine_error"), message)
     }
 
+    /// A plugin refused the request; its status must be a client error (else 403).
+    pub fn denied(denial: crate::policy::Denial) -> ApiError {
+        let status = StatusCode::from_u16(denial.status).ok().filter(|s| s.is_client_error()).unwrap_or(StatusCode::FORBIDDEN);
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            _ => "invalid_request_error",
+        };
+        ApiError { status, kind, message: denial.message, param: None, code: Some(denial.code) }
+    }
+
+    /// An `/admin` refusal.
+    pub fn admin(status: StatusCode, code: &str, message: &str) -> ApiError {
+        Self::new(status, "invalid_request_error", Some(code), message)
+    }
+
     pub fn not_ready(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), message)
     }
@@ -111,6 +128,12 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Template(t) => ApiError::from(TemplateError::Rejected(t.to_string())),
         }
+    }
+}
+
+impl From<crate::policy::PolicyError> for ApiError {
+    fn from(e: crate::policy::PolicyError) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("policy_failed"), e.to_string())
     }
 }
 

@@ -21,7 +21,9 @@ use salvo::sse::{self, SseEvent};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::engine::{GenerateRequest, LoadedModel, Registry, TokenStream};
+use crate::engine::template::TemplateMessage;
+use crate::engine::{FinishReason, GenerateRequest, LoadedModel, Registry, StreamEvent, TokenStream};
+use crate::policy::{self, Decision, PolicyManager, PolicySession};
 use crate::telemetry::Metrics;
 use error::ApiError;
 use openai::{Collector, Endpoint, ResponseMeta, StreamFramer};
@@ -32,7 +34,11 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub policies: Arc<PolicyManager>,
 }
+
+/// Request headers plugins may see (an auth plugin needs the key; nothing else leaks).
+const POLICY_HEADERS: &[&str] = &["authorization", "x-api-key", "user-agent", "x-request-id", "x-forwarded-for"];
 
 /// Legacy completions default to 16 new tokens when `max_tokens` is absent (OpenAI's
 /// documented default).
@@ -52,6 +58,12 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .push(Router::with_path("models/{**id}").get(get_model))
                 .push(Router::with_path("chat/completions").post(chat_completions))
                 .push(Router::with_path("completions").post(completions)),
+        )
+        .push(
+            Router::with_path("admin")
+                .hoop(admin_auth)
+                .push(Router::with_path("plugins").get(list_plugins))
+                .push(Router::with_path("plugins/reload").post(reload_plugins)),
         );
     Service::new(router).catcher(Catcher::default().hoop(error::catch_errors))
 }
@@ -69,6 +81,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/models" => "models",
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
+        "/admin/plugins" | "/admin/plugins/reload" => "admin",
         p if p.starts_with("/v1/models/") => "model",
         _ => "other",
     }
@@ -131,17 +144,27 @@ async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Respon
     let body = read_body(req, &state).await?;
     let (request, sampling) = types::parse_request::<types::ChatCompletionRequest>(&body)?;
     let model = state.model(request.model.as_deref()).await?;
-    let valid = types::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
-    let prompt = {
-        let model = model.clone();
-        let messages = valid.messages;
-        blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await??
+    let mut valid = types::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let mut prompt = encode_chat(&model, valid.messages.clone()).await?;
+    let session = match state.policies.current().start().await? {
+        s if s.is_empty() => None,
+        mut session => {
+            let request = policy_request(req, "chat", &model.id, &valid.messages, &valid.params, prompt.len());
+            let allowed = decide(&mut session, request).await?;
+            if allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(valid.messages.iter().map(|m| (&m.role, &m.content))) {
+                valid.messages = allowed.messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
+                prompt = encode_chat(&model, valid.messages.clone()).await?;
+            }
+            apply_sampling(&mut valid.params, allowed.sampling);
+            Some(session)
+        }
     };
     let default_max = state.config.limits.default_max_tokens;
     let job = generate_request(&model, prompt, &valid.params, default_max, "messages")?;
     let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
+    let governed = session.map(|session| Governed { session, prompt_tokens: job.prompt.len(), generated: 0 });
     let stream = model.schedule(job)?;
-    respond(res, meta, stream, valid.params.stream, None).await
+    respond(res, meta, Output { stream, governed }, valid.params.stream, None).await
 }
 
 #[handler]
@@ -150,8 +173,8 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
     let body = read_body(req, &state).await?;
     let (request, sampling) = types::parse_request::<types::CompletionRequest>(&body)?;
     let model = state.model(request.model.as_deref()).await?;
-    let valid = types::validate_completion(request, sampling, model.vocab_size(), &state.config.limits)?;
-    let (prompt, prompt_text) = match valid.prompt {
+    let mut valid = types::validate_completion(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let (mut prompt, mut prompt_text) = match valid.prompt {
         ValidPrompt::Text(text) => {
             let model = model.clone();
             blocking(move || (model.encode(&text, true), text)).await?
@@ -161,11 +184,164 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
             (ids, text)
         }
     };
+    let session = match state.policies.current().start().await? {
+        s if s.is_empty() => None,
+        mut session => {
+            let messages = [TemplateMessage { role: "user".into(), content: prompt_text.clone() }];
+            let request = policy_request(req, "completion", &model.id, &messages, &valid.params, prompt.len());
+            let allowed = decide(&mut session, request).await?;
+            let rewritten: String = allowed.messages.into_iter().map(|m| m.content).collect::<Vec<_>>().join("\n");
+            if rewritten != prompt_text {
+                let model = model.clone();
+                (prompt, prompt_text) = blocking(move || (model.encode(&rewritten, true), rewritten)).await?;
+            }
+            apply_sampling(&mut valid.params, allowed.sampling);
+            Some(session)
+        }
+    };
     let job = generate_request(&model, prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
     let meta = ResponseMeta::new(Endpoint::Completion, &model.id, valid.params.include_usage, valid.logprobs.is_some());
+    let governed = session.map(|session| Governed { session, prompt_tokens: job.prompt.len(), generated: 0 });
     let stream = model.schedule(job)?;
     let echo = valid.echo.then_some(prompt_text);
-    respond(res, meta, stream, valid.params.stream, echo).await
+    respond(res, meta, Output { stream, governed }, valid.params.stream, echo).await
+}
+
+/// Renders and tokenizes a conversation off the async executor.
+async fn encode_chat(model: &Arc<LoadedModel>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+    let model = model.clone();
+    blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await?
+}
+
+/// The request as plugins see it.
+fn policy_request(
+    req: &Request,
+    route: &str,
+    model: &str,
+    messages: &[TemplateMessage],
+    params: &ValidParams,
+    prompt_tokens: usize,
+) -> policy::Request {
+    let headers = POLICY_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(*name)?.to_str().ok()?;
+            Some(policy::Header { name: name.to_string(), value: value.to_string() })
+        })
+        .collect();
+    let client_addr = req.remote_addr().clone().into_std().map(|a| a.ip().to_string()).unwrap_or_default();
+    policy::Request {
+        route: route.to_string(),
+        model: model.to_string(),
+        messages: messages.iter().map(|m| policy::Message { role: m.role.clone(), content: m.content.clone() }).collect(),
+        sampling: policy::Sampling {
+            temperature: params.sampling.temperature,
+            top_p: params.sampling.top_p,
+            max_tokens: params.max_tokens.map(|n| n.min(u32::MAX as usize) as u32),
+            stop: params.stop.clone(),
+        },
+        principal: None,
+        headers,
+        client_addr,
+        prompt_tokens: prompt_tokens.min(u32::MAX as usize) as u32,
+    }
+}
+
+/// Runs the chain's `on-request`; a denial becomes the response.
+async fn decide(session: &mut PolicySession, request: policy::Request) -> Result<policy::Request, ApiError> {
+    match session.on_request(request).await? {
+        Decision::Allow(request) => Ok(request),
+        Decision::Deny(denial) => Err(ApiError::denied(denial)),
+    }
+}
+
+/// Takes the sampling settings a plugin may have rewritten, within the validated ranges.
+fn apply_sampling(params: &mut ValidParams, sampling: policy::Sampling) {
+    params.sampling.temperature = sampling.temperature.clamp(0.0, 2.0);
+    if sampling.top_p > 0.0 {
+        params.sampling.top_p = sampling.top_p.min(1.0);
+    }
+    params.max_tokens = sampling.max_tokens.map(|n| n.max(1) as usize);
+    params.stop = sampling.stop.into_iter().filter(|s| !s.is_empty()).collect();
+}
+
+/// The output side of a request's plugins: every engine event passes through the chain's
+/// `on-chunk`, and the end through `on-finish`.
+struct Governed {
+    session: PolicySession,
+    prompt_tokens: usize,
+    generated: usize,
+}
+
+impl Governed {
+    /// One engine event in, the events to frame out; `true` once the output is over.
+    async fn apply(&mut self, event: StreamEvent) -> Result<(Vec<StreamEvent>, bool), ApiError> {
+        match event {
+            StreamEvent::Token { id, text, logprob } => {
+                self.generated += 1;
+                let (text, stop) = self.session.on_chunk(text).await?;
+                let mut out = vec![StreamEvent::Token { id, text, logprob }];
+                if stop {
+                    let rest = self.finish(FinishReason::Stop.as_str()).await?;
+                    out.push(StreamEvent::Finished {
+                        text: rest,
+                        reason: FinishReason::Stop,
+                        prompt_tokens: self.prompt_tokens,
+                        completion_tokens: self.generated,
+                    });
+                }
+                Ok((out, stop))
+            }
+            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                self.generated = completion_tokens;
+                let (mut text, _) = self.session.on_chunk(text).await?;
+                text.push_str(&self.finish(reason.as_str()).await?);
+                Ok((vec![StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens }], true))
+            }
+            StreamEvent::Error(message) => {
+                let _ = self.finish("error").await;
+                Ok((vec![StreamEvent::Error(message)], true))
+            }
+        }
+    }
+
+    async fn finish(&mut self, reason: &str) -> Result<String, ApiError> {
+        let usage = policy::Usage {
+            prompt_tokens: self.prompt_tokens.min(u32::MAX as usize) as u32,
+            completion_tokens: self.generated.min(u32::MAX as usize) as u32,
+        };
+        Ok(self.session.finish(policy::Finish { reason: reason.to_string(), usage }).await?)
+    }
+}
+
+/// `/admin/*` needs `Authorization: Bearer <admin.key>`; without a configured key the
+/// routes are off.
+#[handler]
+async fn admin_auth(req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+    let state = state(depot);
+    let presented = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let verdict = match (&state.config.admin.key, presented) {
+        (None, _) => Err(ApiError::admin(StatusCode::FORBIDDEN, "admin_disabled", "The admin routes are off: set admin.key (WISP_ADMIN__KEY)")),
+        (Some(key), Some(given)) if key.as_bytes() == given.trim().as_bytes() => Ok(()),
+        (Some(_), _) => Err(ApiError::admin(StatusCode::UNAUTHORIZED, "invalid_admin_key", "A valid admin key is required")),
+    };
+    if let Err(e) = verdict {
+        e.render(res);
+        ctrl.skip_rest();
+    }
+}
+
+#[handler]
+async fn list_plugins(depot: &mut Depot) -> Json<serde_json::Value> {
+    Json(json!({"plugins": state(depot).policies.current().info()}))
+}
+
+#[handler]
+async fn reload_plugins(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
+    match state(depot).policies.reload().await {
+        Ok(info) => Ok(Json(json!({"reloaded": true, "plugins": info}))),
+        Err(e) => Err(ApiError::invalid_code(None, "reload_failed", e.to_string())),
+    }
 }
 
 impl AppState {
@@ -185,6 +361,27 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
             ..ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
         }),
         Err(e) => Err(ApiError::invalid_code(None, "invalid_body", format!("The request body could not be read: {e}"))),
+    }
+}
+
+/// The engine's events, through the request's plugins when it has any.
+struct Output {
+    stream: TokenStream,
+    governed: Option<Governed>,
+}
+
+impl Output {
+    /// The next events to frame and whether the output is over; `None` if the engine
+    /// stopped without finishing.
+    async fn next(&mut self) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
+        let Some(event) = self.stream.recv().await else { return Ok(None) };
+        match &mut self.governed {
+            Some(governed) => governed.apply(event).await.map(Some),
+            None => {
+                let done = !matches!(event, StreamEvent::Token { .. });
+                Ok(Some((vec![event], done)))
+            }
+        }
     }
 }
 
@@ -245,30 +442,37 @@ fn generate_request(
 async fn respond(
     res: &mut Response,
     meta: ResponseMeta,
-    mut stream: TokenStream,
+    mut output: Output,
     streaming: bool,
     echo: Option<String>,
 ) -> Result<(), ApiError> {
     if !streaming {
         let mut collector = Collector::new(meta, echo.as_deref());
-        while let Some(event) = stream.recv().await {
-            collector.push(event)?;
+        while let Some((events, done)) = output.next().await? {
+            for event in events {
+                collector.push(event)?;
+            }
+            if done {
+                break;
+            }
         }
         res.render(Json(collector.finish()?));
         return Ok(());
     }
     let mut framer = StreamFramer::new(meta);
     let first = framer.start(echo.as_deref());
-    // Dropping this stream (client gone) drops `stream`, which cancels the generation.
-    let events = futures_util::stream::unfold((stream, framer), |(mut stream, mut framer)| async move {
+    // Dropping this stream (client gone) drops the engine's stream, which cancels the
+    // generation; a plugin's stop ends it the same way.
+    let events = futures_util::stream::unfold((output, framer), |(mut output, mut framer)| async move {
         if framer.is_done() {
             return None;
         }
-        let payloads = match stream.recv().await {
-            Some(event) => framer.push(event),
-            None => framer.error(&ApiError::engine_failure("the engine ended the stream without finishing".into())),
+        let payloads = match output.next().await {
+            Ok(Some((events, _))) => events.into_iter().flat_map(|e| framer.push(e)).collect(),
+            Ok(None) => framer.error(&ApiError::engine_failure("the engine ended the stream without finishing".into())),
+            Err(e) => framer.error(&e),
         };
-        Some((payloads, (stream, framer)))
+        Some((payloads, (output, framer)))
     });
     let events = futures_util::stream::iter([first])
         .chain(events)

@@ -85,6 +85,11 @@ impl Server {
         format!("{}{path}", self.url)
     }
 
+    /// The config file the server was started with (it watches it for changes).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("wisp.toml")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
