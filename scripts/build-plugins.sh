@@ -16,4 +16,7 @@ mkdir -p plugins/dist
 for wasm in "$target_dir"/wasm32-wasip2/release/*.wasm; do
   cp "$wasm" plugins/dist/
 done
+# The example custom plugin, made by `wisp plugin new`, must keep building too.
+cargo build --release --target wasm32-wasip2 --manifest-path examples/no-secrets/Cargo.toml --target-dir "$target_dir" -q
+cp "$target_dir/wasm32-wasip2/release/no_secrets.wasm" plugins/dist/
 echo "plugins: $(ls plugins/dist | tr '\n' ' ')"

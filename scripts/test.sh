@@ -4,3 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo nextest run --release --workspace --no-fail-fast "$@"
+# The SDK's documented example must compile.
+cargo test --doc --manifest-path sdk/Cargo.toml -q

@@ -56,11 +56,15 @@ fn new(name: &str, sdk: Option<PathBuf>) -> anyhow::Result<()> {
     if dir.exists() {
         bail!("{} already exists", dir.display());
     }
+    // A given path is used as written (relative to the new crate); the default is the SDK
+    // this wisp was built from.
     let sdk = match sdk {
         Some(path) => path,
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk"),
+        None => {
+            let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
+            std::path::absolute(&built).unwrap_or(built)
+        }
     };
-    let sdk = std::path::absolute(&sdk).unwrap_or(sdk);
     let ty: String = name
         .split(['-', '_'])
         .map(|part| {
@@ -74,7 +78,7 @@ fn new(name: &str, sdk: Option<PathBuf>) -> anyhow::Result<()> {
         dir.join("Cargo.toml"),
         format!(
             "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-             [dependencies]\nwisp-sdk = {{ path = \"{}\" }}\n\n[profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
+             [dependencies]\nwisp-sdk = {{ path = \"{}\" }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n\n[profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
              # A plugin is its own workspace.\n[workspace]\n",
             sdk.display()
         ),
@@ -99,17 +103,18 @@ const TEMPLATE: &str = r#"//! my-policy: a wisp governance plugin.
 //! Refuses prompts that contain a configured word and marks the end of every reply.
 //! Edit the `Policy` impl; every hook you leave out passes through.
 
+use serde::Deserialize;
 use wisp_sdk::{ChunkResult, Denial, Finish, Policy, Request, Verdict};
 
+/// This plugin's `config` table from wisp.toml (handed to `init` as JSON).
+#[derive(Deserialize)]
 struct MyPolicy {
     word: String,
 }
 
 impl Policy for MyPolicy {
     fn init(config: &str) -> Result<Self, String> {
-        // `config` is this plugin's `config` table from wisp.toml, as JSON.
-        let word = config.split('"').nth(3).unwrap_or("xyzzy").to_string();
-        Ok(MyPolicy { word })
+        serde_json::from_str(config).map_err(|e| format!("my-policy config: {e}"))
     }
 
     fn on_request(&mut self, request: &Request) -> Verdict {

@@ -41,26 +41,32 @@ fn error_code(r: reqwest::blocking::Response) -> (u16, String) {
     (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
 }
 
-/// Rewrites the server's config file (the watcher reloads it).
-fn rewrite_config(server: &Server, text: &str) {
+fn plugins_listing(server: &Server) -> Value {
+    client().get(server.url("/admin/plugins")).bearer_auth(ADMIN_KEY).send().unwrap().json().unwrap()
+}
+
+/// Rewrites the server's config file and waits until the watcher has swapped in a new
+/// chain of `n` plugins (within a second is the promise; 5 s is the test's patience).
+fn rewrite_config(server: &Server, text: &str, n: usize) {
+    let before = plugins_listing(server)["generation"].as_u64().unwrap();
     let path = server.config_path();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-}
-
-/// Waits until the admin listing has `n` plugins.
-fn wait_for_plugins(server: &Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r: Value =
-            client().get(server.url("/admin/plugins")).bearer_auth(ADMIN_KEY).send().unwrap().json().unwrap();
-        if r["plugins"].as_array().map(Vec::len) == Some(n) {
+        let r = plugins_listing(server);
+        if r["generation"].as_u64().unwrap() > before && r["plugins"].as_array().map(Vec::len) == Some(n) {
             return;
         }
         assert!(Instant::now() < deadline, "the chain did not reload: {r}");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes a config the server must refuse.
+fn write_broken_config(server: &Server, text: &str) {
+    std::fs::write(server.config_path(), text).unwrap();
 }
 
 #[test]
@@ -95,21 +101,22 @@ fn the_governed_example_authenticates_guards_limits_and_reloads() {
     let pid = server.pid();
     let without_guard = governed_config("").replace("name = \"guard\"", "name = \"guard-off\"");
     let without_guard = remove_plugin(&without_guard, "guard-off");
-    rewrite_config(&server, &without_guard);
-    wait_for_plugins(&server, 4);
+    let started = Instant::now();
+    rewrite_config(&server, &without_guard, 4);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "reload took {took:?}");
     let r = chat(&server, Some("sk-demo"), injection, json!({}));
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(server.pid(), pid);
 
     // A broken config is refused; the old chain keeps serving.
-    rewrite_config(&server, "[[plugins]]\nname = \"x\"\nwasm = \"/nonexistent.wasm\"\n");
+    write_broken_config(&server, "[[plugins]]\nname = \"x\"\nwasm = \"/nonexistent.wasm\"\n");
     let r = client().post(server.url("/admin/plugins/reload")).bearer_auth(ADMIN_KEY).send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let body: Value = r.json().unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("nonexistent"), "{body}");
     assert_eq!(error_code(chat(&server, None, "hi", json!({}))), (401, "missing_api_key".into()));
-    rewrite_config(&server, &without_guard);
-    wait_for_plugins(&server, 4);
+    rewrite_config(&server, &without_guard, 4);
 
     // The 61st request in a minute gets 429 with when to retry (60 per minute in the example;
     // the requests above count too).
@@ -170,16 +177,21 @@ fn swapping_the_chain_ten_times_under_streaming_load_fails_no_request() {
         .collect();
     for i in 0..10 {
         let plugins = if i % 2 == 0 { format!("{STOPS}{REDACT}") } else { STOPS.to_string() };
-        rewrite_config(&server, &plain_config(&plugins));
-        wait_for_plugins(&server, if i % 2 == 0 { 2 } else { 1 });
-        std::thread::sleep(Duration::from_millis(100));
+        rewrite_config(&server, &plain_config(&plugins), if i % 2 == 0 { 2 } else { 1 });
+        // Let requests run on this chain before the next swap.
+        let seen = ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst) < seen + 2 {
+            assert!(Instant::now() < deadline, "the load stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     stop.store(true, Ordering::SeqCst);
     for t in load {
         t.join().unwrap();
     }
     assert_eq!(failed.load(Ordering::SeqCst), 0, "{} requests failed", failed.load(Ordering::SeqCst));
-    assert!(ok.load(Ordering::SeqCst) >= 4, "too little load: {}", ok.load(Ordering::SeqCst));
+    assert!(ok.load(Ordering::SeqCst) >= 20, "too little load: {}", ok.load(Ordering::SeqCst));
 }
 
 #[test]
@@ -192,13 +204,11 @@ fn a_hostile_plugin_cannot_take_the_server_down() {
     assert_eq!(error_code(chat(&server, None, "hi", json!({}))), (500, "policy_failed".into()));
     assert_eq!(client().get(server.url("/health")).send().unwrap().status().as_u16(), 200);
     for mode in ["memory", "trap", "kv-loop"] {
-        rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile(mode, "closed"))));
-        wait_for_plugins(&server, 2);
+        rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile(mode, "closed"))), 2);
         assert_eq!(error_code(chat(&server, None, "hi", json!({}))), (500, "policy_failed".into()), "{mode}");
     }
     // Fails open: skipped, the request is served.
-    rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile("loop", "open"))));
-    wait_for_plugins(&server, 2);
+    rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile("loop", "open"))), 2);
     assert_eq!(chat(&server, None, "hi", json!({})).status().as_u16(), 200);
     let metrics = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("wisp_plugin_failures_total") && l.contains("kind=\"timeout\"")), "{metrics}");

@@ -307,3 +307,28 @@ fn other_requests_are_served_while_a_plugin_loops() {
         assert!(served > 0, "nothing was served during the loop");
     });
 }
+
+#[test]
+fn the_plugin_cli_tests_a_template_plugin_offline() {
+    let run = |content: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let request = dir.path().join("req.json");
+        let body = serde_json::json!({"messages": [{"role": "user", "content": content}], "output": ["Hel", "lo"]});
+        std::fs::write(&request, body.to_string()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
+            .args(["plugin", "test"])
+            .arg(wasm("no_secrets"))
+            .arg("--request")
+            .arg(&request)
+            .args(["--config", r#"{"word": "xyzzy"}"#])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let allowed = run("hello");
+    assert!(allowed.contains("verdict: allow"), "{allowed}");
+    assert!(allowed.contains("finish -> \" [checked by no-secrets]\""), "{allowed}");
+    let denied = run("say xyzzy");
+    assert!(denied.contains("verdict: deny 400 forbidden_word"), "{denied}");
+}

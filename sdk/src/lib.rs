@@ -9,7 +9,7 @@
 //! then `on_finish`. Fields of your policy therefore live for exactly one request; state
 //! that must last longer belongs in [`kv`].
 //!
-//! ```ignore
+//! ```no_run
 //! use wisp_sdk::{ChunkResult, Denial, Policy, Request, Verdict};
 //!
 //! /// Refuses prompts that mention a secret word; shouts the output.

@@ -333,13 +333,15 @@ async fn admin_auth(req: &mut Request, depot: &mut Depot, res: &mut Response, ct
 
 #[handler]
 async fn list_plugins(depot: &mut Depot) -> Json<serde_json::Value> {
-    Json(json!({"plugins": state(depot).policies.current().info()}))
+    let chain = state(depot).policies.current();
+    Json(json!({"generation": chain.generation(), "plugins": chain.info()}))
 }
 
 #[handler]
 async fn reload_plugins(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
-    match state(depot).policies.reload().await {
-        Ok(info) => Ok(Json(json!({"reloaded": true, "plugins": info}))),
+    let policies = state(depot).policies.clone();
+    match policies.reload().await {
+        Ok(info) => Ok(Json(json!({"reloaded": true, "generation": policies.current().generation(), "plugins": info}))),
         Err(e) => Err(ApiError::invalid_code(None, "reload_failed", e.to_string())),
     }
 }

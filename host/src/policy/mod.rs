@@ -255,7 +255,12 @@ pub struct PluginInfo {
 pub struct PolicyChain {
     engine: Arc<PolicyEngine>,
     plugins: Vec<LoadedPlugin>,
+    /// Counts the chains built by this process (0 = the first): tells a reload happened.
+    generation: u64,
 }
+
+/// The generation the next chain gets.
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl PolicyChain {
     /// Loads every plugin (compile, pre-instantiate, a trial `init`); the first failure
@@ -276,14 +281,16 @@ impl PolicyChain {
             LivePlugin::start(&engine, &plugin, 0).await.map_err(|e| fail("initialise", e.to_string()))?;
             plugins.push(plugin);
         }
-        Ok(PolicyChain { engine, plugins })
+        let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(PolicyChain { engine, plugins, generation })
+    }
+
+    /// Which chain this is, in load order within the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// A chain with no plugins (everything allowed, output untouched).
-    pub fn empty(engine: Arc<PolicyEngine>) -> PolicyChain {
-        PolicyChain { engine, plugins: Vec::new() }
-    }
-
     pub fn is_empty(&self) -> bool {
         self.plugins.is_empty()
     }
