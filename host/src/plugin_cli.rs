@@ -36,6 +36,19 @@ pub enum PluginCommand {
         #[arg(long, default_value = "{}")]
         config: String,
     },
+    /// Measure what a config's plugin chain costs per request and per streamed chunk.
+    Bench {
+        /// The config whose `[[plugins]]` to measure (default: ./wisp.toml).
+        #[arg(long, default_value = "wisp.toml")]
+        config: PathBuf,
+        /// Requests to time.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// Decode step time to compare the per-chunk cost with, in ms (default: 1000 / the
+        /// tg64 rate of `wisp bench` on the default model here, 39 tokens/s).
+        #[arg(long, default_value_t = 25.4)]
+        decode_ms: f64,
+    },
 }
 
 pub fn run(command: PluginCommand) -> anyhow::Result<()> {
@@ -44,6 +57,10 @@ pub fn run(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Test { wasm, request, config } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(test(&wasm, &request, &config))
+        }
+        PluginCommand::Bench { config, requests, decode_ms } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(bench(&config, requests, decode_ms))
         }
     }
 }
@@ -206,5 +223,59 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
     }
     let rest = session.finish(Finish { reason: "stop".into(), usage: Usage { prompt_tokens: 0, completion_tokens: generated } }).await?;
     println!("finish -> {rest:?}");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result<()> {
+    let config = crate::config::Config::load(Some(config))?;
+    if config.plugins.is_empty() {
+        bail!("the config has no [[plugins]]");
+    }
+    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()))?;
+    let chain = Arc::new(PolicyChain::load(engine, &config.plugins).await?);
+    let request = Request {
+        route: "chat".into(),
+        model: crate::config::DEFAULT_MODEL_ID.into(),
+        messages: vec![Message { role: "user".into(), content: "Write a short poem about the sea and the sky.".into() }],
+        sampling: Sampling { temperature: 1.0, top_p: 1.0, max_tokens: Some(64), stop: vec![] },
+        principal: None,
+        headers: vec![Header { name: "authorization".into(), value: "Bearer sk-demo".into() }],
+        client_addr: "127.0.0.1".into(),
+        prompt_tokens: 12,
+    };
+    let chunk = " the sea".to_string();
+    let (mut start_us, mut request_us, mut chunk_us) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..requests {
+        let t = std::time::Instant::now();
+        let mut session = chain.start().await?;
+        start_us.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = std::time::Instant::now();
+        session.on_request(request.clone()).await?;
+        request_us.push(t.elapsed().as_secs_f64() * 1e6);
+        for _ in 0..16 {
+            let t = std::time::Instant::now();
+            session.on_chunk(chunk.clone()).await?;
+            chunk_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    for v in [&mut start_us, &mut request_us, &mut chunk_us] {
+        v.sort_by(f64::total_cmp);
+    }
+    let names: Vec<String> = config.plugins.iter().map(|p| p.name.clone()).collect();
+    println!("chain: {} ({} plugins), {requests} requests, 16 chunks each", names.join(" → "), names.len());
+    println!("| stage | p50 µs | p99 µs |");
+    println!("|---|---|---|");
+    for (stage, v) in [("instantiate + init (per request)", &start_us), ("on-request (per request)", &request_us), ("on-chunk (per chunk)", &chunk_us)] {
+        println!("| {stage} | {:.1} | {:.1} |", percentile(v, 0.5), percentile(v, 0.99));
+    }
+    let per_request: Vec<f64> = start_us.iter().zip(&request_us).map(|(a, b)| a + b).collect();
+    let mut per_request = per_request;
+    per_request.sort_by(f64::total_cmp);
+    println!("| whole chain before the model (per request) | {:.1} | {:.1} |", percentile(&per_request, 0.5), percentile(&per_request, 0.99));
+    println!("on-chunk share of a {decode_ms} ms decode step: {:.3} % (p50)", percentile(&chunk_us, 0.5) / (decode_ms * 1000.0) * 100.0);
     Ok(())
 }
