@@ -348,3 +348,15 @@ fn the_official_python_sdk_works_unchanged() {
 fn the_official_javascript_sdk_works_unchanged() {
     run_sdk("node", &["host/tests/sdk/openai_sdk.mjs"]);
 }
+
+#[test]
+fn a_chat_template_in_the_config_overrides_the_built_in_one() {
+    // This template renders only `<bos>` + the last message: the chat prompt becomes the
+    // same tokens as a completions prompt of that text (which gets `<bos>` too).
+    let server = Server::start("chat_template = \"{{ bos_token }}{{ messages[-1]['content'] }}\"");
+    let (status, chat) = post(&server, "/v1/chat/completions", &chat_body("The sky is", json!({"max_tokens": 1})));
+    assert_eq!(status, 200, "{chat}");
+    let (_, completion) = post(&server, "/v1/completions", &json!({"prompt": "The sky is", "max_tokens": 1}));
+    assert_eq!(chat["usage"]["prompt_tokens"], completion["usage"]["prompt_tokens"]);
+    assert_eq!(chat["usage"]["prompt_tokens"], 4, "{chat}");
+}

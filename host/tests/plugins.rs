@@ -235,11 +235,7 @@ proptest! {
         }
         let chunk_refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
         runtime().block_on(async {
-            let engine = engine();
-            let chain = chain(&engine, vec![
-                plugin("stop_sequences", table("stop = [\"STOP\"]")),
-                plugin("redact", table("phones = false")),
-            ]).await;
+            let chain = shared_chain().await;
             let whole = stream(&chain, &[text.as_str()]).await;
             let chunked = stream(&chain, &chunk_refs).await;
             prop_assert_eq!(&chunked, &whole);
@@ -249,10 +245,24 @@ proptest! {
     }
 }
 
+/// One chain for every property case (loading it pre-initialises two plugins).
+async fn shared_chain() -> Arc<PolicyChain> {
+    static CHAIN: tokio::sync::OnceCell<Arc<PolicyChain>> = tokio::sync::OnceCell::const_new();
+    CHAIN
+        .get_or_init(|| async {
+            let engine = engine();
+            chain(&engine, vec![plugin("stop_sequences", table("stop = [\"STOP\"]")), plugin("redact", table("phones = false"))]).await
+        })
+        .await
+        .clone()
+}
+
 fn hostile(mode: &str, hook: &str, fail: FailMode) -> PluginConfig {
     let mut p = plugin("hostile", table(&format!("mode = \"{mode}\"\nhook = \"{hook}\"")));
     p.fail = fail;
-    p.limits = PluginLimits { timeout_ms: 50, memory_mb: 32 };
+    // The memory bomb gets time enough to reach its memory cap, which is what must stop it.
+    let timeout_ms = if mode == "memory" { 2000 } else { 50 };
+    p.limits = PluginLimits { timeout_ms, memory_mb: 32 };
     p
 }
 

@@ -2,11 +2,13 @@
 //! world, wit/policy.wit) run in a wasmtime sandbox around every request.
 //!
 //! Phases, each with its own error context:
-//! 1. **load** — compile each plugin's component (cached by content hash), link the host
-//!    imports and WASI (no preopens, no network), pre-instantiate, and run `init` once with
-//!    its config to refuse a bad plugin before it serves;
-//! 2. **per request** — [`PolicyChain::start`] gives every plugin a fresh store and
-//!    instance (nothing leaks between requests or principals) and runs `init`;
+//! 1. **load** — link the host imports and WASI (no preopens, no network), run `init` once
+//!    with the plugin's config (a bad plugin or config is refused here, before it serves)
+//!    and snapshot the initialised instance into a new component (preinit.rs), compile
+//!    it (cached by content and config hash) and pre-instantiate it;
+//! 2. **per request** — [`PolicyChain::start`] gives every plugin a fresh store and an
+//!    instance of its snapshot (nothing leaks between requests or principals; `init` has
+//!    already run);
 //!    [`PolicySession`] then runs `on-request` down the chain, `on-chunk` over the output
 //!    and `on-finish` at the end.
 //!
@@ -22,6 +24,7 @@ mod host;
 pub mod kv;
 pub mod limits;
 pub mod manager;
+mod preinit;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -156,8 +159,8 @@ pub struct PolicyEngine {
     engine: Engine,
     linker: Linker<PluginState>,
     kv: Arc<dyn KvBackend>,
-    /// Compiled components by sha256 of their bytes: a reload that keeps a plugin's file
-    /// does not compile it again.
+    /// Compiled components by sha256 of their bytes (and config, for snapshots): a reload
+    /// that keeps a plugin's file and config neither re-initialises nor recompiles it.
     compiled: Mutex<HashMap<[u8; 32], Component>>,
     metrics: Arc<Metrics>,
 }
@@ -187,18 +190,44 @@ impl PolicyEngine {
         Ok(Arc::new(PolicyEngine { engine, linker, kv, compiled: Mutex::new(HashMap::new()), metrics }))
     }
 
-    fn compile(&self, name: &str, path: &Path) -> Result<(Component, String), PolicyError> {
+    /// Reads, pre-initialises (or, failing that, plainly compiles) one plugin. Returns the
+    /// component, the sha256 of the file, and whether `init` is already done.
+    async fn prepare(
+        &self,
+        name: &Arc<str>,
+        path: &Path,
+        config_json: &str,
+        limits: &PluginLimits,
+    ) -> Result<(Component, String, bool), PolicyError> {
         let fail = |phase, message: String| PolicyError::Load { plugin: name.to_string(), phase, message };
         let bytes = std::fs::read(path).map_err(|e| fail("read its wasm", format!("{}: {e}", path.display())))?;
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(component) = cache.get(&hash) {
-            return Ok((component.clone(), hex));
+        let file_hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let hex: String = file_hash.iter().map(|b| format!("{b:02x}")).collect();
+        let snapshot_key: [u8; 32] = Sha256::new().chain_update(file_hash).chain_update(config_json).finalize().into();
+        if let Some(component) = self.cached(&snapshot_key) {
+            return Ok((component, hex, true));
         }
-        let component = Component::new(&self.engine, &bytes).map_err(|e| fail("compile", format!("{e:#}")))?;
-        cache.insert(hash, component.clone());
-        Ok((component, hex))
+        match preinit::preinitialize(self, name, &bytes, config_json, limits).await {
+            Ok(snapshot) => {
+                let component = Component::new(&self.engine, &snapshot).map_err(|e| fail("compile", format!("{e:#}")))?;
+                self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(snapshot_key, component.clone());
+                Ok((component, hex, true))
+            }
+            Err(preinit::Preinit::Refused(message)) => Err(fail("initialise", message)),
+            Err(preinit::Preinit::Unsupported(message)) => {
+                tracing::warn!(plugin = %name, error = %message, "no snapshot: init will run per request");
+                let component = match self.cached(&file_hash) {
+                    Some(c) => c,
+                    None => Component::new(&self.engine, &bytes).map_err(|e| fail("compile", format!("{e:#}")))?,
+                };
+                self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(file_hash, component.clone());
+                Ok((component, hex, false))
+            }
+        }
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<Component> {
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
     fn store(&self, plugin: &Arc<str>, limits: &PluginLimits) -> Store<PluginState> {
@@ -236,6 +265,8 @@ struct LoadedPlugin {
     config: PluginConfig,
     config_json: String,
     pre: bindings::PolicyPre<PluginState>,
+    /// The component is a snapshot taken after `init`: requests skip it.
+    preinitialized: bool,
     sha256: String,
     loaded_at: u64,
 }
@@ -249,6 +280,8 @@ pub struct PluginInfo {
     pub fail: FailMode,
     pub loaded_at: u64,
     pub limits: PluginLimits,
+    /// Whether requests start from a snapshot taken after `init`.
+    pub preinitialized: bool,
 }
 
 /// An ordered set of loaded plugins; immutable once built.
@@ -271,12 +304,14 @@ impl PolicyChain {
         for config in configs {
             let name: Arc<str> = config.name.as_str().into();
             let fail = |phase, message: String| PolicyError::Load { plugin: config.name.clone(), phase, message };
-            let (component, sha256) = engine.compile(&config.name, &config.wasm)?;
-            let instance_pre = engine.linker.instantiate_pre(&component).map_err(|e| fail("link", format!("{e:#}")))?;
-            let pre = bindings::PolicyPre::new(instance_pre).map_err(|e| fail("link", format!("{e:#}")))?;
             let config_json =
                 serde_json::to_string(&config.config).map_err(|e| fail("encode its config", e.to_string()))?;
-            let plugin = LoadedPlugin { name, config: config.clone(), config_json, pre, sha256, loaded_at: now };
+            let (component, sha256, preinitialized) =
+                engine.prepare(&name, &config.wasm, &config_json, &config.limits).await?;
+            let instance_pre = engine.linker.instantiate_pre(&component).map_err(|e| fail("link", format!("{e:#}")))?;
+            let pre = bindings::PolicyPre::new(instance_pre).map_err(|e| fail("link", format!("{e:#}")))?;
+            let plugin =
+                LoadedPlugin { name, config: config.clone(), config_json, pre, preinitialized, sha256, loaded_at: now };
             // A trial instance proves the plugin starts and accepts its config.
             LivePlugin::start(&engine, &plugin, 0).await.map_err(|e| fail("initialise", e.to_string()))?;
             plugins.push(plugin);
@@ -305,6 +340,7 @@ impl PolicyChain {
                 fail: p.config.fail,
                 loaded_at: p.loaded_at,
                 limits: p.config.limits.clone(),
+                preinitialized: p.preinitialized,
             })
             .collect()
     }
@@ -386,6 +422,9 @@ impl LivePlugin {
         let timeout = plugin.config.limits.timeout();
         store.data_mut().deadline = Instant::now() + timeout;
         let instance = plugin.pre.instantiate_async(&mut store).await.map_err(HookFailure::from_error)?;
+        if plugin.preinitialized {
+            return Ok(LivePlugin { idx, store, instance, timeout });
+        }
         store.data_mut().deadline = Instant::now() + timeout;
         match instance.call_init(&mut store, &plugin.config_json).await.map_err(HookFailure::from_error)? {
             Ok(()) => Ok(LivePlugin { idx, store, instance, timeout }),
