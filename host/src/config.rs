@@ -316,6 +316,12 @@ impl Config {
             if p.limits.timeout_ms == 0 || p.limits.memory_mb == 0 {
                 return Err(invalid(format!("plugins[{i}].limits"), "timeout_ms and memory_mb must be at least 1"));
             }
+            if p.limits.memory_bytes() > crate::policy::limits::POOL_MAX_MEMORY_BYTES {
+                return Err(invalid(
+                    format!("plugins[{i}].limits.memory_mb"),
+                    format!("at most {} MiB", crate::policy::limits::POOL_MAX_MEMORY_BYTES >> 20),
+                ));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
             .map_err(|e| invalid("telemetry.log_level", e.to_string()))?;

@@ -235,7 +235,7 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
     if config.plugins.is_empty() {
         bail!("the config has no [[plugins]]");
     }
-    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()))?;
+    let engine = PolicyEngine::new(Arc::new(ForgetfulKv), Arc::new(Metrics::new()))?;
     let chain = Arc::new(PolicyChain::load(engine, &config.plugins).await?);
     let request = Request {
         route: "chat".into(),
@@ -254,7 +254,9 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
         let mut session = chain.start().await?;
         start_us.push(t.elapsed().as_secs_f64() * 1e6);
         let t = std::time::Instant::now();
-        session.on_request(request.clone()).await?;
+        if let Decision::Deny(d) = session.on_request(request.clone()).await? {
+            bail!("the chain denied the benchmark request ({} {}): every plugin must see it", d.status, d.code);
+        }
         request_us.push(t.elapsed().as_secs_f64() * 1e6);
         for _ in 0..16 {
             let t = std::time::Instant::now();
@@ -278,4 +280,23 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
     println!("| whole chain before the model (per request) | {:.1} | {:.1} |", percentile(&per_request, 0.5), percentile(&per_request, 0.99));
     println!("on-chunk share of a {decode_ms} ms decode step: {:.3} % (p50)", percentile(&chunk_us, 0.5) / (decode_ms * 1000.0) * 100.0);
     Ok(())
+}
+
+/// The benchmark's kv: every call is made (the host-call cost is measured) but nothing
+/// accumulates, so a rate limit never cuts the chain short mid-benchmark.
+struct ForgetfulKv;
+
+impl crate::policy::kv::KvBackend for ForgetfulKv {
+    fn get(&self, _key: &str) -> Option<Vec<u8>> {
+        None
+    }
+    fn set(&self, _key: &str, _value: Vec<u8>, _ttl: Option<std::time::Duration>) -> bool {
+        true
+    }
+    fn incr(&self, _key: &str, delta: i64, _ttl: Option<std::time::Duration>) -> Option<i64> {
+        Some(delta)
+    }
+    fn compare_and_swap(&self, _key: &str, _expected: Option<&[u8]>, _new: Vec<u8>, _ttl: Option<std::time::Duration>) -> bool {
+        true
+    }
 }

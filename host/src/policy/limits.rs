@@ -31,6 +31,13 @@ pub const MAX_KV_ENTRIES: usize = 100_000;
 pub const MAX_TABLES: usize = 10;
 pub const MAX_INSTANCES: usize = 10;
 
+/// Instance slots in the pooling allocator: plugin instances alive at once across all
+/// requests (a 5-plugin chain and 64 queued requests need 320; reloads keep old chains
+/// alive while their requests finish). Past it, instantiation fails (a plugin failure).
+pub const POOL_INSTANCES: u32 = 2000;
+/// The largest linear memory a pool slot holds; per-plugin `memory_mb` must fit in it.
+pub const POOL_MAX_MEMORY_BYTES: usize = 256 << 20;
+
 /// Per-plugin limits from the config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -172,6 +172,15 @@ impl PolicyEngine {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // Pooling: instance slots are reserved once, so a per-request instance costs a
+        // copy-on-write remap instead of fresh allocations.
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(limits::POOL_INSTANCES)
+            .total_core_instances(limits::POOL_INSTANCES)
+            .total_memories(limits::POOL_INSTANCES)
+            .total_tables(limits::POOL_INSTANCES)
+            .max_memory_size(limits::POOL_MAX_MEMORY_BYTES);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| fail(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| fail(e.to_string()))?;

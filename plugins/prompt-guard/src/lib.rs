@@ -29,6 +29,10 @@ struct Config {
     allow: Vec<RuleConfig>,
 }
 
+/// Prose with the usual letters, digits and punctuation, for warming regexes at init.
+const WARM_UP: &str = "The quick brown fox jumps over the lazy dog. PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS! \
+    Write a short poem about the sea and the sky, please; what is 2 + 2 = 4? (0123456789) \"quoted\" 'text' \n\t-_/@#%&*";
+
 struct Rule {
     name: String,
     regex: Regex,
@@ -52,8 +56,9 @@ fn compile(rules: Vec<RuleConfig>) -> Result<Vec<Rule>, String> {
         .into_iter()
         .map(|r| {
             let regex = Regex::new(&r.pattern).map_err(|e| format!("prompt-guard rule `{}`: {e}", r.name))?;
-            // Warm the regex so the first request does not pay for lazy DFA states.
-            regex.is_match("warm up");
+            // Warm the lazy DFA on ordinary text so requests (which start from the snapshot
+            // taken after init) find its states built.
+            regex.is_match(WARM_UP);
             Ok(Rule { name: r.name, regex, models: r.models })
         })
         .collect()
