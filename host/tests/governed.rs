@@ -216,6 +216,18 @@ fn a_hostile_plugin_cannot_take_the_server_down() {
         rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile(mode, "closed"))), 2);
         assert_eq!(error_code(chat(&server, None, "hi", json!({}))), (500, "policy_failed".into()), "{mode}");
     }
+    // Failing closed mid-stream: the stream ends with an error event in the OpenAI shape,
+    // then [DONE].
+    let on_chunk = plain_config(&hostile("trap", "closed").replace("config = { mode = \"trap\" }", "config = { mode = \"trap\", hook = \"chunk\" }"));
+    rewrite_config(&server, &on_chunk, 1);
+    let r = chat(&server, None, "hi", json!({"stream": true}));
+    assert_eq!(r.status().as_u16(), 200);
+    let payloads: Vec<String> =
+        BufReader::new(r).lines().map(|l| l.unwrap()).filter_map(|l| l.strip_prefix("data: ").map(String::from)).collect();
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let error: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "policy_failed", "{payloads:?}");
+
     // Fails open: skipped, the request is served.
     rewrite_config(&server, &plain_config(&format!("{}{STOPS}", hostile("loop", "open"))), 2);
     assert_eq!(chat(&server, None, "hi", json!({})).status().as_u16(), 200);
