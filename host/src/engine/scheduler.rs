@@ -49,6 +49,7 @@ impl Scheduler {
         let worker = Worker {
             model,
             tokenizer,
+            per_model: ModelMetrics::new(&metrics, &config.model_id),
             metrics,
             in_flight: in_flight.clone(),
             model_id: config.model_id.clone(),
@@ -79,10 +80,37 @@ impl Scheduler {
     }
 }
 
+/// The metric handles of one model, looked up once (not per token).
+struct ModelMetrics {
+    queue: prometheus::Histogram,
+    ttft: prometheus::Histogram,
+    itl: prometheus::Histogram,
+    prompt_tokens: prometheus::IntCounter,
+    generation_tokens: prometheus::IntCounter,
+    running: prometheus::IntGauge,
+    waiting: prometheus::IntGauge,
+}
+
+impl ModelMetrics {
+    fn new(metrics: &Metrics, model: &str) -> ModelMetrics {
+        let label = [model];
+        ModelMetrics {
+            queue: metrics.queue_seconds.with_label_values(&label),
+            ttft: metrics.ttft_seconds.with_label_values(&label),
+            itl: metrics.itl_seconds.with_label_values(&label),
+            prompt_tokens: metrics.prompt_tokens.with_label_values(&label),
+            generation_tokens: metrics.generation_tokens.with_label_values(&label),
+            running: metrics.requests_running.with_label_values(&label),
+            waiting: metrics.requests_waiting.with_label_values(&label),
+        }
+    }
+}
+
 struct Worker {
     model: Model,
     tokenizer: Arc<GgufTokenizer>,
     metrics: Arc<Metrics>,
+    per_model: ModelMetrics,
     in_flight: Arc<AtomicUsize>,
     model_id: String,
     prefill_chunk: usize,
@@ -117,7 +145,7 @@ impl Worker {
     }
 
     fn set_waiting(&self, waiting: usize) {
-        self.metrics.requests_waiting.with_label_values(&[self.model_id.as_str()]).set(waiting as i64);
+        self.per_model.waiting.set(waiting as i64);
     }
 
     /// Moves newly arrived jobs into the local queue (between steps).
@@ -138,10 +166,10 @@ impl Worker {
         if events.is_closed() {
             return Ok(());
         }
-        let model_label = [self.model_id.as_str()];
-        self.metrics.queue_seconds.with_label_values(&model_label).observe(request.received.elapsed().as_secs_f64());
-        self.metrics.requests_running.with_label_values(&model_label).inc();
-        let _running = scopeguard(|| self.metrics.requests_running.with_label_values(&model_label).dec());
+        let m = &self.per_model;
+        m.queue.observe(request.received.elapsed().as_secs_f64());
+        m.running.inc();
+        let _running = scopeguard(|| m.running.dec());
         let span = tracing::info_span!("wisp.engine.generate", model = %self.model_id, prompt_tokens = request.prompt.len());
         let _enter = span.enter();
 
@@ -155,7 +183,7 @@ impl Worker {
             logits = Some(self.model.forward(chunk, &mut cache)?);
             self.drain_arrivals(rx, queue);
         }
-        self.metrics.prompt_tokens.with_label_values(&model_label).inc_by(prompt_tokens as u64);
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
         let mut logits = logits.expect("the api never schedules an empty prompt; this is a bug").to_vec1::<f32>()?;
 
         let tokenizer = &self.tokenizer.tokenizer;
@@ -176,13 +204,13 @@ impl Worker {
             generated += 1;
             let now = Instant::now();
             if first {
-                self.metrics.ttft_seconds.with_label_values(&model_label).observe(request.received.elapsed().as_secs_f64());
+                m.ttft.observe(request.received.elapsed().as_secs_f64());
                 first = false;
             } else {
-                self.metrics.itl_seconds.with_label_values(&model_label).observe((now - last_token_at).as_secs_f64());
+                m.itl.observe((now - last_token_at).as_secs_f64());
             }
             last_token_at = now;
-            self.metrics.generation_tokens.with_label_values(&model_label).inc();
+            m.generation_tokens.inc();
 
             let step = if self.tokenizer.stop_ids.contains(&sampled.token) {
                 let rest = detok.finish(tokenizer);
