@@ -278,6 +278,29 @@ struct LoadedPlugin {
     preinitialized: bool,
     sha256: String,
     loaded_at: u64,
+    metrics: PluginMetrics,
+}
+
+/// One plugin's metric handles, looked up at load (the hooks run per chunk).
+struct PluginMetrics {
+    on_request: prometheus::Histogram,
+    on_chunk: prometheus::Histogram,
+    allow: prometheus::IntCounter,
+    deny: prometheus::IntCounter,
+    rewrite: prometheus::IntCounter,
+}
+
+impl PluginMetrics {
+    fn new(metrics: &Metrics, plugin: &str) -> PluginMetrics {
+        let verdict = |v: &str| metrics.plugin_verdicts.with_label_values(&[plugin, v]);
+        PluginMetrics {
+            on_request: metrics.plugin_hook_seconds.with_label_values(&[plugin, "on_request"]),
+            on_chunk: metrics.plugin_hook_seconds.with_label_values(&[plugin, "on_chunk"]),
+            allow: verdict("allow"),
+            deny: verdict("deny"),
+            rewrite: verdict("rewrite"),
+        }
+    }
 }
 
 /// What `GET /admin/plugins` shows of a plugin.
@@ -319,8 +342,17 @@ impl PolicyChain {
                 engine.prepare(&name, &config.wasm, &config_json, &config.limits).await?;
             let instance_pre = engine.linker.instantiate_pre(&component).map_err(|e| fail("link", format!("{e:#}")))?;
             let pre = bindings::PolicyPre::new(instance_pre).map_err(|e| fail("link", format!("{e:#}")))?;
-            let plugin =
-                LoadedPlugin { name, config: config.clone(), config_json, pre, preinitialized, sha256, loaded_at: now };
+            let metrics = PluginMetrics::new(&engine.metrics, &name);
+            let plugin = LoadedPlugin {
+                name,
+                config: config.clone(),
+                config_json,
+                pre,
+                preinitialized,
+                sha256,
+                loaded_at: now,
+                metrics,
+            };
             // A trial instance proves the plugin starts and accepts its config.
             LivePlugin::start(&engine, &plugin, 0).await.map_err(|e| fail("initialise", e.to_string()))?;
             plugins.push(plugin);
@@ -466,16 +498,15 @@ impl PolicySession {
                 types::Verdict::Rewrite(r) if request_bytes(r) > MAX_OUTPUT_BYTES => Err(HookFailure::output(request_bytes(r))),
                 _ => Ok(v),
             });
-            let name = self.chain.plugins[plugin.idx].name.clone();
-            self.chain.engine.metrics.plugin_hook_seconds.with_label_values(&[&*name, "on_request"]).observe(started.elapsed().as_secs_f64());
+            let metrics = &self.chain.plugins[plugin.idx].metrics;
+            metrics.on_request.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(verdict) => {
-                    let label = match &verdict {
-                        types::Verdict::Allow => "allow",
-                        types::Verdict::Deny(_) => "deny",
-                        types::Verdict::Rewrite(_) => "rewrite",
-                    };
-                    self.chain.engine.metrics.plugin_verdicts.with_label_values(&[&*name, label]).inc();
+                    match &verdict {
+                        types::Verdict::Allow => metrics.allow.inc(),
+                        types::Verdict::Deny(_) => metrics.deny.inc(),
+                        types::Verdict::Rewrite(_) => metrics.rewrite.inc(),
+                    }
                     match verdict {
                         types::Verdict::Allow => {}
                         types::Verdict::Rewrite(r) => request = r,
@@ -529,8 +560,7 @@ impl PolicySession {
             let plugin = &mut self.live[idx];
             plugin.arm();
             let result = plugin.instance.call_on_chunk(&mut plugin.store, &text).await.map_err(HookFailure::from_error);
-            let name = self.chain.plugins[plugin.idx].name.clone();
-            self.chain.engine.metrics.plugin_hook_seconds.with_label_values(&[&*name, "on_chunk"]).observe(started.elapsed().as_secs_f64());
+            self.chain.plugins[plugin.idx].metrics.on_chunk.observe(started.elapsed().as_secs_f64());
             match result.and_then(|r| if r.emit.len() > MAX_OUTPUT_BYTES { Err(HookFailure::output(r.emit.len())) } else { Ok(r) }) {
                 Ok(r) => {
                     text = r.emit;
