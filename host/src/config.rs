@@ -40,6 +40,7 @@ pub struct Config {
     /// The governance chain, in order.
     pub plugins: Vec<PluginConfig>,
     pub admin: AdminConfig,
+    pub store: StoreConfig,
     /// The file this config was read from (hot reload re-reads it).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -63,7 +64,37 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             plugins: Vec::new(),
             admin: AdminConfig::default(),
+            store: StoreConfig::default(),
             source: None,
+        }
+    }
+}
+
+/// Where sessions and the plugins' key-value space live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://FILE` (created if missing; WAL) or `postgres://USER@HOST/DB` (replicas
+    /// share sessions and plugin counters).
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Sessions one principal may keep.
+    pub max_sessions_per_principal: u64,
+    /// Largest message stored in a session (and a session's system prompt), in bytes.
+    pub max_message_bytes: usize,
+    /// `redis://HOST:PORT` keeps the plugins' key-value space in Redis instead of the store.
+    pub kv_url: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://wisp.db".into(),
+            max_connections: 8,
+            max_sessions_per_principal: 1000,
+            max_message_bytes: 256 * 1024,
+            kv_url: None,
         }
     }
 }
@@ -293,6 +324,19 @@ impl Config {
         }
         if self.models.iter().filter(|m| m.default).count() > 1 {
             return Err(invalid("models", "more than one model has `default = true`"));
+        }
+        let st = &self.store;
+        if !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| st.url.starts_with(p)) {
+            return Err(invalid("store.url", format!("`{}` is neither `sqlite://FILE` nor `postgres://…`", st.url)));
+        }
+        if st.max_connections == 0 {
+            return Err(invalid("store.max_connections", "must be at least 1"));
+        }
+        if let Some(kv) = &st.kv_url
+            && !kv.starts_with("redis://")
+            && !kv.starts_with("rediss://")
+        {
+            return Err(invalid("store.kv_url", format!("`{kv}` is not a `redis://` url")));
         }
         let l = &self.limits;
         for (name, value) in [

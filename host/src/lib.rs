@@ -3,7 +3,7 @@
 //!
 //! Modules, each with one job (see ARCHITECTURE.md): `config` (the TOML file), `api`
 //! (HTTP routes and OpenAI shapes), `engine` (models, tokenizer, sampling, scheduler),
-//! `telemetry` (logs and metrics). `server` wires them together.
+//! `store` (sessions and plugin kv in SQLite or Postgres), `telemetry` (logs and metrics). `server` wires them together.
 
 pub mod api;
 pub mod bench;
@@ -12,4 +12,5 @@ pub mod engine;
 pub mod plugin_cli;
 pub mod policy;
 pub mod server;
+pub mod store;
 pub mod telemetry;

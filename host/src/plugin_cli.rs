@@ -286,17 +286,24 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
 /// accumulates, so a rate limit never cuts the chain short mid-benchmark.
 struct ForgetfulKv;
 
+#[async_trait::async_trait]
 impl crate::policy::kv::KvBackend for ForgetfulKv {
-    fn get(&self, _key: &str) -> Option<Vec<u8>> {
-        None
+    async fn get(&self, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(None)
     }
-    fn set(&self, _key: &str, _value: Vec<u8>, _ttl: Option<std::time::Duration>) -> bool {
-        true
+    async fn set(&self, _key: &str, _value: Vec<u8>, _ttl: Option<std::time::Duration>) -> anyhow::Result<()> {
+        Ok(())
     }
-    fn incr(&self, _key: &str, delta: i64, _ttl: Option<std::time::Duration>) -> Option<i64> {
-        Some(delta)
+    async fn incr(&self, _key: &str, delta: i64, _ttl: Option<std::time::Duration>) -> anyhow::Result<i64> {
+        Ok(delta)
     }
-    fn compare_and_swap(&self, _key: &str, _expected: Option<&[u8]>, _new: Vec<u8>, _ttl: Option<std::time::Duration>) -> bool {
-        true
+    async fn compare_and_swap(
+        &self,
+        _key: &str,
+        _expected: Option<&[u8]>,
+        _new: Vec<u8>,
+        _ttl: Option<std::time::Duration>,
+    ) -> anyhow::Result<bool> {
+        Ok(true)
     }
 }

@@ -12,8 +12,11 @@ use salvo::prelude::*;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::Registry;
-use crate::policy::kv::MemoryKv;
-use crate::policy::{PolicyEngine, PolicyManager};
+use crate::policy::PolicyEngine;
+use crate::policy::PolicyManager;
+use crate::policy::kv::KvBackend;
+use crate::store::SessionStore;
+use crate::store::kv::{RedisKv, SqlKv};
 use crate::telemetry::Metrics;
 
 /// How long in-flight requests may run after a shutdown signal.
@@ -32,7 +35,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), metrics.clone())?;
+    let store = Arc::new(SessionStore::connect(&config.store).await.with_context(|| format!("opening the store `{}`", config.store.url))?);
+    let kv: Arc<dyn KvBackend> = match &config.store.kv_url {
+        Some(url) => Arc::new(RedisKv::connect(url, "wisp:kv:").await?),
+        None => Arc::new(SqlKv::new(store.pool().clone())),
+    };
+    let engine = PolicyEngine::new(kv, metrics.clone())?;
     let policies = PolicyManager::new(engine, &config.plugins, config.source.clone()).await?;
     if config.source.is_some() {
         policies.watch().context("watching the config and plugin files")?;
@@ -49,7 +57,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     tracing::info!(plugins = ?policies.current().info().iter().map(|p| p.name.clone()).collect::<Vec<_>>(), "policy chain loaded");
-    let state = Arc::new(AppState { config: config.clone(), registry, metrics, policies });
+    let state = Arc::new(AppState { config: config.clone(), registry, metrics, policies, store });
     let acceptor = TcpListener::new(addr).try_bind().await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = acceptor.holdings().first().map(|h| h.local_addr.to_string()).unwrap_or_else(|| addr.to_string());
     let local = local.trim_start_matches("socket://");

@@ -7,6 +7,7 @@ use salvo::prelude::*;
 use serde_json::{Value, json};
 
 use crate::engine::EngineError;
+use crate::store::StoreError;
 use crate::engine::template::TemplateError;
 
 /// A client-facing error: status, OpenAI `type`, optional `param` and `code`, message.
@@ -96,6 +97,10 @@ impl ApiError {
         Self::new(status, kind, Some(code), message)
     }
 
+    pub fn with_param(self, param: impl Into<String>) -> ApiError {
+        ApiError { param: Some(param.into()), ..self }
+    }
+
     /// The label used for the errors metric.
     pub fn metric_type(&self) -> &str {
         self.code.as_deref().unwrap_or(self.kind)
@@ -110,6 +115,22 @@ impl ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.status.as_u16(), self.kind, self.message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound(id) => ApiError {
+                param: Some("session_id".into()),
+                ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("session_not_found"), format!("No session `{id}`"))
+            },
+            StoreError::Invalid { param, code, message } => ApiError::invalid_code(Some(param), code, message),
+            e @ (StoreError::Db(_) | StoreError::Migrate(_)) => {
+                tracing::error!(error = %e, "session store failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("store_unavailable"), "The session store is unavailable; try again")
+            }
+        }
     }
 }
 

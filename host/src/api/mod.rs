@@ -4,9 +4,12 @@
 //! executor, check the context, schedule, and then frame the engine's events
 //! (openai.rs). Every failure is an [`ApiError`], rendered in one place (error.rs).
 
+pub mod chat;
 pub mod error;
 pub mod openai;
+pub mod sessions;
 pub mod types;
+pub mod ws;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,7 +27,9 @@ use crate::config::Config;
 use crate::engine::template::TemplateMessage;
 use crate::engine::{FinishReason, GenerateRequest, LoadedModel, Registry, StreamEvent, TokenStream};
 use crate::policy::{self, Decision, PolicyManager, PolicySession};
+use crate::store::SessionStore;
 use crate::telemetry::Metrics;
+use chat::{Caller, Generation, TurnRecord};
 use error::ApiError;
 use openai::{Collector, Endpoint, ResponseMeta, StreamFramer};
 use types::{ValidParams, ValidPrompt};
@@ -35,10 +40,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub policies: Arc<PolicyManager>,
+    pub store: Arc<SessionStore>,
 }
-
-/// Request headers plugins may see (an auth plugin needs the key; nothing else leaks).
-const POLICY_HEADERS: &[&str] = &["authorization", "x-api-key", "user-agent", "x-request-id", "x-forwarded-for"];
 
 /// Legacy completions default to 16 new tokens when `max_tokens` is absent (OpenAI's
 /// documented default).
@@ -57,7 +60,9 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .push(Router::with_path("models").get(list_models))
                 .push(Router::with_path("models/{**id}").get(get_model))
                 .push(Router::with_path("chat/completions").post(chat_completions))
-                .push(Router::with_path("completions").post(completions)),
+                .push(Router::with_path("chat/ws").goal(ws::chat_socket))
+                .push(Router::with_path("completions").post(completions))
+                .push(sessions::router()),
         )
         .push(
             Router::with_path("admin")
@@ -81,8 +86,10 @@ fn route_label(path: &str) -> &'static str {
         "/v1/models" => "models",
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
+        "/v1/chat/ws" => "chat_ws",
         "/admin/plugins" | "/admin/plugins/reload" => "admin",
         p if p.starts_with("/v1/models/") => "model",
+        p if p.starts_with("/v1/sessions") => "sessions",
         _ => "other",
     }
 }
@@ -104,14 +111,18 @@ async fn health(res: &mut Response) {
     res.render(Json(json!({"status": "ok"})));
 }
 
-/// 200 once the default model is loaded, 503 before (Kubernetes readiness).
+/// 200 once the default model is loaded and the store answers, 503 otherwise (Kubernetes
+/// readiness).
 #[handler]
 async fn ready(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let state = state(depot);
-    match state.registry.is_ready() {
-        true => Ok(Json(json!({"status": "ready", "model": state.registry.default_id()}))),
-        false => Err(ApiError::not_ready(format!("the default model `{}` is still loading", state.registry.default_id()))),
+    if !state.registry.is_ready() {
+        return Err(ApiError::not_ready(format!("the default model `{}` is still loading", state.registry.default_id())));
     }
+    if let Err(e) = state.store.ping().await {
+        return Err(ApiError::not_ready(format!("the session store is unreachable: {e}")));
+    }
+    Ok(Json(json!({"status": "ready", "model": state.registry.default_id()})))
 }
 
 #[handler]
@@ -142,29 +153,13 @@ async fn get_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_js
 async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let body = read_body(req, &state).await?;
-    let (request, sampling) = types::parse_request::<types::ChatCompletionRequest>(&body)?;
-    let model = state.model(request.model.as_deref()).await?;
-    let mut valid = types::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
-    let mut prompt = encode_chat(&model, valid.messages.clone()).await?;
-    let session = match state.policies.current().start().await? {
-        s if s.is_empty() => None,
-        mut session => {
-            let request = policy_request(req, "chat", &model.id, &valid.messages, &valid.params, prompt.len());
-            let allowed = decide(&mut session, request).await?;
-            if allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(valid.messages.iter().map(|m| (&m.role, &m.content))) {
-                valid.messages = allowed.messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
-                prompt = encode_chat(&model, valid.messages.clone()).await?;
-            }
-            apply_sampling(&mut valid.params, allowed.sampling);
-            Some(session)
-        }
-    };
-    let default_max = state.config.limits.default_max_tokens;
-    let job = generate_request(&model, prompt, &valid.params, default_max, "messages")?;
-    let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
-    let governed = session.map(|session| Governed { session, prompt_tokens: job.prompt.len(), generated: 0 });
-    let stream = model.schedule(job)?;
-    respond(res, meta, Output { stream, governed }, valid.params.stream, None).await
+    let generation = chat::start_chat(&state, &Caller::from_request(req), &body).await?;
+    if let Some(session) = &generation.session {
+        res.add_header("x-wisp-session-id", &session.id, true).ok();
+        res.add_header("x-wisp-pruned-messages", session.pruned_messages.to_string(), true).ok();
+    }
+    let Generation { meta, output, stream, session, .. } = generation;
+    respond(res, meta, output, stream, None, session).await
 }
 
 #[handler]
@@ -188,7 +183,7 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
         s if s.is_empty() => None,
         mut session => {
             let messages = [TemplateMessage { role: "user".into(), content: prompt_text.clone() }];
-            let request = policy_request(req, "completion", &model.id, &messages, &valid.params, prompt.len());
+            let request = Caller::from_request(req).policy_request("completion", &model.id, &messages, Some(&valid.params), prompt.len());
             let allowed = decide(&mut session, request).await?;
             let rewritten: String = allowed.messages.into_iter().map(|m| m.content).collect::<Vec<_>>().join("\n");
             if rewritten != prompt_text {
@@ -201,50 +196,12 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
     };
     let job = generate_request(&model, prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
     let meta = ResponseMeta::new(Endpoint::Completion, &model.id, valid.params.include_usage, valid.logprobs.is_some());
-    let governed = session.map(|session| Governed { session, prompt_tokens: job.prompt.len(), generated: 0 });
+    let prompt_tokens = job.prompt.len();
+    let governed = session.map(|session| Governed { session, prompt_tokens, generated: 0 });
     let stream = model.schedule(job)?;
     let echo = valid.echo.then_some(prompt_text);
-    respond(res, meta, Output { stream, governed }, valid.params.stream, echo).await
-}
-
-/// Renders and tokenizes a conversation off the async executor.
-async fn encode_chat(model: &Arc<LoadedModel>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
-    let model = model.clone();
-    blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await?
-}
-
-/// The request as plugins see it.
-fn policy_request(
-    req: &Request,
-    route: &str,
-    model: &str,
-    messages: &[TemplateMessage],
-    params: &ValidParams,
-    prompt_tokens: usize,
-) -> policy::Request {
-    let headers = POLICY_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let value = req.headers().get(*name)?.to_str().ok()?;
-            Some(policy::Header { name: name.to_string(), value: value.to_string() })
-        })
-        .collect();
-    let client_addr = req.remote_addr().clone().into_std().map(|a| a.ip().to_string()).unwrap_or_default();
-    policy::Request {
-        route: route.to_string(),
-        model: model.to_string(),
-        messages: messages.iter().map(|m| policy::Message { role: m.role.clone(), content: m.content.clone() }).collect(),
-        sampling: policy::Sampling {
-            temperature: params.sampling.temperature,
-            top_p: params.sampling.top_p,
-            max_tokens: params.max_tokens.map(|n| n.min(u32::MAX as usize) as u32),
-            stop: params.stop.clone(),
-        },
-        principal: None,
-        headers,
-        client_addr,
-        prompt_tokens: prompt_tokens.min(u32::MAX as usize) as u32,
-    }
+    let output = Output::new(stream, governed, None, prompt_tokens);
+    respond(res, meta, output, valid.params.stream, echo, None).await
 }
 
 /// Runs the chain's `on-request`; a denial becomes the response.
@@ -366,24 +323,66 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
     }
 }
 
-/// The engine's events, through the request's plugins when it has any.
-struct Output {
+/// The engine's events, through the request's plugins when it has any, recorded into the
+/// session when the request is a session turn.
+pub struct Output {
     stream: TokenStream,
     governed: Option<Governed>,
+    turn: Option<TurnRecord>,
+    prompt_tokens: usize,
+    generated: usize,
 }
 
 impl Output {
+    fn new(stream: TokenStream, governed: Option<Governed>, turn: Option<TurnRecord>, prompt_tokens: usize) -> Output {
+        Output { stream, governed, turn, prompt_tokens, generated: 0 }
+    }
+
     /// The next events to frame and whether the output is over; `None` if the engine
-    /// stopped without finishing.
-    async fn next(&mut self) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
+    /// stopped without finishing. A session turn is stored before its last event returns.
+    pub async fn next(&mut self) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
         let Some(event) = self.stream.recv().await else { return Ok(None) };
-        match &mut self.governed {
-            Some(governed) => governed.apply(event).await.map(Some),
+        if matches!(event, StreamEvent::Token { .. }) {
+            self.generated += 1;
+        }
+        let (events, done) = match &mut self.governed {
+            Some(governed) => governed.apply(event).await?,
             None => {
                 let done = !matches!(event, StreamEvent::Token { .. });
-                Ok(Some((vec![event], done)))
+                (vec![event], done)
+            }
+        };
+        if let Some(turn) = &mut self.turn {
+            for event in &events {
+                match event {
+                    StreamEvent::Token { text, .. } => {
+                        turn.push_token(text);
+                    }
+                    StreamEvent::Finished { text, reason, completion_tokens, .. } => {
+                        turn.push(text);
+                        turn.write(reason.as_str(), Some(*completion_tokens)).await?;
+                    }
+                    StreamEvent::Error(_) => turn.write("error", None).await?,
+                }
             }
         }
+        Ok(Some((events, done)))
+    }
+
+    /// Stops the generation at the client's request: the engine's stream is dropped (which
+    /// cancels it), plugins hear `on-finish` with reason `cancelled`, a session keeps the
+    /// partial reply. Returns the text plugins released at the end and the usage so far.
+    pub async fn cancel(mut self) -> Result<(String, usize, usize), ApiError> {
+        self.stream.close();
+        let tail = match &mut self.governed {
+            Some(governed) => governed.finish("cancelled").await?,
+            None => String::new(),
+        };
+        if let Some(turn) = &mut self.turn {
+            turn.push(&tail);
+            turn.write("cancelled", None).await?;
+        }
+        Ok((tail, self.prompt_tokens, self.generated))
     }
 }
 
@@ -447,6 +446,7 @@ async fn respond(
     mut output: Output,
     streaming: bool,
     echo: Option<String>,
+    session: Option<chat::SessionTurnInfo>,
 ) -> Result<(), ApiError> {
     if !streaming {
         let mut collector = Collector::new(meta, echo.as_deref());
@@ -458,7 +458,12 @@ async fn respond(
                 break;
             }
         }
-        res.render(Json(collector.finish()?));
+        let mut body = collector.finish()?;
+        if let Some(session) = session {
+            body["session_id"] = json!(session.id);
+            body["pruned_messages"] = json!(session.pruned_messages);
+        }
+        res.render(Json(body));
         return Ok(());
     }
     let mut framer = StreamFramer::new(meta);

@@ -18,17 +18,27 @@ use crate::engine::template::TemplateMessage;
 /// The sampling keys are split off first so each part is parsed with exact field paths:
 /// a failure names the field as `param`, and unknown fields are refused by name.
 pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields), ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_code(None, "invalid_json", format!("The request body is not valid JSON: {e}"))
-    })?;
-    let serde_json::Value::Object(mut fields) = value else {
-        return Err(ApiError::invalid_code(None, "invalid_json", "The request body must be a JSON object"));
-    };
+    let mut fields = json_object(body)?;
     let sampling: serde_json::Map<String, serde_json::Value> =
         SamplingFields::KEYS.iter().filter_map(|k| fields.remove(*k).map(|v| (k.to_string(), v))).collect();
     let sampling = from_value(serde_json::Value::Object(sampling))?;
     let request = from_value(serde_json::Value::Object(fields))?;
     Ok((request, sampling))
+}
+
+/// Parses a request body that is one JSON object into `T`, naming the offending field.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(serde_json::Value::Object(json_object(body)?))
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_code(None, "invalid_json", format!("The request body is not valid JSON: {e}"))
+    })?;
+    match value {
+        serde_json::Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::invalid_code(None, "invalid_json", "The request body must be a JSON object")),
+    }
 }
 
 fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
@@ -155,6 +165,9 @@ pub struct ChatCompletionRequest {
     pub store: Option<bool>,
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// wisp: chat in this server-side session; `messages` holds only the new messages.
+    #[serde(default)]
+    pub session_id: Option<String>,
 }
 
 /// `prompt`: a string, a list of one string, token ids, or a list of one token-id list.
@@ -363,7 +376,7 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
     {
         return Err(ApiError::unsupported("response_format", "only `{\"type\": \"text\"}` is supported"));
     }
-    if r.messages.is_empty() {
+    if r.messages.is_empty() && r.session_id.is_none() {
         return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
     }
     if r.messages.len() > limits.max_messages {

@@ -24,6 +24,9 @@ pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 /// kv keys and values are chosen by the guest; cap them before the host stores them.
 pub const MAX_KV_KEY_BYTES: usize = 512;
 pub const MAX_KV_VALUE_BYTES: usize = 64 * 1024;
+/// Longest a kv call may wait on its backend (SQLite, Postgres, Redis) before the plugin
+/// traps; a plugin's own deadline does not tick while the host is waiting.
+pub const KV_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Entries in the in-process kv across all plugins (a key-spraying plugin ends here).
 pub const MAX_KV_ENTRIES: usize = 100_000;
 

@@ -37,12 +37,29 @@ impl Server {
     /// Serves with a complete config file.
     pub fn start_with_config(toml: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("wisp.toml");
-        std::fs::write(&config, toml).expect("write config");
+        std::fs::write(dir.path().join("wisp.toml"), toml).expect("write config");
+        let (url, child) = Self::spawn(dir.path());
+        let server = Server { url, child, _dir: dir };
+        server.wait_ready();
+        server
+    }
+
+    /// Kills the process with SIGKILL (no shutdown of any kind) and starts it again in the
+    /// same directory with the same config (and so the same SQLite file).
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().expect("kill -9 wisp");
+        self.child.wait().expect("reap wisp");
+        let (url, child) = Self::spawn(self._dir.path());
+        (self.url, self.child) = (url, child);
+        self.wait_ready();
+    }
+
+    fn spawn(dir: &std::path::Path) -> (String, Child) {
+        let config = dir.join("wisp.toml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_wisp"))
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -62,9 +79,7 @@ impl Server {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let server = Server { url, child, _dir: dir };
-        server.wait_ready();
-        server
+        (url, child)
     }
 
     fn wait_ready(&self) {

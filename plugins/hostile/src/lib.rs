@@ -1,14 +1,18 @@
 //! hostile: a test fixture that misbehaves on purpose, so tests can show the host survives
-//! it. `config = { mode = "loop" | "memory" | "trap" | "big-output" | "kv-loop", hook = "request" | "chunk" }`.
+//! it. `config = { mode = "loop" | "memory" | "trap" | "big-output" | "kv-loop", hook = "request" | "chunk" }`,
+//! or `config = { mode = "inject", text = "…" }`: appends `text` to every reply (markup a
+//! client must render safely, e.g. a `<script>` tag).
 
 use serde::Deserialize;
-use wisp_sdk::{ChunkResult, Policy, Request, Verdict, kv};
+use wisp_sdk::{ChunkResult, Finish, Policy, Request, Verdict, kv};
 
 #[derive(Deserialize)]
 struct Config {
     mode: String,
     #[serde(default = "request_hook")]
     hook: String,
+    #[serde(default)]
+    text: String,
 }
 
 fn request_hook() -> String {
@@ -62,6 +66,13 @@ impl Policy for Hostile {
             return ChunkResult { emit: self.misbehave(), stop: false };
         }
         ChunkResult { emit: text.to_string(), stop: false }
+    }
+
+    fn on_finish(&mut self, _finish: &Finish) -> String {
+        match self.config.mode.as_str() {
+            "inject" => self.config.text.clone(),
+            _ => String::new(),
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! `wisp:policy/kv`: the plugin's key-value space, namespaced by plugin name. Guest-chosen
 //! sizes are checked before anything is stored; a violation traps the plugin.
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::policy::PluginState;
 use crate::policy::bindings::wisp::policy::kv::Host;
-use crate::policy::limits::{MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
+use crate::policy::limits::{KV_CALL_TIMEOUT, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
 
 impl PluginState {
     fn kv_key(&self, key: &str) -> wasmtime::Result<String> {
@@ -27,24 +28,26 @@ fn ttl(ms: Option<u64>) -> Option<Duration> {
     ms.map(Duration::from_millis)
 }
 
+/// A backend call, bounded: a store that hangs traps the plugin instead of the request.
+async fn bounded<T>(call: impl Future<Output = anyhow::Result<T>>) -> wasmtime::Result<T> {
+    match tokio::time::timeout(KV_CALL_TIMEOUT, call).await {
+        Ok(result) => result.map_err(|e| wasmtime::format_err!("kv: {e:#}")),
+        Err(_) => wasmtime::bail!("kv: the backend did not answer within {KV_CALL_TIMEOUT:?}"),
+    }
+}
+
 impl Host for PluginState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        Ok(self.kv.get(&self.kv_key(&key)?))
+        bounded(self.kv.get(&self.kv_key(&key)?)).await
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
         check_value(&value)?;
-        if !self.kv.set(&self.kv_key(&key)?, value, ttl(ttl_ms)) {
-            wasmtime::bail!("the kv space is full");
-        }
-        Ok(())
+        bounded(self.kv.set(&self.kv_key(&key)?, value, ttl(ttl_ms))).await
     }
 
     async fn incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
-        match self.kv.incr(&self.kv_key(&key)?, delta, ttl(ttl_ms)) {
-            Some(n) => Ok(n),
-            None => wasmtime::bail!("kv incr on `{key}` failed: not an integer, or the kv space is full"),
-        }
+        bounded(self.kv.incr(&self.kv_key(&key)?, delta, ttl(ttl_ms))).await
     }
 
     async fn compare_and_swap(
@@ -55,6 +58,6 @@ impl Host for PluginState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<bool> {
         check_value(&new)?;
-        Ok(self.kv.compare_and_swap(&self.kv_key(&key)?, expected.as_deref(), new, ttl(ttl_ms)))
+        bounded(self.kv.compare_and_swap(&self.kv_key(&key)?, expected.as_deref(), new, ttl(ttl_ms))).await
     }
 }

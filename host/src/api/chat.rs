@@ -1,0 +1,340 @@
+//! A chat request from any transport (HTTP, SSE, WebSocket) to a scheduled generation:
+//! parse, resolve the model, load and prune the session's history, tokenize, run the
+//! plugin chain, check the session's owner, schedule. The transports only frame what
+//! [`start_chat`] returns, so governance and sessions are the same on all of them.
+
+use std::sync::Arc;
+
+use salvo::prelude::*;
+
+use super::error::ApiError;
+use super::openai::{Endpoint, ResponseMeta};
+use super::types::{self, ValidParams};
+use super::{AppState, Governed, Output, apply_sampling, blocking, decide, generate_request};
+use crate::engine::LoadedModel;
+use crate::engine::template::TemplateMessage;
+use crate::policy;
+use crate::store::{ANONYMOUS, Session, SessionStore, Turn, TurnUsage};
+
+/// Request headers plugins may see (an auth plugin needs the key; nothing else leaks).
+const POLICY_HEADERS: &[&str] = &["authorization", "x-api-key", "user-agent", "x-request-id", "x-forwarded-for"];
+
+/// Who is calling, as the transport knows it: what plugins may see of the request.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub headers: Vec<policy::Header>,
+    pub client_addr: String,
+}
+
+impl Caller {
+    pub fn from_request(req: &Request) -> Caller {
+        let headers = POLICY_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = req.headers().get(*name)?.to_str().ok()?;
+                Some(policy::Header { name: name.to_string(), value: value.to_string() })
+            })
+            .collect();
+        let client_addr = req.remote_addr().clone().into_std().map(|a| a.ip().to_string()).unwrap_or_default();
+        Caller { headers, client_addr }
+    }
+
+    /// The same caller presenting `key` as a bearer token (WebSocket frames carry the key,
+    /// since browsers cannot set headers on a WebSocket).
+    pub fn with_api_key(&self, key: &str) -> Caller {
+        let mut caller = self.clone();
+        caller.headers.retain(|h| h.name != "authorization");
+        caller.headers.push(policy::Header { name: "authorization".into(), value: format!("Bearer {key}") });
+        caller
+    }
+
+    /// The request as plugins see it.
+    pub fn policy_request(
+        &self,
+        route: &str,
+        model: &str,
+        messages: &[TemplateMessage],
+        params: Option<&ValidParams>,
+        prompt_tokens: usize,
+    ) -> policy::Request {
+        policy::Request {
+            route: route.to_string(),
+            model: model.to_string(),
+            messages: messages.iter().map(|m| policy::Message { role: m.role.clone(), content: m.content.clone() }).collect(),
+            sampling: match params {
+                Some(params) => policy::Sampling {
+                    temperature: params.sampling.temperature,
+                    top_p: params.sampling.top_p,
+                    max_tokens: params.max_tokens.map(|n| n.min(u32::MAX as usize) as u32),
+                    stop: params.stop.clone(),
+                },
+                None => policy::Sampling { temperature: 1.0, top_p: 1.0, max_tokens: None, stop: Vec::new() },
+            },
+            principal: None,
+            headers: self.headers.clone(),
+            client_addr: self.client_addr.clone(),
+            prompt_tokens: prompt_tokens.min(u32::MAX as usize) as u32,
+        }
+    }
+
+    /// The principal for a request that generates nothing (the sessions routes): the chain
+    /// runs `on-request` with no messages, so auth and rate limits apply as to chat.
+    pub async fn identify(&self, state: &AppState, route: &str) -> Result<String, ApiError> {
+        let mut session = state.policies.current().start().await?;
+        if session.is_empty() {
+            return Ok(ANONYMOUS.to_string());
+        }
+        let request = self.policy_request(route, state.registry.default_id(), &[], None, 0);
+        let allowed = decide(&mut session, request).await?;
+        session.finish(policy::Finish { reason: "stop".into(), usage: policy::Usage { prompt_tokens: 0, completion_tokens: 0 } }).await?;
+        Ok(principal_of(&allowed))
+    }
+}
+
+fn principal_of(request: &policy::Request) -> String {
+    request.principal.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| ANONYMOUS.to_string())
+}
+
+/// A scheduled chat generation, for a transport to frame.
+pub struct Generation {
+    pub meta: ResponseMeta,
+    pub output: Output,
+    pub stream: bool,
+    pub model: String,
+    /// Set for a session turn.
+    pub session: Option<SessionTurnInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionTurnInfo {
+    pub id: String,
+    /// History messages left out to fit the context.
+    pub pruned_messages: usize,
+}
+
+/// A session's history with the new messages, pruned to fit.
+struct Conversation {
+    messages: Vec<TemplateMessage>,
+    prompt: Vec<u32>,
+    pruned: usize,
+}
+
+pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Result<Generation, ApiError> {
+    let (request, sampling) = types::parse_request::<types::ChatCompletionRequest>(body)?;
+    let session = match &request.session_id {
+        Some(id) => Some(state.store.find(id).await.map_err(ApiError::from)?),
+        None => None,
+    };
+    let model_id = request.model.clone().or_else(|| session.as_ref().map(|s| s.model.clone()));
+    let model = state.model(model_id.as_deref()).await?;
+    let mut valid = types::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let new_messages = valid.messages.clone();
+    let conversation = match &session {
+        Some(session) => {
+            for (i, m) in new_messages.iter().enumerate() {
+                state.store.check_message(&m.content, "messages").map_err(|e| ApiError::from(e).with_param(format!("messages[{i}].content")))?;
+            }
+            let reserve = valid.params.max_tokens.unwrap_or(state.config.limits.default_max_tokens);
+            session_conversation(&state.store, &model, session, new_messages.clone(), reserve).await?
+        }
+        None => {
+            let prompt = encode_chat(&model, valid.messages.clone()).await?;
+            Conversation { messages: valid.messages.clone(), prompt, pruned: 0 }
+        }
+    };
+    valid.messages = conversation.messages;
+    let mut prompt = conversation.prompt;
+    let mut principal = ANONYMOUS.to_string();
+    let governed = match state.policies.current().start().await? {
+        s if s.is_empty() => None,
+        mut policies => {
+            let request = caller.policy_request("chat", &model.id, &valid.messages, Some(&valid.params), prompt.len());
+            let allowed = decide(&mut policies, request).await?;
+            principal = principal_of(&allowed);
+            if allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(valid.messages.iter().map(|m| (&m.role, &m.content))) {
+                valid.messages = allowed.messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
+                prompt = encode_chat(&model, valid.messages.clone()).await?;
+            }
+            apply_sampling(&mut valid.params, allowed.sampling);
+            Some(policies)
+        }
+    };
+    // Only now is the principal known; someone else's session is "not found", the same
+    // answer as for an id that never existed.
+    if let Some(session) = &session
+        && session.principal != principal
+    {
+        return Err(crate::store::StoreError::NotFound(session.id.clone()).into());
+    }
+    let job = generate_request(&model, prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
+    let prompt_tokens = job.prompt.len();
+    let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
+    let governed = governed.map(|session| Governed { session, prompt_tokens, generated: 0 });
+    let turn = session.as_ref().map(|s| {
+        let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+        TurnRecord::new(state.store.clone(), s.id.clone(), new_messages, prompt_tokens)
+    });
+    let stream = model.schedule(job)?;
+    Ok(Generation {
+        meta,
+        output: Output::new(stream, governed, turn, prompt_tokens),
+        stream: valid.params.stream,
+        model: model.id.clone(),
+        session: session.map(|s| SessionTurnInfo { id: s.id, pruned_messages: conversation.pruned }),
+    })
+}
+
+/// Renders and tokenizes a conversation off the async executor.
+pub async fn encode_chat(model: &Arc<LoadedModel>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+    let model = model.clone();
+    blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await?
+}
+
+/// The session's system prompt, its history and the new messages, leaving out the oldest
+/// whole turns until the prompt and `reserve` completion tokens fit the context. The system
+/// prompt and the new messages are always kept.
+async fn session_conversation(
+    store: &SessionStore,
+    model: &Arc<LoadedModel>,
+    session: &Session,
+    new_messages: Vec<TemplateMessage>,
+    reserve: usize,
+) -> Result<Conversation, ApiError> {
+    if let Some(i) = new_messages.iter().position(|m| m.role == "system") {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].role"),
+            "a session keeps its system prompt on the session; set it with PATCH /v1/sessions/{id}",
+        ));
+    }
+    let history: Vec<TemplateMessage> = store
+        .messages(session)
+        .await?
+        .into_iter()
+        .map(|m| TemplateMessage { role: m.role, content: m.content })
+        .collect();
+    if new_messages.is_empty() && history.last().is_none_or(|m| m.role != "user") {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` may be empty only to answer the session's last user message (regenerate); send a new user message",
+        ));
+    }
+    let system: Vec<TemplateMessage> =
+        session.system_prompt.iter().map(|p| TemplateMessage { role: "system".into(), content: p.clone() }).collect();
+    let context = model.context_length;
+    let budget = context.saturating_sub(reserve.min(context / 2));
+    let model = model.clone();
+    blocking(move || -> Result<Conversation, ApiError> {
+        // Cut points: drop everything before a user message (Gemma-style templates need the
+        // roles to alternate from a user turn), or all of the history.
+        let cuts: Vec<usize> =
+            (0..history.len()).filter(|&i| history[i].role == "user").chain(std::iter::once(history.len())).collect();
+        let build = |cut: usize| -> Result<(Vec<TemplateMessage>, Vec<u32>), ApiError> {
+            let messages: Vec<TemplateMessage> =
+                system.iter().chain(&history[cut..]).chain(&new_messages).cloned().collect();
+            let prompt = model.encode(&model.render_chat(&messages)?, false);
+            Ok((messages, prompt))
+        };
+        // Fewer messages never make more tokens: binary search for the first cut that fits.
+        let (mut lo, mut hi) = (0, cuts.len() - 1);
+        let mut best = None;
+        while lo <= hi {
+            let mid = (lo + hi) / 2;
+            let (messages, prompt) = build(cuts[mid])?;
+            if prompt.len() <= budget {
+                best = Some((cuts[mid], messages, prompt));
+                if mid == 0 {
+                    break;
+                }
+                hi = mid - 1;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        match best {
+            Some((cut, messages, prompt)) => Ok(Conversation { messages, prompt, pruned: cut }),
+            None => {
+                let (_, prompt) = build(history.len())?;
+                Err(ApiError::invalid_code(
+                    Some("messages"),
+                    "context_length_exceeded",
+                    format!(
+                        "This model's maximum context length is {context} tokens. The system prompt and the new messages \
+                         alone take {} tokens, and {} are kept for the reply.",
+                        prompt.len(),
+                        context - budget
+                    ),
+                ))
+            }
+        }
+    })
+    .await?
+}
+
+/// The reply of a session turn as it streams; written to the store, whole, when the reply
+/// ends (finished, stopped, failed or cancelled).
+pub struct TurnRecord {
+    store: Arc<SessionStore>,
+    session_id: String,
+    new_messages: Vec<(String, String)>,
+    reply: String,
+    prompt_tokens: usize,
+    generated: usize,
+    written: bool,
+}
+
+
+impl TurnRecord {
+    fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>, prompt_tokens: usize) -> TurnRecord {
+        TurnRecord { store, session_id, new_messages, reply: String::new(), prompt_tokens, generated: 0, written: false }
+    }
+
+    /// Text released at the end (no token of its own).
+    pub fn push(&mut self, text: &str) {
+        self.reply.push_str(text);
+    }
+
+    pub fn push_token(&mut self, text: &str) {
+        self.generated += 1;
+        self.reply.push_str(text);
+    }
+
+    fn turn(&mut self, finish_reason: &str, completion_tokens: Option<usize>) -> Turn {
+        self.written = true;
+        Turn {
+            new_messages: std::mem::take(&mut self.new_messages),
+            reply: std::mem::take(&mut self.reply),
+            finish_reason: finish_reason.to_string(),
+            usage: TurnUsage {
+                prompt_tokens: self.prompt_tokens as i64,
+                completion_tokens: completion_tokens.unwrap_or(self.generated) as i64,
+            },
+        }
+    }
+
+    /// Writes the turn; the client hears the end only after it is stored.
+    pub async fn write(&mut self, finish_reason: &str, completion_tokens: Option<usize>) -> Result<(), ApiError> {
+        if self.written {
+            return Ok(());
+        }
+        let turn = self.turn(finish_reason, completion_tokens);
+        self.store.append_turn(&self.session_id, &turn).await?;
+        Ok(())
+    }
+}
+
+impl Drop for TurnRecord {
+    /// A client that hangs up mid-reply: the partial reply is kept, marked `cancelled`.
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let turn = self.turn("cancelled", None);
+        let (store, id) = (self.store.clone(), self.session_id.clone());
+        runtime.spawn(async move {
+            if let Err(e) = store.append_turn(&id, &turn).await {
+                tracing::error!(session = %id, error = %e, "storing a cancelled turn failed");
+            }
+        });
+    }
+}
