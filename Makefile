@@ -6,16 +6,16 @@
 
 CARGO ?= cargo
 
-.PHONY: run test build model plugins test-deps bench
+.PHONY: run test build model plugins web test-deps bench
 
 # Serves ./wisp.toml: the default model and the default plugins.
-run: model plugins build
+run: model plugins web build
 	./target/release/wisp serve
 
 build:
 	$(CARGO) build --release --bin wisp
 
-test: model plugins test-deps
+test: model plugins web test-deps
 	scripts/test.sh
 
 model:
@@ -24,6 +24,10 @@ model:
 # The built-in governance plugins, as components in plugins/dist/.
 plugins:
 	scripts/build-plugins.sh
+
+# The web chat, built into web/dist and embedded in the binary.
+web:
+	scripts/build-web.sh
 
 test-deps:
 	scripts/setup-test-deps.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides Rust: cargo-nextest if absent, the official OpenAI
-# SDKs (Python in .venv/, JavaScript in host/tests/sdk/node_modules). Idempotent.
+# SDKs (Python in .venv/, JavaScript in host/tests/sdk/node_modules), and Chromium for the
+# web chat's browser tests. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +19,13 @@ fi
 if [ ! -d host/tests/sdk/node_modules/openai ]; then
   echo "setup: installing the openai JavaScript SDK"
   (cd host/tests/sdk && npm ci --no-audit --no-fund --silent)
+fi
+
+# The browser tests drive Debian's Chromium with playwright-core (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing Debian's chromium"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+    || { $SUDO apt-get update >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }
 fi

@@ -9,6 +9,7 @@ pub mod error;
 pub mod openai;
 pub mod sessions;
 pub mod types;
+pub mod web;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -69,7 +70,9 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .hoop(admin_auth)
                 .push(Router::with_path("plugins").get(list_plugins))
                 .push(Router::with_path("plugins/reload").post(reload_plugins)),
-        );
+        )
+        .get(web::index)
+        .push(web::assets());
     Service::new(router).catcher(Catcher::default().hoop(error::catch_errors))
 }
 
@@ -87,6 +90,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         "/v1/chat/ws" => "chat_ws",
+        "/" | "/app.js" | "/style.css" | "/favicon.svg" => "web",
         "/admin/plugins" | "/admin/plugins/reload" => "admin",
         p if p.starts_with("/v1/models/") => "model",
         p if p.starts_with("/v1/sessions") => "sessions",

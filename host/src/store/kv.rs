@@ -230,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn redis_kv_keeps_the_contract() {
-        let url = std::env::var("WISP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url = std::env::var("WISPTEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let kv = RedisKv::connect(&url, &format!("wisp-test-{}:", uuid::Uuid::new_v4().simple())).await.unwrap();
         check_contract(&kv, "t").await;
     }

@@ -468,7 +468,7 @@ fn session_from_row(row: &AnyRow) -> Result<Session, StoreError> {
 pub mod testing {
     /// The server tests use; CI runs Postgres on 127.0.0.1:5432 with trust auth.
     pub fn postgres_admin_url() -> String {
-        std::env::var("WISP_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+        std::env::var("WISPTEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
     }
 
     pub struct TestDatabase {
@@ -481,7 +481,7 @@ pub mod testing {
             use sqlx::Connection;
             let admin = postgres_admin_url();
             let name = format!("wisp_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("Postgres for tests (WISP_TEST_POSTGRES_URL)");
+            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("Postgres for tests (WISPTEST_POSTGRES_URL)");
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create test database");
             let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin);
             TestDatabase { url: format!("{base}/{name}"), name }
