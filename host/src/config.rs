@@ -108,11 +108,26 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Origins allowed by CORS; empty disables CORS headers, `["*"]` allows any.
     pub cors_origins: Vec<String>,
+    /// After SIGTERM: in-flight requests and streams may run this long, then streams end
+    /// with a `server_shutting_down` error.
+    pub shutdown_grace_seconds: u64,
+    /// Longest a non-generating request (models, sessions, admin) may take.
+    pub timeout_seconds: u64,
+    /// Longest a generation may take until its response starts (a whole non-streamed
+    /// reply; a stream's first byte).
+    pub generation_timeout_seconds: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 4 * 1024 * 1024, cors_origins: Vec::new() }
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            cors_origins: Vec::new(),
+            shutdown_grace_seconds: 30,
+            timeout_seconds: 30,
+            generation_timeout_seconds: 600,
+        }
     }
 }
 
@@ -299,6 +314,16 @@ impl Config {
         self.listen_addr()?;
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        for (name, value) in [("timeout_seconds", self.server.timeout_seconds), ("generation_timeout_seconds", self.server.generation_timeout_seconds)] {
+            if value == 0 {
+                return Err(invalid(format!("server.{name}"), "must be at least 1"));
+            }
+        }
+        for origin in &self.server.cors_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(invalid("server.cors_origins", format!("`{origin}` is neither `*` nor an http(s) origin")));
+            }
         }
         let mut ids = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {

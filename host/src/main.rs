@@ -1,4 +1,4 @@
-//! The `wisp` command: `serve`, `config check`, `bench`.
+//! The `wisp` command: `serve`, `config check`, `bench`, `plugin`, `probe`.
 
 use std::path::PathBuf;
 
@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: wisp::plugin_cli::PluginCommand,
     },
+    /// Exit 0 if `GET URL` answers 2xx within 3 s (container health checks; no curl needed).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:8080/health")]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,5 +75,30 @@ fn main() -> anyhow::Result<()> {
         },
         Command::Bench(args) => wisp::bench::run(args),
         Command::Plugin { command } => wisp::plugin_cli::run(command),
+        Command::Probe { url } => match probe(&url) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("{url}: {e:#}");
+                std::process::exit(1);
+            }
+        },
     }
+}
+
+/// A plain HTTP/1.0 GET of an `http://host:port/path` URL.
+fn probe(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let addr = authority.to_socket_addrs()?.next().context("the host does not resolve")?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut head = [0u8; 16];
+    let n = stream.read(&mut head)?;
+    let status = std::str::from_utf8(&head[..n]).ok().and_then(|h| h.split(' ').nth(1)).unwrap_or("");
+    anyhow::ensure!(status.starts_with('2'), "answered `{}`", String::from_utf8_lossy(&head[..n]).trim());
+    Ok(())
 }

@@ -3,7 +3,10 @@
 //! serves, and shuts down gracefully on SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use anyhow::Context;
 use salvo::conn::{Acceptor, TcpListener};
@@ -19,8 +22,51 @@ use crate::store::SessionStore;
 use crate::store::kv::{RedisKv, SqlKv};
 use crate::telemetry::Metrics;
 
-/// How long in-flight requests may run after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// After the grace period, the time streams get to send their closing error and hang up.
+const SHUTDOWN_LAST_WORDS: Duration = Duration::from_secs(5);
+
+/// Shutdown as handlers see it: `draining` from the signal on (readiness fails, new
+/// connections are refused), `ended` once the grace period is over (open streams end with
+/// a clear error instead of being cut).
+#[derive(Clone)]
+pub struct Shutdown {
+    draining: Arc<AtomicBool>,
+    ended: watch::Receiver<bool>,
+}
+
+/// The server's side of [`Shutdown`].
+pub struct ShutdownTrigger {
+    draining: Arc<AtomicBool>,
+    ended: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let draining = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { draining: draining.clone(), ended: tx }, Shutdown { draining, ended: rx })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the grace period is over (never, while serving normally).
+    pub async fn ended(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+}
+
+impl ShutdownTrigger {
+    fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        let _ = self.ended.send(true);
+    }
+}
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = config.listen_addr()?;
@@ -57,7 +103,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     tracing::info!(plugins = ?policies.current().info().iter().map(|p| p.name.clone()).collect::<Vec<_>>(), "policy chain loaded");
-    let state = Arc::new(AppState { config: config.clone(), registry, metrics, policies, store });
+    let (trigger, shutdown) = Shutdown::new();
+    let state = Arc::new(AppState { config: config.clone(), registry, metrics, policies, store, shutdown });
     let acceptor = TcpListener::new(addr).try_bind().await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = acceptor.holdings().first().map(|h| h.local_addr.to_string()).unwrap_or_else(|| addr.to_string());
     let local = local.trim_start_matches("socket://");
@@ -66,10 +113,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(address = %local, default_model = %config.default_model().id, "serving");
     let server = Server::new(acceptor);
     let handle = server.handle();
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!(grace_seconds = SHUTDOWN_GRACE.as_secs(), "shutting down");
-        handle.stop_graceful(Some(SHUTDOWN_GRACE));
+        tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new connections, in-flight requests may finish");
+        trigger.drain();
+        handle.stop_graceful(Some(grace + SHUTDOWN_LAST_WORDS));
+        tokio::time::sleep(grace).await;
+        tracing::warn!("grace period over: ending open streams");
+        trigger.end();
     });
     server.serve(api::service(state)).await;
     Ok(())

@@ -11,10 +11,17 @@ use prometheus::{
 use crate::config::{LogFormat, TelemetryConfig};
 
 /// Installs the global tracing subscriber. `RUST_LOG` wins over the configured level.
+/// Closing spans are logged with their duration: per request `queue`, `prefill`, `decode`
+/// (info) and each plugin hook (debug), all inside the `request` span with its id. Prompts,
+/// replies and keys are never fields of any span or event.
 pub fn init_tracing(config: &TelemetryConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE);
     let _ = match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -77,6 +77,26 @@ impl ApiError {
         Self::new(status, "invalid_request_error", Some(code), message)
     }
 
+    /// The server is stopping: a stream still open when the grace period ends.
+    pub fn shutting_down() -> ApiError {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("server_shutting_down"),
+            "The server is shutting down; the reply was cut. Retry on another replica.",
+        )
+    }
+
+    /// A request ran past its route's time limit.
+    pub fn timed_out(seconds: u64) -> ApiError {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("request_timeout"),
+            format!("The request took longer than this route's limit of {seconds} s"),
+        )
+    }
+
     pub fn not_ready(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), message)
     }
@@ -172,8 +192,13 @@ impl From<TemplateError> for ApiError {
     }
 }
 
+/// The error code of a response, for the errors metric (the `track` hoop reads it).
+#[derive(Debug, Clone)]
+pub struct ErrorLabel(pub String);
+
 impl Scribe for ApiError {
     fn render(self, res: &mut Response) {
+        res.extensions.insert(ErrorLabel(self.metric_type().to_string()));
         res.status_code(self.status);
         res.render(Json(self.body()));
     }

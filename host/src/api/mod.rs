@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use tracing::Instrument;
 use salvo::affix_state;
 use salvo::catcher::Catcher;
-use salvo::http::StatusCode;
+use salvo::http::{Method, StatusCode};
 use salvo::prelude::*;
 use salvo::sse::{self, SseEvent};
 use serde_json::json;
@@ -28,6 +29,7 @@ use crate::config::Config;
 use crate::engine::template::TemplateMessage;
 use crate::engine::{FinishReason, GenerateRequest, LoadedModel, Registry, StreamEvent, TokenStream};
 use crate::policy::{self, Decision, PolicyManager, PolicySession};
+use crate::server::Shutdown;
 use crate::store::SessionStore;
 use crate::telemetry::Metrics;
 use chat::{Caller, Generation, TurnRecord};
@@ -42,38 +44,79 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub policies: Arc<PolicyManager>,
     pub store: Arc<SessionStore>,
+    pub shutdown: Shutdown,
 }
 
 /// Legacy completions default to 16 new tokens when `max_tokens` is absent (OpenAI's
 /// documented default).
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
-/// The salvo service: routes, shared state, metrics and the OpenAI-shaped catcher.
+/// The salvo service: routes, shared state, metrics, request ids, time limits, CORS and
+/// the OpenAI-shaped catcher.
 pub fn service(state: Arc<AppState>) -> Service {
+    let server = &state.config.server;
+    let quick = Deadline(server.timeout_seconds);
+    let generation = Deadline(server.generation_timeout_seconds);
     let router = Router::new()
-        .hoop(affix_state::inject(state))
+        .hoop(affix_state::inject(state.clone()))
         .hoop(track)
         .push(Router::with_path("health").get(health))
         .push(Router::with_path("ready").get(ready))
         .push(Router::with_path("metrics").get(metrics))
         .push(
             Router::with_path("v1")
-                .push(Router::with_path("models").get(list_models))
-                .push(Router::with_path("models/{**id}").get(get_model))
-                .push(Router::with_path("chat/completions").post(chat_completions))
+                .push(Router::with_path("models").hoop(quick).get(list_models))
+                .push(Router::with_path("models/{**id}").hoop(quick).get(get_model))
+                .push(Router::with_path("chat/completions").hoop(generation).post(chat_completions))
                 .push(Router::with_path("chat/ws").goal(ws::chat_socket))
-                .push(Router::with_path("completions").post(completions))
-                .push(sessions::router()),
+                .push(Router::with_path("completions").hoop(generation).post(completions))
+                .push(sessions::router().hoop(quick)),
         )
         .push(
             Router::with_path("admin")
+                .hoop(quick)
                 .hoop(admin_auth)
                 .push(Router::with_path("plugins").get(list_plugins))
                 .push(Router::with_path("plugins/reload").post(reload_plugins)),
         )
         .get(web::index)
         .push(web::assets());
-    Service::new(router).catcher(Catcher::default().hoop(error::catch_errors))
+    let mut service = Service::new(router).catcher(Catcher::default().hoop(error::catch_errors));
+    if !server.cors_origins.is_empty() {
+        service = service.hoop(cors(&server.cors_origins));
+    }
+    service
+}
+
+/// CORS for the configured origins (`*` for any); preflights are answered for every route.
+fn cors(origins: &[String]) -> salvo::cors::CorsHandler {
+    use salvo::cors::{AllowHeaders, AllowOrigin, Cors};
+    let origin = match origins.iter().any(|o| o == "*") {
+        true => AllowOrigin::any(),
+        false => AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok())),
+    };
+    Cors::new()
+        .allow_origin(origin)
+        .allow_methods(vec![Method::GET, Method::POST, Method::PATCH, Method::DELETE, Method::OPTIONS])
+        .allow_headers(AllowHeaders::list(["authorization", "content-type", "x-api-key", "x-request-id"].map(|h| h.parse().expect("a valid header name"))))
+        .expose_headers(["x-request-id", "x-wisp-session-id", "x-wisp-pruned-messages"].map(|h| h.parse().expect("a valid header name")))
+        .max_age(600)
+        .into_handler()
+}
+
+/// A route's time limit: past it the request ends with a 503 `request_timeout`.
+#[derive(Clone, Copy)]
+struct Deadline(u64);
+
+#[async_trait::async_trait]
+impl Handler for Deadline {
+    async fn handle(&self, req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+        let limit = std::time::Duration::from_secs(self.0);
+        if tokio::time::timeout(limit, ctrl.call_next(req, depot, res)).await.is_err() {
+            ctrl.skip_rest();
+            ApiError::timed_out(self.0).render(res);
+        }
+    }
 }
 
 fn state(depot: &Depot) -> Arc<AppState> {
@@ -98,16 +141,39 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
-/// Counts requests by route and status and times them (to the response head for streams).
+/// The longest accepted incoming `x-request-id`.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The caller's `x-request-id` when it is a sane token, else a new one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+        .filter(|id| id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// Per request: an id (echoed as `x-request-id`, on every log line through the `request`
+/// span, handed to the engine's spans), counts by route and status, errors by code, and
+/// the time to the response head (streams continue after it).
 #[handler]
 async fn track(req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
     let started = Instant::now();
     let route = route_label(req.uri().path());
-    ctrl.call_next(req, depot, res).await;
+    let id = request_id(req);
+    res.add_header("x-request-id", &id, true).ok();
+    let span = tracing::info_span!("request", id = %id, route, method = %req.method());
+    ctrl.call_next(req, depot, res).instrument(span.clone()).await;
     let state = state(depot);
     let status = res.status_code.unwrap_or(StatusCode::OK);
     state.metrics.requests.with_label_values(&[route, status.as_str()]).inc();
     state.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    if let Some(error::ErrorLabel(code)) = res.extensions.get::<error::ErrorLabel>() {
+        state.metrics.errors.with_label_values(&[code]).inc();
+    }
+    span.in_scope(|| tracing::info!(status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "response"));
 }
 
 #[handler]
@@ -120,6 +186,9 @@ async fn health(res: &mut Response) {
 #[handler]
 async fn ready(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let state = state(depot);
+    if state.shutdown.is_draining() {
+        return Err(ApiError::not_ready("the server is shutting down"));
+    }
     if !state.registry.is_ready() {
         return Err(ApiError::not_ready(format!("the default model `{}` is still loading", state.registry.default_id())));
     }
@@ -163,7 +232,7 @@ async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Respon
         res.add_header("x-wisp-pruned-messages", session.pruned_messages.to_string(), true).ok();
     }
     let Generation { meta, output, stream, session, .. } = generation;
-    respond(res, meta, output, stream, None, session).await
+    respond(res, &state, meta, output, stream, None, session).await
 }
 
 #[handler]
@@ -205,7 +274,7 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
     let stream = model.schedule(job)?;
     let echo = valid.echo.then_some(prompt_text);
     let output = Output::new(stream, governed, None, prompt_tokens);
-    respond(res, meta, output, valid.params.stream, echo, None).await
+    respond(res, &state, meta, output, valid.params.stream, echo, None).await
 }
 
 /// Runs the chain's `on-request`; a denial becomes the response.
@@ -373,6 +442,15 @@ impl Output {
         Ok(Some((events, done)))
     }
 
+    /// [`Output::next`], or the `server_shutting_down` error once the shutdown grace
+    /// period is over.
+    pub async fn next_before(&mut self, shutdown: &Shutdown) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
+        tokio::select! {
+            next = self.next() => next,
+            () = shutdown.ended() => Err(ApiError::shutting_down()),
+        }
+    }
+
     /// Stops the generation at the client's request: the engine's stream is dropped (which
     /// cancels it), plugins hear `on-finish` with reason `cancelled`, a session keeps the
     /// partial reply. Returns the text plugins released at the end and the usage so far.
@@ -440,12 +518,14 @@ fn generate_request(
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         received: Instant::now(),
+        span: tracing::Span::current(),
     })
 }
 
 /// Sends the generation as SSE or as one JSON response.
 async fn respond(
     res: &mut Response,
+    state: &AppState,
     meta: ResponseMeta,
     mut output: Output,
     streaming: bool,
@@ -454,7 +534,7 @@ async fn respond(
 ) -> Result<(), ApiError> {
     if !streaming {
         let mut collector = Collector::new(meta, echo.as_deref());
-        while let Some((events, done)) = output.next().await? {
+        while let Some((events, done)) = output.next_before(&state.shutdown).await? {
             for event in events {
                 collector.push(event)?;
             }
@@ -474,16 +554,20 @@ async fn respond(
     let first = framer.start(echo.as_deref());
     // Dropping this stream (client gone) drops the engine's stream, which cancels the
     // generation; a plugin's stop ends it the same way.
-    let events = futures_util::stream::unfold((output, framer), |(mut output, mut framer)| async move {
+    let shutdown = state.shutdown.clone();
+    let events = futures_util::stream::unfold((output, framer), move |(mut output, mut framer)| {
+        let shutdown = shutdown.clone();
+        async move {
         if framer.is_done() {
             return None;
         }
-        let payloads = match output.next().await {
+        let payloads = match output.next_before(&shutdown).await {
             Ok(Some((events, _))) => events.into_iter().flat_map(|e| framer.push(e)).collect(),
             Ok(None) => framer.error(&ApiError::engine_failure("the engine ended the stream without finishing".into())),
             Err(e) => framer.error(&e),
         };
         Some((payloads, (output, framer)))
+        }
     });
     let events = futures_util::stream::iter([first])
         .chain(events)

@@ -21,6 +21,7 @@
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
+use tracing::Instrument;
 use salvo::prelude::*;
 use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
 use serde::Deserialize;
@@ -30,6 +31,7 @@ use super::chat::{Caller, Generation, start_chat};
 use super::error::ApiError;
 use super::{AppState, Output, state};
 use crate::engine::StreamEvent;
+use crate::server::Shutdown;
 
 #[handler]
 pub async fn chat_socket(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), StatusError> {
@@ -96,7 +98,7 @@ impl Socket {
                     // the partial reply as `cancelled`).
                     Some(Err(_)) | None => break,
                 },
-                frames = Self::next_event(&mut self.running) => frames,
+                frames = Self::next_event(&mut self.running, &self.state.shutdown) => frames,
             };
             for frame in frames {
                 if tx.send(Message::text(frame.to_string())).await.is_err() {
@@ -107,10 +109,10 @@ impl Socket {
     }
 
     /// The frames for the running generation's next engine events; pending while idle.
-    async fn next_event(running: &mut Option<Running>) -> Vec<Value> {
+    async fn next_event(running: &mut Option<Running>, shutdown: &Shutdown) -> Vec<Value> {
         let Some(run) = running.as_mut() else { return std::future::pending().await };
         let id = run.id.clone();
-        let (frames, over) = match run.output.next().await {
+        let (frames, over) = match run.output.next_before(shutdown).await {
             Ok(Some((events, _))) => {
                 let mut frames = Vec::new();
                 let mut over = false;
@@ -197,6 +199,7 @@ impl Socket {
 /// Starts a chat frame's request (a free function: a `&Socket` held across an await would
 /// need the running generation to be `Sync`).
 async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<Generation, ApiError> {
+    let span = tracing::info_span!("request", id = %uuid::Uuid::new_v4().simple(), route = "chat_ws");
         let Some(fields) = request.as_object_mut() else {
             return Err(ApiError::invalid_code(Some("request"), "invalid_frame", "`request` must be a chat completions body (an object)"));
         };
@@ -204,7 +207,7 @@ async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<
         fields.remove("stream");
         fields.remove("stream_options");
         let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
-        start_chat(state, caller, &body).await
+        start_chat(state, caller, &body).instrument(span).await
 }
 
 impl Socket {

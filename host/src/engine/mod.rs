@@ -55,6 +55,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// When the api accepted the request, for queue-time metrics.
     pub received: Instant,
+    /// The request's span (its id): the engine's queue, prefill and decode spans hang
+    /// under it, though they run on the model's thread.
+    pub span: tracing::Span,
 }
 
 /// Why a generation ended.

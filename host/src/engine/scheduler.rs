@@ -31,6 +31,8 @@ pub struct SchedulerConfig {
 struct Job {
     request: GenerateRequest,
     events: mpsc::UnboundedSender<StreamEvent>,
+    /// Open while the job waits; closing it logs the queue time.
+    queued: tracing::Span,
 }
 
 /// The handle the rest of the host holds; the thread stops when it is dropped.
@@ -72,7 +74,8 @@ impl Scheduler {
             return Err(EngineError::Overloaded(self.model_id.clone()));
         }
         let (events, stream) = mpsc::unbounded_channel();
-        if self.jobs.send(Job { request, events }).is_err() {
+        let queued = tracing::info_span!(parent: &request.span, "queue", model = %self.model_id);
+        if self.jobs.send(Job { request, events, queued }).is_err() {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped(self.model_id.clone()));
         }
@@ -162,7 +165,8 @@ impl Worker {
         rx: &mut mpsc::UnboundedReceiver<Job>,
         queue: &mut VecDeque<Job>,
     ) -> candle_core::Result<()> {
-        let Job { request, events } = job;
+        let Job { request, events, queued } = job;
+        drop(queued);
         if events.is_closed() {
             return Ok(());
         }
@@ -170,10 +174,9 @@ impl Worker {
         m.queue.observe(request.received.elapsed().as_secs_f64());
         m.running.inc();
         let _running = scopeguard(|| m.running.dec());
-        let span = tracing::info_span!("wisp.engine.generate", model = %self.model_id, prompt_tokens = request.prompt.len());
-        let _enter = span.enter();
-
         let prompt_tokens = request.prompt.len();
+        let prefill = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens);
+        let prefill_guard = prefill.enter();
         let mut cache = self.model.new_cache(prompt_tokens + request.max_tokens)?;
         let mut logits = None;
         for chunk in request.prompt.chunks(self.prefill_chunk) {
@@ -183,7 +186,11 @@ impl Worker {
             logits = Some(self.model.forward(chunk, &mut cache)?);
             self.drain_arrivals(rx, queue);
         }
+        drop(prefill_guard);
+        drop(prefill);
         m.prompt_tokens.inc_by(prompt_tokens as u64);
+        let decode = tracing::info_span!(parent: &request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
+        let _decode = decode.enter();
         let mut logits = logits.expect("the api never schedules an empty prompt; this is a bug").to_vec1::<f32>()?;
 
         let tokenizer = &self.tokenizer.tokenizer;
@@ -243,6 +250,7 @@ impl Worker {
                 }
             };
             if matches!(step, Step::Done) || events.is_closed() {
+                decode.record("tokens", generated);
                 return Ok(());
             }
             logits = self.model.forward(&[sampled.token], &mut cache)?.to_vec1::<f32>()?;

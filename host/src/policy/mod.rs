@@ -33,6 +33,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -493,7 +494,8 @@ impl PolicySession {
             let started = Instant::now();
             let plugin = &mut self.live[idx];
             plugin.arm();
-            let result = plugin.instance.call_on_request(&mut plugin.store, &request).await.map_err(HookFailure::from_error);
+            let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_request");
+            let result = plugin.instance.call_on_request(&mut plugin.store, &request).instrument(span).await.map_err(HookFailure::from_error);
             let result = result.and_then(|v| match &v {
                 types::Verdict::Rewrite(r) if request_bytes(r) > MAX_OUTPUT_BYTES => Err(HookFailure::output(request_bytes(r))),
                 _ => Ok(v),
@@ -533,7 +535,8 @@ impl PolicySession {
         while idx < self.live.len() {
             let plugin = &mut self.live[idx];
             plugin.arm();
-            let result = plugin.instance.call_on_finish(&mut plugin.store, &finish).await.map_err(HookFailure::from_error);
+            let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_finish");
+            let result = plugin.instance.call_on_finish(&mut plugin.store, &finish).instrument(span).await.map_err(HookFailure::from_error);
             match result.and_then(|t| if t.len() > MAX_OUTPUT_BYTES { Err(HookFailure::output(t.len())) } else { Ok(t) }) {
                 Ok(held) => {
                     if !held.is_empty() {
@@ -559,7 +562,8 @@ impl PolicySession {
             let started = Instant::now();
             let plugin = &mut self.live[idx];
             plugin.arm();
-            let result = plugin.instance.call_on_chunk(&mut plugin.store, &text).await.map_err(HookFailure::from_error);
+            let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_chunk");
+            let result = plugin.instance.call_on_chunk(&mut plugin.store, &text).instrument(span).await.map_err(HookFailure::from_error);
             self.chain.plugins[plugin.idx].metrics.on_chunk.observe(started.elapsed().as_secs_f64());
             match result.and_then(|r| if r.emit.len() > MAX_OUTPUT_BYTES { Err(HookFailure::output(r.emit.len())) } else { Ok(r) }) {
                 Ok(r) => {

@@ -36,8 +36,21 @@ impl Server {
 
     /// Serves with a complete config file.
     pub fn start_with_config(toml: &str) -> Server {
+        Self::start_in(toml, false)
+    }
+
+    /// As [`Server::start_with_config`], logging at `info` to a file that [`Server::log`]
+    /// reads.
+    pub fn start_logged(toml: &str) -> Server {
+        Self::start_in(toml, true)
+    }
+
+    fn start_in(toml: &str, logged: bool) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("wisp.toml"), toml).expect("write config");
+        if logged {
+            std::fs::write(dir.path().join("log-to-file"), "").expect("write marker");
+        }
         let (url, child) = Self::spawn(dir.path());
         let server = Server { url, child, _dir: dir };
         server.wait_ready();
@@ -56,13 +69,18 @@ impl Server {
 
     fn spawn(dir: &std::path::Path) -> (String, Child) {
         let config = dir.join("wisp.toml");
+        let logged = dir.join("log-to-file").exists();
+        let stderr = match logged {
+            true => Stdio::from(std::fs::File::create(dir.join("wisp.log")).expect("create log")),
+            false => Stdio::inherit(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_wisp"))
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .current_dir(dir)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", if logged { "info" } else { "warn" })
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn wisp");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -107,6 +125,29 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the server logged (see [`Server::start_logged`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("wisp.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 
