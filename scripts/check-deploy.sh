@@ -6,7 +6,9 @@
 # host/tests/operations.rs. Needs .venv (scripts/setup-test-deps.sh) and the wisp binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WISP="${CARGO_TARGET_DIR:-target}/release/wisp"
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$(pwd)/$target" ;; esac
+WISP="$target/release/wisp"
 
 .venv/bin/pip install --quiet --disable-pip-version-check -r docker/check/requirements.txt
 if [ ! -x docker/check/node_modules/.bin/dockerfile-utils ]; then

@@ -331,6 +331,9 @@ impl Config {
             if m.id.trim().is_empty() {
                 return Err(invalid(field("id"), "must not be empty"));
             }
+            if m.id.contains('/') {
+                return Err(invalid(field("id"), format!("`{}` must not contain `/` (it is a path segment of /v1/models/ID)", m.id)));
+            }
             if !ids.insert(m.id.as_str()) {
                 return Err(invalid(field("id"), format!("`{}` is listed twice", m.id)));
             }

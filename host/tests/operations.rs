@@ -244,3 +244,28 @@ fn sigterm_ends_a_stream_still_open_after_the_grace_period_with_an_error() {
     let status = server.wait_exit(Duration::from_secs(15)).expect("wisp exits after the grace period");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn the_examples_run_against_a_server() {
+    let server = Server::start_with_config(&model());
+    let root = workspace_root();
+    let run = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .current_dir(&root)
+            .env("WISP_URL", &server.url)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{program} {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let curl = run("bash", &["examples/curl.sh"]);
+    assert!(curl.contains("data: [DONE]") && curl.contains("\"messages\":[{"), "{curl}");
+    let python = root.join(".venv/bin/python");
+    let python = python.to_str().unwrap();
+    let sdk = run(python, &["examples/python_client.py"]);
+    assert!(sdk.contains("gemma-3-270m"), "{sdk}");
+    let ws = run(python, &["examples/ws_client.py", "Tell me a long story."]);
+    assert!(ws.contains("'type': 'pong'") && ws.contains("'type': 'done'"), "{ws}");
+}

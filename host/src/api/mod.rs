@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod error;
 pub mod openai;
+pub mod openapi;
 pub mod sessions;
 pub mod types;
 pub mod web;
@@ -21,6 +22,7 @@ use tracing::Instrument;
 use salvo::affix_state;
 use salvo::catcher::Catcher;
 use salvo::http::{Method, StatusCode};
+use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo::sse::{self, SseEvent};
 use serde_json::json;
@@ -66,9 +68,9 @@ pub fn service(state: Arc<AppState>) -> Service {
         .push(
             Router::with_path("v1")
                 .push(Router::with_path("models").hoop(quick).get(list_models))
-                .push(Router::with_path("models/{**id}").hoop(quick).get(get_model))
+                .push(Router::with_path("models/{id}").hoop(quick).get(get_model))
                 .push(Router::with_path("chat/completions").hoop(generation).post(chat_completions))
-                .push(Router::with_path("chat/ws").goal(ws::chat_socket))
+                .push(Router::with_path("chat/ws").get(ws::chat_socket))
                 .push(Router::with_path("completions").hoop(generation).post(completions))
                 .push(sessions::router().hoop(quick)),
         )
@@ -79,7 +81,11 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .push(Router::with_path("plugins").get(list_plugins))
                 .push(Router::with_path("plugins/reload").post(reload_plugins)),
         )
-        .get(web::index)
+        .get(web::index);
+    let doc = openapi::document(&router);
+    let router = router
+        .push(doc.into_router("openapi.json"))
+        .push(salvo::oapi::swagger_ui::SwaggerUi::new("/openapi.json").into_router("docs"))
         .push(web::assets());
     let mut service = Service::new(router).catcher(Catcher::default().hoop(error::catch_errors));
     if !server.cors_origins.is_empty() {
@@ -133,6 +139,8 @@ fn route_label(path: &str) -> &'static str {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         "/v1/chat/ws" => "chat_ws",
+        "/openapi.json" => "openapi",
+        p if p == "/docs" || p.starts_with("/docs/") => "docs",
         "/" | "/app.js" | "/style.css" | "/favicon.svg" => "web",
         "/admin/plugins" | "/admin/plugins/reload" => "admin",
         p if p.starts_with("/v1/models/") => "model",
@@ -176,14 +184,15 @@ async fn track(req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &
     span.in_scope(|| tracing::info!(status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "response"));
 }
 
-#[handler]
+/// The process is up (Kubernetes liveness).
+#[endpoint(tags("operations"), responses((status_code = 200, description = "The process is up", body = openapi::Status)))]
 async fn health(res: &mut Response) {
     res.render(Json(json!({"status": "ok"})));
 }
 
 /// 200 once the default model is loaded and the store answers, 503 otherwise (Kubernetes
 /// readiness).
-#[handler]
+#[endpoint(tags("operations"), status_codes(200, 503), responses((status_code = 200, description = "Ready to serve", body = openapi::Status)))]
 async fn ready(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let state = state(depot);
     if state.shutdown.is_draining() {
@@ -198,7 +207,8 @@ async fn ready(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(json!({"status": "ready", "model": state.registry.default_id()})))
 }
 
-#[handler]
+/// Prometheus metrics (text exposition format), all named `wisp_*`.
+#[endpoint(tags("operations"), responses((status_code = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 async fn metrics(depot: &mut Depot, res: &mut Response) {
     let body = state(depot).metrics.render();
     res.add_header("content-type", "text/plain; version=0.0.4; charset=utf-8", true).ok();
@@ -209,20 +219,30 @@ fn model_json(info: &crate::engine::ModelInfo) -> serde_json::Value {
     json!({"id": info.id, "object": "model", "created": info.created, "owned_by": "wisp", "loaded": info.loaded})
 }
 
-#[handler]
+/// The configured models.
+#[endpoint(tags("models"), status_codes(200), responses((status_code = 200, description = "The models", body = openapi::ModelList)))]
 async fn list_models(depot: &mut Depot) -> Json<serde_json::Value> {
     let data: Vec<_> = state(depot).registry.list().iter().map(model_json).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
-#[handler]
+/// One model.
+#[endpoint(tags("models"), status_codes(200, 404), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "The model", body = openapi::Model)))]
 async fn get_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let id: String = req.param("id").unwrap_or_default();
     let info = state(depot).registry.info(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(Json(model_json(&info)))
 }
 
-#[handler]
+/// Chat completion (OpenAI-compatible). `stream: true` answers with server-sent events
+/// (`chat.completion.chunk` objects, then `data: [DONE]`); `session_id` chats in a
+/// server-side session (send only the new messages).
+#[endpoint(
+    tags("chat"),
+    status_codes(200, 400, 401, 403, 404, 413, 429, 500, 503),
+    request_body(content = types::ChatCompletionRequest, description = "A chat completions body"),
+    responses((status_code = 200, description = "The reply, or its event stream", content(("application/json" = openapi::ChatCompletion), ("text/event-stream" = String))))
+)]
 async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let body = read_body(req, &state).await?;
@@ -235,7 +255,13 @@ async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Respon
     respond(res, &state, meta, output, stream, None, session).await
 }
 
-#[handler]
+/// Text completion (OpenAI-compatible legacy endpoint); `stream: true` gives SSE.
+#[endpoint(
+    tags("completions"),
+    status_codes(200, 400, 401, 403, 404, 413, 429, 500, 503),
+    request_body(content = types::CompletionRequest, description = "A completions body"),
+    responses((status_code = 200, description = "The completion, or its event stream", content(("application/json" = openapi::Completion), ("text/event-stream" = String))))
+)]
 async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let body = read_body(req, &state).await?;
@@ -361,13 +387,16 @@ async fn admin_auth(req: &mut Request, depot: &mut Depot, res: &mut Response, ct
     }
 }
 
-#[handler]
+/// The plugin chain now serving (admin key).
+#[endpoint(tags("admin"), status_codes(200, 401, 403), responses((status_code = 200, description = "The chain", body = openapi::PluginChain)))]
 async fn list_plugins(depot: &mut Depot) -> Json<serde_json::Value> {
     let chain = state(depot).policies.current();
     Json(json!({"generation": chain.generation(), "plugins": chain.info()}))
 }
 
-#[handler]
+/// Reloads the plugin chain from the config file (admin key); the old chain keeps serving
+/// if the new one fails to load.
+#[endpoint(tags("admin"), status_codes(200, 400, 401, 403), responses((status_code = 200, description = "The new chain", body = openapi::PluginChain)))]
 async fn reload_plugins(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let policies = state(depot).policies.clone();
     match policies.reload().await {

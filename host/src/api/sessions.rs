@@ -3,6 +3,7 @@
 //! session is visible only to the principal that created it (404 to anyone else).
 //! Chatting in a session is `POST /v1/chat/completions` with `session_id` (chat.rs).
 
+use salvo::oapi::{ToParameters, ToSchema, endpoint};
 use salvo::prelude::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -26,8 +27,9 @@ pub fn router() -> Router {
 }
 
 /// The fields of `POST /v1/sessions` and `PATCH /v1/sessions/{id}`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[salvo(schema(example = json!({"title": "Trip planning", "system_prompt": "Be brief."})))]
 struct SessionBody {
     model: Option<String>,
     title: Option<String>,
@@ -42,8 +44,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
     Option::<String>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[salvo(schema(example = json!({"messages": 1})))]
 struct RollbackBody {
     /// How many messages to remove from the end.
     messages: i64,
@@ -87,7 +90,8 @@ async fn with_messages(state: &AppState, session: Session) -> Result<Value, ApiE
     Ok(value)
 }
 
-#[handler]
+/// Creates a session (owned by the caller's principal).
+#[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), request_body(content = SessionBody, description = "All fields optional"), responses((status_code = 200, description = "The new session", body = super::openapi::SessionWithMessages)))]
 async fn create_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
@@ -96,14 +100,18 @@ async fn create_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Val
     Ok(Json(with_messages(&state, session).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToParameters)]
 #[serde(deny_unknown_fields)]
+#[salvo(parameters(default_parameter_in = Query))]
 struct ListQuery {
+    /// Sessions per page, 1 to 100 (default 20).
     limit: Option<usize>,
+    /// The last id of the previous page.
     after: Option<String>,
 }
 
-#[handler]
+/// The caller's sessions, most recently active first.
+#[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 429, 503), parameters(ListQuery), responses((status_code = 200, description = "A page of sessions", body = super::openapi::SessionList)))]
 async fn list_sessions(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
@@ -120,7 +128,8 @@ async fn list_sessions(req: &mut Request, depot: &mut Depot) -> Result<Json<Valu
     })))
 }
 
-#[handler]
+/// One session with its messages.
+#[endpoint(tags("sessions"), status_codes(200, 401, 403, 404, 429, 503), parameters(("id" = String, Path, description = "The session id")), responses((status_code = 200, description = "The session", body = super::openapi::SessionWithMessages)))]
 async fn get_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
@@ -128,7 +137,8 @@ async fn get_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>
     Ok(Json(with_messages(&state, session).await?))
 }
 
-#[handler]
+/// Renames a session or changes its model, system prompt or metadata.
+#[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), parameters(("id" = String, Path, description = "The session id")), request_body(content = SessionBody, description = "The fields to change; `system_prompt: null` clears it"), responses((status_code = 200, description = "The session", body = super::openapi::SessionWithMessages)))]
 async fn update_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
@@ -137,7 +147,8 @@ async fn update_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Val
     Ok(Json(with_messages(&state, session).await?))
 }
 
-#[handler]
+/// Deletes a session and its messages.
+#[endpoint(tags("sessions"), status_codes(200, 401, 403, 404, 429, 503), parameters(("id" = String, Path, description = "The session id")), responses((status_code = 200, description = "Deleted", body = super::openapi::SessionDeleted)))]
 async fn delete_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
@@ -149,7 +160,7 @@ async fn delete_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Val
 /// Removes the last `messages` messages (default 1). Regenerate = roll back the reply, then
 /// chat with `session_id` and no new messages; edit = roll back to the message, then send
 /// its new text.
-#[handler]
+#[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), parameters(("id" = String, Path, description = "The session id")), request_body(content = RollbackBody, description = "`messages`: how many to remove (default 1)"), responses((status_code = 200, description = "The session after the rollback", body = super::openapi::SessionWithMessages)))]
 async fn rollback_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;

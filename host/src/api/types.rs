@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use salvo::oapi::ToSchema;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -60,14 +61,14 @@ fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiErr
 }
 
 /// `stop`: one string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -77,14 +78,14 @@ pub struct StreamOptions {
 }
 
 /// Message content: a string or a list of parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -92,9 +93,10 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
+    #[salvo(schema(pattern = "^(system|developer|user|assistant)$"))]
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
@@ -109,19 +111,27 @@ pub struct ChatMessage {
 }
 
 /// The sampling fields chat and completions share (split off by [`parse_request`]).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[salvo(schema(name = SamplingFields))]
 pub struct SamplingFields {
+    #[salvo(schema(minimum = 0, maximum = 2))]
     pub temperature: Option<f32>,
+    #[salvo(schema(exclusive_minimum = 0, maximum = 1))]
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    #[salvo(schema(minimum = 0, maximum = 1))]
     pub min_p: Option<f32>,
+    #[salvo(schema(exclusive_minimum = 0, maximum = 2))]
     pub repetition_penalty: Option<f32>,
+    #[salvo(schema(minimum = -2, maximum = 2))]
     pub presence_penalty: Option<f32>,
+    #[salvo(schema(minimum = -2, maximum = 2))]
     pub frequency_penalty: Option<f32>,
     pub logit_bias: Option<HashMap<String, f32>>,
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
+    #[salvo(schema(minimum = 1, maximum = 1))]
     pub n: Option<u32>,
 }
 
@@ -133,8 +143,9 @@ impl SamplingFields {
     ];
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[salvo(schema(name = ChatCompletionRequest, example = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})))]
 pub struct ChatCompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -144,12 +155,15 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
+    #[salvo(schema(minimum = 1))]
     pub max_tokens: Option<u32>,
     #[serde(default)]
+    #[salvo(schema(minimum = 1))]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
+    #[salvo(schema(maximum = 20))]
     pub top_logprobs: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
@@ -171,7 +185,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// `prompt`: a string, a list of one string, token ids, or a list of one token-id list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptField {
     Text(String),
@@ -180,8 +194,9 @@ pub enum PromptField {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[salvo(schema(name = CompletionRequest, example = json!({"model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 8})))]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,

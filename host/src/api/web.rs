@@ -3,6 +3,7 @@
 
 use rust_embed::RustEmbed;
 use salvo::http::StatusCode;
+use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo_serve_static::{render_embedded_file, static_embed};
 
@@ -18,8 +19,8 @@ struct WebAssets;
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
      img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
-/// `GET /`.
-#[handler]
+/// The web chat (HTML).
+#[endpoint(tags("web"), status_codes(200, 404), responses((status_code = 200, description = "The web chat page", body = String, content_type = "text/html")))]
 pub async fn index(req: &mut Request, res: &mut Response) {
     match WebAssets::get("index.html") {
         Some(file) => {

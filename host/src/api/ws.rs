@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use tracing::Instrument;
+use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
 use serde::Deserialize;
@@ -33,8 +34,15 @@ use super::{AppState, Output, state};
 use crate::engine::StreamEvent;
 use crate::server::Shutdown;
 
-#[handler]
-pub async fn chat_socket(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), StatusError> {
+/// Chat over a WebSocket (upgrade with `GET`). Frames are JSON text: the client sends
+/// `chat` (a chat completions body in `request`), `cancel` and `ping`; the server answers
+/// `start`, `delta`, `done`, `error` (OpenAI error shape) and `pong`. See README.md.
+#[endpoint(
+    tags("chat"),
+    status_codes(101, 400),
+    responses((status_code = 101, description = "Switching to the WebSocket chat protocol"))
+)]
+pub async fn chat_socket(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let caller = Caller::from_request(req);
     let max = state.config.server.max_body_bytes as usize;
@@ -43,6 +51,7 @@ pub async fn chat_socket(req: &mut Request, depot: &mut Depot, res: &mut Respons
         .max_frame_size(max)
         .upgrade(req, res, move |socket| Socket { state, caller, running: None }.serve(socket))
         .await
+        .map_err(|e| ApiError::invalid_code(None, "websocket_upgrade_required", format!("{}: connect with a WebSocket client", e.brief)))
 }
 
 #[derive(Debug, Deserialize)]

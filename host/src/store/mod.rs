@@ -40,7 +40,7 @@ pub enum Backend {
 }
 
 /// A session as clients see it (`principal` stays on the server).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, salvo::oapi::ToSchema)]
 pub struct Session {
     pub id: String,
     pub object: &'static str,
@@ -61,7 +61,7 @@ pub struct Session {
 
 /// One stored message; `index` counts from 0 (roll back `message_count - index` messages
 /// to edit it).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, salvo::oapi::ToSchema)]
 pub struct StoredMessage {
     pub index: i64,
     pub role: String,
@@ -73,7 +73,7 @@ pub struct StoredMessage {
     pub usage: Option<TurnUsage>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, salvo::oapi::ToSchema)]
 pub struct TurnUsage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
