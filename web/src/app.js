@@ -66,16 +66,20 @@ function saveSettings() {
 
 const apiKey = () => localStorage.getItem(KEY_STORAGE) || "";
 
-/** Asks for a key; resolves true if one was saved. */
+let keyPrompt = null;
+
+/** Asks for a key; resolves true if one was saved. Concurrent callers share one dialog. */
 function askForKey(reason) {
+  if (keyPrompt) return keyPrompt;
   const dialog = $("key-dialog");
   $("key-reason").textContent = reason;
   $("key-input").value = apiKey();
   dialog.showModal();
-  return new Promise((resolve) => {
+  keyPrompt = new Promise((resolve) => {
     dialog.addEventListener(
       "close",
       () => {
+        keyPrompt = null;
         if (dialog.returnValue === "save" && $("key-input").value.trim()) {
           localStorage.setItem(KEY_STORAGE, $("key-input").value.trim());
           resolve(true);
@@ -84,6 +88,7 @@ function askForKey(reason) {
       { once: true },
     );
   });
+  return keyPrompt;
 }
 
 // ---------- notices ----------

@@ -195,12 +195,11 @@ describe("with auth and a rate limit", () => {
     assert.match(await page.textContent("#key-reason"), /API key/);
     await page.fill("#key-input", "sk-wrong");
     await page.click("#key-save");
-    await page.waitForSelector("#key-dialog[open]");
-    assert.match(await page.textContent("#key-reason"), /Incorrect API key/);
+    // A wrong key is refused and the dialog asks again, saying why.
+    await page.waitForFunction(() => document.getElementById("key-dialog").open && /Incorrect API key/.test(document.getElementById("key-reason").textContent));
     await page.fill("#key-input", key);
     await page.click("#key-save");
-    await page.waitForFunction(() => !document.getElementById("key-dialog").open);
-    assert.equal(await page.evaluate(() => localStorage.getItem("wisp.apiKey")), key);
+    await page.waitForFunction((k) => !document.getElementById("key-dialog").open && localStorage.getItem("wisp.apiKey") === k, key);
     await setMaxTokens(page, 4);
 
     // Keep chatting until the limiter refuses; the notice says when to retry.
