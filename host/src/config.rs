@@ -230,6 +230,8 @@ impl ModelConfig {
 pub struct Limits {
     /// Requests waiting for the engine (per model) before new ones get 503.
     pub max_queue: usize,
+    /// Sequences a model generates together (continuous batching); more wait in the queue.
+    pub max_batch: usize,
     /// `max_tokens` used when a request gives none: the rest of the context, capped here.
     pub default_max_tokens: usize,
     /// At most this many `stop` strings per request (OpenAI: 4).
@@ -242,7 +244,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_queue: 64, default_max_tokens: 4096, max_stop_sequences: 4, max_stop_bytes: 256, max_messages: 1024 }
+        Limits {
+            max_queue: 64,
+            max_batch: 8,
+            default_max_tokens: 4096,
+            max_stop_sequences: 4,
+            max_stop_bytes: 256,
+            max_messages: 1024,
+        }
     }
 }
 
@@ -369,6 +378,7 @@ impl Config {
         let l = &self.limits;
         for (name, value) in [
             ("max_queue", l.max_queue),
+            ("max_batch", l.max_batch),
             ("default_max_tokens", l.default_max_tokens),
             ("max_stop_bytes", l.max_stop_bytes),
             ("max_messages", l.max_messages),

@@ -36,6 +36,8 @@ const ITL_BUCKETS: &[f64] =
 const E2E_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0];
 
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0];
+
 /// Plugin hooks take microseconds; a timeout ends them at tens of milliseconds.
 const PLUGIN_BUCKETS: &[f64] = &[0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
 
@@ -50,6 +52,7 @@ pub struct Metrics {
     pub queue_seconds: HistogramVec,
     pub prompt_tokens: IntCounterVec,
     pub generation_tokens: IntCounterVec,
+    pub batch_size: HistogramVec,
     pub requests_running: IntGaugeVec,
     pub requests_waiting: IntGaugeVec,
     pub model_load_seconds: GaugeVec,
@@ -89,6 +92,7 @@ impl Metrics {
             queue_seconds: histogram("wisp_queue_time_seconds", "Time waiting for the engine", TTFT_BUCKETS, &["model"]),
             prompt_tokens: counter("wisp_prompt_tokens_total", "Prompt tokens processed", &["model"]),
             generation_tokens: counter("wisp_generation_tokens_total", "Tokens generated", &["model"]),
+            batch_size: histogram("wisp_batch_size", "Sequences in one engine step (continuous batching)", BATCH_BUCKETS, &["model"]),
             requests_running: gauge("wisp_requests_running", "Requests being generated"),
             requests_waiting: gauge("wisp_requests_waiting", "Requests queued for the engine"),
             model_load_seconds,

@@ -293,7 +293,8 @@ fn stays_responsive_and_queues_while_generating() {
 
 #[test]
 fn the_queue_limit_answers_503_not_a_hang() {
-    let server = Server::start("[limits]\nmax_queue = 1");
+    // One sequence at a time plus one waiting: of four requests at once, some must be refused.
+    let server = Server::start("[limits]\nmax_queue = 1\nmax_batch = 1");
     let url = server.url("/v1/chat/completions");
     let body = chat_body("Tell me a story.", json!({"max_tokens": 60, "logit_bias": {"1": -100, "106": -100}}));
     let workers: Vec<_> = (0..4)
@@ -359,4 +360,36 @@ fn a_chat_template_in_the_config_overrides_the_built_in_one() {
     let (_, completion) = post(&server, "/v1/completions", &json!({"prompt": "The sky is", "max_tokens": 1}));
     assert_eq!(chat["usage"]["prompt_tokens"], completion["usage"]["prompt_tokens"]);
     assert_eq!(chat["usage"]["prompt_tokens"], 4, "{chat}");
+}
+
+/// Continuous batching: requests running together give, at temperature 0, exactly the text
+/// each gives alone (per-sequence caches, positions and samplers; shared matmuls).
+#[test]
+fn batched_generation_equals_single_stream_generation() {
+    let server = Server::start("");
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colours are"];
+    let complete = |prompt: &str| {
+        let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "logit_bias": {"1": -100, "106": -100}});
+        let (status, r) = post(&server, "/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let alone: Vec<String> = prompts.iter().map(|p| complete(p)).collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(move || complete(p))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    let metrics = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
+    let batched = metrics
+        .lines()
+        .find(|l| l.starts_with("wisp_batch_size_bucket{") && l.contains("le=\"1\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap();
+    let steps = metrics
+        .lines()
+        .find(|l| l.starts_with("wisp_batch_size_count{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap();
+    assert!(steps > batched, "some steps ran more than one sequence ({batched} of {steps} steps had one)");
 }

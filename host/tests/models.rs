@@ -239,3 +239,44 @@ fn gemma3_logits_do_not_depend_on_chunking_past_the_sliding_window() {
     }
     assert_close(&whole, &logits.unwrap().to_vec1::<f32>().unwrap(), "decode after prefill");
 }
+
+/// Continuous batching: a sequence's logits in a batched step (beside other sequences, at
+/// other positions, one prefilling) equal its logits alone.
+#[test]
+fn batched_forward_equals_forward_alone() {
+    use wisp::engine::model::Segment;
+    let parts = load(&common::default_model_path());
+    let encode = |text: &str| {
+        let mut ids = vec![2u32];
+        ids.extend(parts.tokenizer.tokenizer.encode(text, false).unwrap().get_ids());
+        ids
+    };
+    let a = encode("The capital of France is Paris, and the capital of Italy is");
+    let b = encode("Once upon a time");
+    let c = encode("def fibonacci(n):");
+    // Alone: prefill, then one decode token each.
+    let alone = |prompt: &[u32], next: u32| {
+        let mut cache = parts.model.new_cache(prompt.len() + 1).unwrap();
+        parts.model.forward(prompt, &mut cache).unwrap();
+        parts.model.forward(&[next], &mut cache).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let want = [alone(&a, 42), alone(&b, 43)];
+    // Batched: a and b prefilled together, then decoded together beside c's prefill.
+    let mut ca = parts.model.new_cache(a.len() + 1).unwrap();
+    let mut cb = parts.model.new_cache(b.len() + 1).unwrap();
+    let mut cc = parts.model.new_cache(c.len()).unwrap();
+    parts.model.forward_batch(&mut [Segment { tokens: &a, cache: &mut ca }, Segment { tokens: &b, cache: &mut cb }]).unwrap();
+    let got = parts
+        .model
+        .forward_batch(&mut [
+            Segment { tokens: &[42], cache: &mut ca },
+            Segment { tokens: &c, cache: &mut cc },
+            Segment { tokens: &[43], cache: &mut cb },
+        ])
+        .unwrap();
+    let row = |i: usize| got.get(i).unwrap().to_vec1::<f32>().unwrap();
+    for (name, want, got) in [("a", &want[0], row(0)), ("b", &want[1], row(2))] {
+        let max = want.iter().zip(&got).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert_eq!(&got, want, "{name}: logits differ by up to {max}");
+    }
+}

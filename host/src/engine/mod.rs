@@ -22,7 +22,7 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use tokio::sync::{OnceCell, mpsc};
 
-use crate::config::{Config, DeviceSpec, ModelConfig, parse_hf};
+use crate::config::{Config, DeviceSpec, Limits, ModelConfig, parse_hf};
 use crate::telemetry::Metrics;
 use model::{Family, Hparams, Model};
 use sampling::SamplingParams;
@@ -157,7 +157,7 @@ pub struct Registry {
     slots: HashMap<String, ModelSlot>,
     order: Vec<String>,
     default_id: String,
-    max_queue: usize,
+    limits: Limits,
     metrics: Arc<Metrics>,
 }
 
@@ -180,7 +180,7 @@ impl Registry {
             slots,
             order: config.models.iter().map(|m| m.id.clone()).collect(),
             default_id: config.default_model().id.clone(),
-            max_queue: config.limits.max_queue,
+            limits: config.limits.clone(),
             metrics,
         }
     }
@@ -217,10 +217,10 @@ impl Registry {
         slot.loaded
             .get_or_try_init(|| async {
                 let config = slot.config.clone();
-                let max_queue = self.max_queue;
+                let limits = self.limits.clone();
                 let metrics = self.metrics.clone();
                 let started = Instant::now();
-                let loaded = tokio::task::spawn_blocking(move || load(&config, max_queue, metrics))
+                let loaded = tokio::task::spawn_blocking(move || load(&config, &limits, metrics))
                     .await
                     .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })??;
                 let secs = started.elapsed().as_secs_f64();
@@ -309,11 +309,16 @@ pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
 }
 
 /// Loads a model and starts its scheduler.
-fn load(config: &ModelConfig, max_queue: usize, metrics: Arc<Metrics>) -> Result<LoadedModel, EngineError> {
+fn load(config: &ModelConfig, limits: &Limits, metrics: Arc<Metrics>) -> Result<LoadedModel, EngineError> {
     let ModelParts { family, model, tokenizer, template, context_length } = load_parts(config)?;
     let tokenizer = Arc::new(tokenizer);
     let scheduler = Scheduler::start(
-        scheduler::SchedulerConfig { model_id: config.id.clone(), max_queue, prefill_chunk: config.prefill_chunk },
+        scheduler::SchedulerConfig {
+            model_id: config.id.clone(),
+            max_queue: limits.max_queue,
+            max_batch: limits.max_batch,
+            prefill_chunk: config.prefill_chunk,
+        },
         model,
         tokenizer.clone(),
         metrics,

@@ -173,11 +173,27 @@ impl RmsNorm {
 struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
+    /// Run a single row as two (see [`Linear::forward`]).
+    pad_single_row: bool,
 }
 
 impl Linear {
+    fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Linear> {
+        // candle picks a different x86 kernel for Q6_K with one row (compact weights) than
+        // with several (repacked tiles), and the two round differently: a sequence decoded
+        // alone would not produce the tokens it produces beside others. Padding one row to
+        // two keeps every row on the tiled kernel, so batched output equals single-stream
+        // output exactly (tested in host/tests/models.rs and e2e.rs).
+        let pad_single_row = weight.dtype() == GgmlDType::Q6K;
+        Ok(Linear { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.weight.forward(xs)?;
+        let ys = if self.pad_single_row && xs.dim(1)? == 1 {
+            self.weight.forward(&Tensor::cat(&[xs, xs], 1)?)?.narrow(1, 0, 1)?
+        } else {
+            self.weight.forward(xs)?
+        };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
@@ -261,12 +277,12 @@ impl Model {
             let mut t = |name: &str| tensor(&format!("blk.{i}.{name}"));
             let has = |name: &str| content.tensor_infos.contains_key(&format!("blk.{i}.{name}"));
             let mut linear = |name: &str| -> Result<Linear> {
-                let weight = QMatMul::from_qtensor(fast_dtype(t(&format!("{name}.weight"))?)?)?;
+                let weight = fast_dtype(t(&format!("{name}.weight"))?)?;
                 let bias = match has(&format!("{name}.bias")) {
                     true => Some(t(&format!("{name}.bias"))?.dequantize(device)?),
                     false => None,
                 };
-                Ok(Linear { weight, bias })
+                Linear::new(weight, bias)
             };
             let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
             let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
@@ -340,37 +356,44 @@ impl Model {
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
     /// cache and returns the logits of the last token, shape `(vocab,)`.
     pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
-        let n = tokens.len();
-        let pos = cache.len;
-        if n == 0 {
-            candle_core::bail!("forward needs at least one token")
+        self.forward_batch(&mut [Segment { tokens, cache }])?.squeeze(0)
+    }
+
+    /// One forward pass over several sequences at once (continuous batching): each segment
+    /// is a run of tokens of one sequence at positions `cache.len()..` (a prompt chunk or
+    /// one decode token). The projections and the MLP run on all rows together, so the
+    /// weights are read once per step; attention runs per segment on its own cache.
+    /// Returns the logits of each segment's last token, shape `(segments, vocab)`.
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let mut all = Vec::new();
+        let mut spans = Vec::with_capacity(segments.len());
+        for seg in segments.iter() {
+            let (n, pos) = (seg.tokens.len(), seg.cache.len);
+            if n == 0 {
+                candle_core::bail!("forward needs at least one token per sequence")
+            }
+            if pos + n > seg.cache.capacity {
+                candle_core::bail!("sequence of {} tokens exceeds its cache of {}", pos + n, seg.cache.capacity)
+            }
+            spans.push(Span { offset: all.len(), n, pos, masks: [None, None] });
+            all.extend_from_slice(seg.tokens);
         }
-        if pos + n > cache.capacity {
-            candle_core::bail!("sequence of {} tokens exceeds its cache of {}", pos + n, cache.capacity)
-        }
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(all.as_slice(), &self.device)?;
         let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
-        // Masks are shared by every layer of the same kind; built only for chunks of >1 token.
-        let mut masks: [Option<Tensor>; 2] = [None, None];
         for (idx, layer) in self.layers.iter().enumerate() {
-            let mask = if n > 1 {
-                let slot = &mut masks[usize::from(layer.window.is_some())];
-                if slot.is_none() {
-                    *slot = Some(self.mask(pos, n, layer.window)?);
-                }
-                slot.as_ref()
-            } else {
-                None
-            };
-            x = self.layer_forward(layer, &x, pos, cache, idx, mask)?;
+            x = self.layer_forward(layer, &x, segments, &mut spans, idx)?;
         }
-        cache.len = pos + n;
-        let last = x.narrow(1, n - 1, 1)?;
+        let mut last = Vec::with_capacity(spans.len());
+        for (seg, span) in segments.iter_mut().zip(&spans) {
+            seg.cache.len = span.pos + span.n;
+            last.push(x.narrow(1, span.offset + span.n - 1, 1)?);
+        }
+        let last = if last.len() == 1 { last.remove(0) } else { Tensor::cat(&last, 1)? };
         let last = self.norm.forward(&last)?;
-        self.output.forward(&last)?.flatten_all()
+        self.output.forward(&last)?.squeeze(0)
     }
 
     /// First key position visible to queries `pos..pos + n` of a layer with `window`.
@@ -403,17 +426,66 @@ impl Model {
         &self,
         layer: &Layer,
         x: &Tensor,
+        segments: &mut [Segment<'_>],
+        spans: &mut [Span],
+        idx: usize,
+    ) -> Result<Tensor> {
+        let hp = &self.hp;
+        let h = layer.attn_norm.forward(x)?;
+        let q_all = layer.wq.forward(&h)?;
+        let k_all = layer.wk.forward(&h)?;
+        let v_all = layer.wv.forward(&h)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (seg, span) in segments.iter_mut().zip(spans.iter_mut()) {
+            let (n, pos) = (span.n, span.pos);
+            let q = q_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_head, hp.head_dim))?.transpose(1, 2)?;
+            let k = k_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+            let v = v_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+            // Masks are shared by every layer of the same kind; built only for runs of >1 token.
+            let mask = if n > 1 {
+                let slot = &mut span.masks[usize::from(layer.window.is_some())];
+                if slot.is_none() {
+                    *slot = Some(self.mask(pos, n, layer.window)?);
+                }
+                slot.as_ref()
+            } else {
+                None
+            };
+            outs.push(self.attention(layer, q, k, v, pos, seg.cache, idx, mask)?);
+        }
+        let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
+        let mut attn = layer.wo.forward(&attn)?;
+        if let Some(norm) = &layer.post_attn_norm {
+            attn = norm.forward(&attn)?;
+        }
+        let x = (x + attn)?;
+
+        let h = layer.ffn_norm.forward(&x)?;
+        let gate = layer.gate.forward(&h)?;
+        let gate = if self.gelu { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+        let mut ffn = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            ffn = norm.forward(&ffn)?;
+        }
+        x + ffn
+    }
+
+    /// Attention of one sequence's `n` new positions (`q`, `k`, `v`: `(1, heads, n, d)`)
+    /// over its cache; writes the new keys and values in place. Returns `(1, n, heads * d)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
         pos: usize,
         cache: &mut SeqCache,
         idx: usize,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let hp = &self.hp;
-        let (_, n, _) = x.dims3()?;
-        let h = layer.attn_norm.forward(x)?;
-        let q = layer.wq.forward(&h)?.reshape((1, n, hp.n_head, hp.head_dim))?.transpose(1, 2)?;
-        let k = layer.wk.forward(&h)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
-        let v = layer.wv.forward(&h)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+        let n = q.dim(2)?;
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?),
             _ => (q.contiguous()?, k.contiguous()?),
@@ -446,25 +518,22 @@ impl Model {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let attn = probs.matmul(&v_all)?; // (1, kv, groups * n, d)
-        let attn = attn
-            .reshape((1, hp.n_head, n, hp.head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, n, hp.n_head * hp.head_dim))?;
-        let mut attn = layer.wo.forward(&attn)?;
-        if let Some(norm) = &layer.post_attn_norm {
-            attn = norm.forward(&attn)?;
-        }
-        let x = (x + attn)?;
-
-        let h = layer.ffn_norm.forward(&x)?;
-        let gate = layer.gate.forward(&h)?;
-        let gate = if self.gelu { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
-        let mut ffn = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
-        if let Some(norm) = &layer.post_ffn_norm {
-            ffn = norm.forward(&ffn)?;
-        }
-        x + ffn
+        attn.reshape((1, hp.n_head, n, hp.head_dim))?.transpose(1, 2)?.reshape((1, n, hp.n_head * hp.head_dim))
     }
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+}
+
+/// Where a segment's rows sit in the batch, and its masks.
+struct Span {
+    offset: usize,
+    n: usize,
+    pos: usize,
+    masks: [Option<Tensor>; 2],
 }
 
 /// Converts Q5_0 weights, for which candle has only a scalar CPU kernel, to Q8_0, which has

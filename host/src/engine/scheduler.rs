@@ -1,11 +1,15 @@
-//! The scheduler: one OS thread owns a model and runs its queue.
+//! The scheduler: one OS thread owns a model and runs its sequences with continuous
+//! batching.
 //!
-//! Requests arrive on a channel and leave as a [`TokenStream`]. This scheduler runs one
-//! sequence at a time: prefill in chunks, then decode step by step. Between steps it takes
-//! new arrivals into its queue and checks whether the current request's receiver was
-//! dropped (the client hung up), which cancels it at once. Each sequence owns its
-//! [`SeqCache`](super::model::SeqCache) and sampler, so a batching scheduler can step
-//! several of them together without changing this seam.
+//! Requests arrive on a channel and leave as a [`TokenStream`]. Each step runs one batched
+//! forward pass ([`Model::forward_batch`]) over every live sequence: one decode token per
+//! running sequence, plus a chunk of a waiting prompt within the step's token budget
+//! (`prefill_chunk`), so a long prompt never stalls the streams already running. New
+//! requests join between steps (up to `max_batch` sequences; the rest wait in the queue,
+//! up to `max_queue`, then `schedule` refuses with 503); a finished sequence, or one whose
+//! client hung up (its receiver dropped), leaves at once. Each sequence owns its
+//! [`SeqCache`], sampler, detokenizer and stop matcher, so its output is the same whatever
+//! else shares its steps.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use wisp_holdback::StopMatcher;
 
-use super::model::Model;
+use super::model::{Model, SeqCache, Segment};
 use super::sampling::Sampler;
 use super::tokenizer::{Detokenizer, GgufTokenizer};
 use super::{EngineError, FinishReason, GenerateRequest, StreamEvent, TokenLogprob, TokenStream};
@@ -23,8 +27,11 @@ use crate::telemetry::Metrics;
 
 pub struct SchedulerConfig {
     pub model_id: String,
-    /// Requests waiting behind the running one before `schedule` refuses.
+    /// Requests waiting behind the running ones before `schedule` refuses.
     pub max_queue: usize,
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Prompt tokens per step (a longer prompt is prefilled over several steps).
     pub prefill_chunk: usize,
 }
 
@@ -40,7 +47,8 @@ pub struct Scheduler {
     jobs: mpsc::UnboundedSender<Job>,
     /// Requests accepted and not finished (queued + running).
     in_flight: Arc<AtomicUsize>,
-    max_queue: usize,
+    /// Running plus waiting requests admitted at most.
+    max_in_flight: usize,
     model_id: String,
 }
 
@@ -56,19 +64,20 @@ impl Scheduler {
             in_flight: in_flight.clone(),
             model_id: config.model_id.clone(),
             prefill_chunk: config.prefill_chunk,
+            max_batch: config.max_batch,
         };
         std::thread::Builder::new()
             .name(format!("wisp-engine-{}", config.model_id))
             .spawn(move || worker.run(rx))
             .expect("spawning the engine thread failed; this is a bug");
-        Scheduler { jobs, in_flight, max_queue: config.max_queue, model_id: config.model_id }
+        Scheduler { jobs, in_flight, max_in_flight: config.max_batch + config.max_queue, model_id: config.model_id }
     }
 
     pub fn schedule(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
-        // One running plus `max_queue` waiting.
+        // `max_batch` running plus `max_queue` waiting.
         let admitted = self
             .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n <= self.max_queue).then_some(n + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_in_flight).then_some(n + 1))
             .is_ok();
         if !admitted {
             return Err(EngineError::Overloaded(self.model_id.clone()));
@@ -90,6 +99,7 @@ struct ModelMetrics {
     itl: prometheus::Histogram,
     prompt_tokens: prometheus::IntCounter,
     generation_tokens: prometheus::IntCounter,
+    batch_size: prometheus::Histogram,
     running: prometheus::IntGauge,
     waiting: prometheus::IntGauge,
 }
@@ -103,6 +113,7 @@ impl ModelMetrics {
             itl: metrics.itl_seconds.with_label_values(&label),
             prompt_tokens: metrics.prompt_tokens.with_label_values(&label),
             generation_tokens: metrics.generation_tokens.with_label_values(&label),
+            batch_size: metrics.batch_size.with_label_values(&label),
             running: metrics.requests_running.with_label_values(&label),
             waiting: metrics.requests_waiting.with_label_values(&label),
         }
@@ -117,157 +128,220 @@ struct Worker {
     in_flight: Arc<AtomicUsize>,
     model_id: String,
     prefill_chunk: usize,
+    max_batch: usize,
 }
 
-/// Whether the sequence goes on after a step.
-enum Step {
-    Continue,
-    Done,
+/// A sequence being generated.
+struct Sequence {
+    request: GenerateRequest,
+    events: mpsc::UnboundedSender<StreamEvent>,
+    cache: SeqCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The token to feed next, once the prompt is in.
+    next: Option<u32>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    generated: usize,
+    last_token_at: Instant,
+    /// Open while the prompt is prefilled, then while it decodes (their close logs the time).
+    phase: tracing::Span,
+    finished: bool,
 }
 
 impl Worker {
     fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
         let mut queue: VecDeque<Job> = VecDeque::new();
+        let mut live: Vec<Sequence> = Vec::new();
         loop {
-            let job = match queue.pop_front() {
-                Some(job) => job,
-                None => match rx.blocking_recv() {
-                    Some(job) => job,
+            if live.is_empty() && queue.is_empty() {
+                match rx.blocking_recv() {
+                    Some(job) => queue.push_back(job),
                     None => return,
-                },
-            };
-            self.set_waiting(queue.len());
-            let events = job.events.clone();
-            if let Err(e) = self.generate(job, &mut rx, &mut queue) {
-                tracing::error!(model = %self.model_id, error = %e, "generation failed");
-                self.metrics.errors.with_label_values(&["engine"]).inc();
-                let _ = events.send(StreamEvent::Error(format!("the engine failed: {e}")));
+                }
             }
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            while let Ok(job) = rx.try_recv() {
+                queue.push_back(job);
+            }
+            while live.len() < self.max_batch
+                && let Some(job) = queue.pop_front()
+            {
+                match self.admit(job) {
+                    Ok(Some(seq)) => live.push(seq),
+                    Ok(None) => self.release(),
+                    Err((events, e)) => self.fail(&events, &e),
+                }
+            }
+            self.per_model.waiting.set(queue.len() as i64);
+            self.per_model.running.set(live.len() as i64);
+            if live.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step(&mut live) {
+                // A failed step fails every sequence in it; the engine goes on.
+                for seq in live.drain(..) {
+                    self.fail(&seq.events, &e);
+                }
+            }
+            let before = live.len();
+            live.retain(|seq| !seq.is_over());
+            for _ in live.len()..before {
+                self.release();
+            }
+            self.per_model.running.set(live.len() as i64);
         }
     }
 
-    fn set_waiting(&self, waiting: usize) {
-        self.per_model.waiting.set(waiting as i64);
+    /// A job leaves the engine.
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Moves newly arrived jobs into the local queue (between steps).
-    fn drain_arrivals(&self, rx: &mut mpsc::UnboundedReceiver<Job>, queue: &mut VecDeque<Job>) {
-        while let Ok(job) = rx.try_recv() {
-            queue.push_back(job);
-        }
-        self.set_waiting(queue.len());
+    fn fail(&self, events: &mpsc::UnboundedSender<StreamEvent>, e: &candle_core::Error) {
+        tracing::error!(model = %self.model_id, error = %e, "generation failed");
+        self.metrics.errors.with_label_values(&["engine"]).inc();
+        let _ = events.send(StreamEvent::Error(format!("the engine failed: {e}")));
+        self.release();
     }
 
-    fn generate(
-        &self,
-        job: Job,
-        rx: &mut mpsc::UnboundedReceiver<Job>,
-        queue: &mut VecDeque<Job>,
-    ) -> candle_core::Result<()> {
+    /// Starts a sequence; `None` if its client is already gone.
+    #[allow(clippy::result_large_err)]
+    fn admit(&self, job: Job) -> Result<Option<Sequence>, (mpsc::UnboundedSender<StreamEvent>, candle_core::Error)> {
         let Job { request, events, queued } = job;
         drop(queued);
         if events.is_closed() {
-            return Ok(());
+            return Ok(None);
         }
-        let m = &self.per_model;
-        m.queue.observe(request.received.elapsed().as_secs_f64());
-        m.running.inc();
-        let _running = scopeguard(|| m.running.dec());
-        let prompt_tokens = request.prompt.len();
-        let prefill = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens);
-        let prefill_guard = prefill.enter();
-        let mut cache = self.model.new_cache(prompt_tokens + request.max_tokens)?;
-        let mut logits = None;
-        for chunk in request.prompt.chunks(self.prefill_chunk) {
-            if events.is_closed() {
-                return Ok(());
-            }
-            logits = Some(self.model.forward(chunk, &mut cache)?);
-            self.drain_arrivals(rx, queue);
-        }
-        drop(prefill_guard);
-        drop(prefill);
-        m.prompt_tokens.inc_by(prompt_tokens as u64);
-        let decode = tracing::info_span!(parent: &request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
-        let _decode = decode.enter();
-        let mut logits = logits.expect("the api never schedules an empty prompt; this is a bug").to_vec1::<f32>()?;
+        self.per_model.queue.observe(request.received.elapsed().as_secs_f64());
+        let cache = match self.model.new_cache(request.prompt.len() + request.max_tokens) {
+            Ok(cache) => cache,
+            Err(e) => return Err((events, e)),
+        };
+        let phase = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens = request.prompt.len());
+        Ok(Some(Sequence {
+            sampler: Sampler::new(request.sampling.clone(), &request.prompt),
+            stop: StopMatcher::new(request.stop.iter().cloned()),
+            request,
+            events,
+            cache,
+            prefilled: 0,
+            next: None,
+            detok: Detokenizer::new(),
+            generated: 0,
+            last_token_at: Instant::now(),
+            phase,
+            finished: false,
+        }))
+    }
 
+    /// One batched forward pass: a decode token for every sequence past its prompt, and
+    /// prompt chunks within the step's token budget; then each sequence whose prompt is in
+    /// samples from its logits.
+    fn step(&self, live: &mut [Sequence]) -> candle_core::Result<()> {
+        let decoding = live.iter().filter(|s| s.next.is_some()).count();
+        let mut budget = self.prefill_chunk.saturating_sub(decoding).max(1);
+        // What each sequence feeds this step (a range of its prompt, or its next token).
+        let mut feeds: Vec<(usize, Vec<u32>)> = Vec::with_capacity(live.len());
+        for (i, seq) in live.iter().enumerate() {
+            if let Some(token) = seq.next {
+                feeds.push((i, vec![token]));
+            } else if budget > 0 {
+                let end = (seq.prefilled + budget).min(seq.request.prompt.len());
+                budget -= end - seq.prefilled;
+                feeds.push((i, seq.request.prompt[seq.prefilled..end].to_vec()));
+            }
+        }
+        self.per_model.batch_size.observe(feeds.len() as f64);
+        let logits = {
+            let mut caches: Vec<Option<&mut SeqCache>> = live.iter_mut().map(|s| Some(&mut s.cache)).collect();
+            let mut segments: Vec<Segment<'_>> = feeds
+                .iter()
+                .map(|(i, tokens)| Segment { tokens, cache: caches[*i].take().expect("one feed per sequence") })
+                .collect();
+            self.model.forward_batch(&mut segments)?
+        };
+        for (row, (i, tokens)) in feeds.iter().enumerate() {
+            let seq = &mut live[*i];
+            if seq.next.is_none() {
+                seq.prefilled += tokens.len();
+                if seq.prefilled < seq.request.prompt.len() {
+                    continue;
+                }
+                self.per_model.prompt_tokens.inc_by(seq.request.prompt.len() as u64);
+                seq.phase = tracing::info_span!(parent: &seq.request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
+            }
+            let mut row_logits = logits.get(row)?.to_vec1::<f32>()?;
+            self.advance(seq, &mut row_logits);
+        }
+        Ok(())
+    }
+
+    /// Samples one token from `logits` and sends what it releases; sets `next` to feed it,
+    /// or closes the sequence.
+    fn advance(&self, seq: &mut Sequence, logits: &mut [f32]) {
+        let m = &self.per_model;
         let tokenizer = &self.tokenizer.tokenizer;
-        let mut sampler = Sampler::new(request.sampling.clone(), &request.prompt);
-        let mut detok = Detokenizer::new();
-        let mut stop = StopMatcher::new(request.stop.iter().cloned());
-        let mut generated = 0usize;
-        let mut last_token_at = Instant::now();
-        let mut first = true;
-        let finish = |reason: FinishReason, text: String, generated: usize| StreamEvent::Finished {
+        let prompt_tokens = seq.request.prompt.len();
+        let sampled = seq.sampler.sample(logits);
+        seq.generated += 1;
+        let now = Instant::now();
+        if seq.generated == 1 {
+            m.ttft.observe(seq.request.received.elapsed().as_secs_f64());
+        } else {
+            m.itl.observe((now - seq.last_token_at).as_secs_f64());
+        }
+        seq.last_token_at = now;
+        m.generation_tokens.inc();
+        let generated = seq.generated;
+        let finish = |reason: FinishReason, text: String| StreamEvent::Finished {
             text,
             reason,
             prompt_tokens,
             completion_tokens: generated,
         };
-        loop {
-            let sampled = sampler.sample(&mut logits);
-            generated += 1;
-            let now = Instant::now();
-            if first {
-                m.ttft.observe(request.received.elapsed().as_secs_f64());
-                first = false;
+        let done = if self.tokenizer.stop_ids.contains(&sampled.token) {
+            let rest = seq.detok.finish(tokenizer);
+            let mut text = seq.stop.push(&rest).text;
+            text.push_str(&seq.stop.finish());
+            let _ = seq.events.send(finish(FinishReason::Stop, text));
+            true
+        } else {
+            let piece = seq.detok.push(tokenizer, sampled.token);
+            let matched = seq.stop.push(&piece);
+            let logprob = sampled.logprob.map(|logprob| TokenLogprob {
+                token: self.tokenizer.token_text(sampled.token),
+                logprob,
+                top: sampled.top.iter().map(|(id, lp)| (self.tokenizer.token_text(*id), *lp)).collect(),
+            });
+            let stopped = matched.stopped.is_some();
+            let _ = seq.events.send(StreamEvent::Token { id: sampled.token, text: matched.text, logprob });
+            if stopped {
+                let _ = seq.events.send(finish(FinishReason::Stop, String::new()));
+                true
+            } else if generated >= seq.request.max_tokens || seq.cache.len() + 1 > seq.cache.capacity() {
+                let rest = seq.detok.finish(tokenizer);
+                let mut text = seq.stop.push(&rest).text;
+                let reason = if seq.stop.is_stopped() { FinishReason::Stop } else { FinishReason::Length };
+                text.push_str(&seq.stop.finish());
+                let _ = seq.events.send(finish(reason, text));
+                true
             } else {
-                m.itl.observe((now - last_token_at).as_secs_f64());
+                false
             }
-            last_token_at = now;
-            m.generation_tokens.inc();
-
-            let step = if self.tokenizer.stop_ids.contains(&sampled.token) {
-                let rest = detok.finish(tokenizer);
-                let mut text = stop.push(&rest).text;
-                text.push_str(&stop.finish());
-                let _ = events.send(finish(FinishReason::Stop, text, generated));
-                Step::Done
-            } else {
-                let piece = detok.push(tokenizer, sampled.token);
-                let matched = stop.push(&piece);
-                let logprob = sampled.logprob.map(|logprob| TokenLogprob {
-                    token: self.tokenizer.token_text(sampled.token),
-                    logprob,
-                    top: sampled.top.iter().map(|(id, lp)| (self.tokenizer.token_text(*id), *lp)).collect(),
-                });
-                let stopped = matched.stopped.is_some();
-                let _ = events.send(StreamEvent::Token { id: sampled.token, text: matched.text, logprob });
-                if stopped {
-                    let _ = events.send(finish(FinishReason::Stop, String::new(), generated));
-                    Step::Done
-                } else if generated >= request.max_tokens || cache.len() + 1 > cache.capacity() {
-                    let rest = detok.finish(tokenizer);
-                    let mut text = stop.push(&rest).text;
-                    let reason = if stop.is_stopped() { FinishReason::Stop } else { FinishReason::Length };
-                    text.push_str(&stop.finish());
-                    let _ = events.send(finish(reason, text, generated));
-                    Step::Done
-                } else {
-                    Step::Continue
-                }
-            };
-            if matches!(step, Step::Done) || events.is_closed() {
-                decode.record("tokens", generated);
-                return Ok(());
-            }
-            logits = self.model.forward(&[sampled.token], &mut cache)?.to_vec1::<f32>()?;
-            self.drain_arrivals(rx, queue);
+        };
+        seq.next = Some(sampled.token);
+        if done {
+            seq.phase.record("tokens", generated);
+            seq.finished = true;
         }
     }
 }
 
-/// Runs `f` when dropped (so gauges are restored on every exit path, `?` included).
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
+impl Sequence {
+    /// Finished, or its client is gone.
+    fn is_over(&self) -> bool {
+        self.finished || self.events.is_closed()
     }
-    Guard(Some(f))
 }
+
