@@ -232,6 +232,9 @@ pub struct Limits {
     pub max_queue: usize,
     /// Sequences a model generates together (continuous batching); more wait in the queue.
     pub max_batch: usize,
+    /// Memory per model for the KV of finished sequences, reused by prompts that start with
+    /// them (a session's next turn, a shared system prompt); 0 turns reuse off.
+    pub prefix_cache_mb: usize,
     /// `max_tokens` used when a request gives none: the rest of the context, capped here.
     pub default_max_tokens: usize,
     /// At most this many `stop` strings per request (OpenAI: 4).
@@ -247,6 +250,7 @@ impl Default for Limits {
         Limits {
             max_queue: 64,
             max_batch: 8,
+            prefix_cache_mb: 1024,
             default_max_tokens: 4096,
             max_stop_sequences: 4,
             max_stop_bytes: 256,

@@ -366,7 +366,8 @@ fn a_chat_template_in_the_config_overrides_the_built_in_one() {
 /// each gives alone (per-sequence caches, positions and samplers; shared matmuls).
 #[test]
 fn batched_generation_equals_single_stream_generation() {
-    let server = Server::start("");
+    // Prefix reuse off: the batched run must prefill its prompts, not copy the first run's.
+    let server = Server::start("[limits]\nprefix_cache_mb = 0");
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colours are"];
     let complete = |prompt: &str| {
         let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "logit_bias": {"1": -100, "106": -100}});
@@ -446,4 +447,38 @@ fn soak_with_random_disconnects_leaves_nothing_stuck() {
     }
     let (second, third) = (after_round[1] as f64, after_round[2] as f64);
     assert!(third < second * 1.15, "memory grew from {second} kB to {third} kB between rounds: {after_round:?}");
+}
+
+fn counter(server: &Server, name: &str) -> f64 {
+    let metrics = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
+    metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Prefix reuse: a conversation's next turn starts with the previous turn's prompt and
+/// reply, whose KV is kept; it is copied instead of prefilled, and the reply is the same
+/// as without reuse.
+#[test]
+fn the_next_turn_reuses_the_previous_turns_kv_and_answers_the_same() {
+    let with_reuse = Server::start("");
+    let without = Server::start("[limits]\nprefix_cache_mb = 0");
+    let history = json!([
+        {"role": "user", "content": "Tell me about lighthouses and the people who kept them, in detail."},
+    ]);
+    let turn = |server: &Server, messages: &Value| {
+        let (status, r) = post(server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 24, "temperature": 0}));
+        assert_eq!(status, 200, "{r}");
+        (r["choices"][0]["message"]["content"].as_str().unwrap().to_string(), r["usage"]["prompt_tokens"].as_f64().unwrap())
+    };
+    let (first, first_prompt) = turn(&with_reuse, &history);
+    assert_eq!(counter(&with_reuse, "wisp_prefix_cache_hit_tokens_total"), 0.0);
+    let mut next = history.as_array().unwrap().clone();
+    next.push(json!({"role": "assistant", "content": first}));
+    next.push(json!({"role": "user", "content": "And today?"}));
+    let next = Value::Array(next);
+    let (reply, _) = turn(&with_reuse, &next);
+    let reused = counter(&with_reuse, "wisp_prefix_cache_hit_tokens_total");
+    assert!(reused >= first_prompt, "the whole first prompt ({first_prompt} tokens) is reused, got {reused}");
+    assert_eq!(turn(&without, &history).0, first);
+    assert_eq!(turn(&without, &next).0, reply, "reuse changes nothing in the output");
+    assert_eq!(counter(&without, "wisp_prefix_cache_hit_tokens_total"), 0.0);
 }

@@ -318,6 +318,7 @@ fn load(config: &ModelConfig, limits: &Limits, metrics: Arc<Metrics>) -> Result<
             max_queue: limits.max_queue,
             max_batch: limits.max_batch,
             prefill_chunk: config.prefill_chunk,
+            prefix_cache_bytes: limits.prefix_cache_mb << 20,
         },
         model,
         tokenizer.clone(),

@@ -157,6 +157,24 @@ impl SeqCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Bytes of keys and values this cache holds (its capacity, not its length).
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    /// Copies the first `n` positions of `other` into this (empty) cache: a prompt that
+    /// starts with those tokens skips their prefill.
+    pub fn copy_prefix(&mut self, other: &SeqCache, n: usize) -> Result<()> {
+        if n > other.len || n > self.capacity {
+            candle_core::bail!("cannot reuse {n} positions (source holds {}, room for {})", other.len, self.capacity)
+        }
+        for (dst, src) in self.k.iter_mut().zip(&other.k).chain(self.v.iter_mut().zip(&other.v)) {
+            dst.slice_set(&src.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+        }
+        self.len = n;
+        Ok(())
+    }
 }
 
 struct RmsNorm {

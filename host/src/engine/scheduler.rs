@@ -33,6 +33,8 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Prompt tokens per step (a longer prompt is prefilled over several steps).
     pub prefill_chunk: usize,
+    /// Memory for the KV of finished sequences kept for prefix reuse, in bytes.
+    pub prefix_cache_bytes: usize,
 }
 
 struct Job {
@@ -65,6 +67,7 @@ impl Scheduler {
             model_id: config.model_id.clone(),
             prefill_chunk: config.prefill_chunk,
             max_batch: config.max_batch,
+            prefixes: std::cell::RefCell::new(PrefixCache::new(config.prefix_cache_bytes)),
         };
         std::thread::Builder::new()
             .name(format!("wisp-engine-{}", config.model_id))
@@ -99,6 +102,7 @@ struct ModelMetrics {
     itl: prometheus::Histogram,
     prompt_tokens: prometheus::IntCounter,
     generation_tokens: prometheus::IntCounter,
+    prefix_hit_tokens: prometheus::IntCounter,
     batch_size: prometheus::Histogram,
     running: prometheus::IntGauge,
     waiting: prometheus::IntGauge,
@@ -114,6 +118,7 @@ impl ModelMetrics {
             prompt_tokens: metrics.prompt_tokens.with_label_values(&label),
             generation_tokens: metrics.generation_tokens.with_label_values(&label),
             batch_size: metrics.batch_size.with_label_values(&label),
+            prefix_hit_tokens: metrics.prefix_hit_tokens.with_label_values(&label),
             running: metrics.requests_running.with_label_values(&label),
             waiting: metrics.requests_waiting.with_label_values(&label),
         }
@@ -129,6 +134,71 @@ struct Worker {
     model_id: String,
     prefill_chunk: usize,
     max_batch: usize,
+    prefixes: std::cell::RefCell<PrefixCache>,
+}
+
+/// Prompts shorter than this are prefilled, not looked up.
+const MIN_REUSE_TOKENS: usize = 16;
+
+/// The KV caches of finished sequences with the tokens they hold, most recently used last,
+/// within a memory budget (least recently used evicted first). A new prompt that starts
+/// with one of them (a session's next turn starts with the previous turn's prompt and reply;
+/// many requests share a system prompt) copies that prefix instead of prefilling it.
+struct PrefixCache {
+    entries: Vec<(Vec<u32>, SeqCache)>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl PrefixCache {
+    fn new(budget: usize) -> PrefixCache {
+        PrefixCache { entries: Vec::new(), bytes: 0, budget }
+    }
+
+    /// The entry sharing the longest prefix with `prompt` (at most `prompt.len() - 1`
+    /// tokens: the last one is fed to get logits), moved to the most recent place.
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, &SeqCache)> {
+        let limit = prompt.len().saturating_sub(1);
+        let (idx, shared) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (tokens, _))| (i, tokens.iter().zip(prompt).take(limit).take_while(|(a, b)| a == b).count()))
+            .max_by_key(|(_, shared)| *shared)?;
+        if shared < MIN_REUSE_TOKENS {
+            return None;
+        }
+        let entry = self.entries.remove(idx);
+        self.entries.push(entry);
+        self.entries.last().map(|(_, cache)| (shared, cache))
+    }
+
+    /// Keeps `cache` (holding `tokens`), compacted to its length, evicting the least
+    /// recently used entries to stay within the budget.
+    fn insert(&mut self, model: &Model, tokens: Vec<u32>, cache: &SeqCache) -> candle_core::Result<()> {
+        if tokens.len() < MIN_REUSE_TOKENS || self.budget == 0 {
+            return Ok(());
+        }
+        // One entry per distinct history: a longer sequence replaces those it extends.
+        let before = self.entries.len();
+        self.entries.retain(|(old, _)| !tokens.starts_with(old));
+        if self.entries.len() != before {
+            self.bytes = self.entries.iter().map(|(_, c)| c.bytes()).sum();
+        }
+        let mut compact = model.new_cache(tokens.len())?;
+        compact.copy_prefix(cache, tokens.len())?;
+        let size = compact.bytes();
+        if size > self.budget {
+            return Ok(());
+        }
+        while self.bytes + size > self.budget && !self.entries.is_empty() {
+            let (_, evicted) = self.entries.remove(0);
+            self.bytes -= evicted.bytes();
+        }
+        self.bytes += size;
+        self.entries.push((tokens, compact));
+        Ok(())
+    }
 }
 
 /// A sequence being generated.
@@ -138,6 +208,8 @@ struct Sequence {
     cache: SeqCache,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Generated tokens already fed back (in the cache after the prompt).
+    fed: Vec<u32>,
     /// The token to feed next, once the prompt is in.
     next: Option<u32>,
     sampler: Sampler,
@@ -184,6 +256,14 @@ impl Worker {
                     self.fail(&seq.events, &e);
                 }
             }
+            for seq in live.iter().filter(|s| s.is_over()) {
+                let tokens: Vec<u32> = seq.request.prompt[..seq.prefilled].iter().chain(&seq.fed).copied().collect();
+                if tokens.len() == seq.cache.len()
+                    && let Err(e) = self.prefixes.borrow_mut().insert(&self.model, tokens, &seq.cache)
+                {
+                    tracing::warn!(model = %self.model_id, error = %e, "keeping a prefix failed");
+                }
+            }
             let before = live.len();
             live.retain(|seq| !seq.is_over());
             for _ in live.len()..before {
@@ -214,10 +294,20 @@ impl Worker {
             return Ok(None);
         }
         self.per_model.queue.observe(request.received.elapsed().as_secs_f64());
-        let cache = match self.model.new_cache(request.prompt.len() + request.max_tokens) {
+        let mut cache = match self.model.new_cache(request.prompt.len() + request.max_tokens) {
             Ok(cache) => cache,
             Err(e) => return Err((events, e)),
         };
+        let mut prefilled = 0;
+        if let Some((shared, source)) = self.prefixes.borrow_mut().lookup(&request.prompt) {
+            match cache.copy_prefix(source, shared) {
+                Ok(()) => {
+                    prefilled = shared;
+                    self.per_model.prefix_hit_tokens.inc_by(shared as u64);
+                }
+                Err(e) => return Err((events, e)),
+            }
+        }
         let phase = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens = request.prompt.len());
         Ok(Some(Sequence {
             sampler: Sampler::new(request.sampling.clone(), &request.prompt),
@@ -225,7 +315,8 @@ impl Worker {
             request,
             events,
             cache,
-            prefilled: 0,
+            prefilled,
+            fed: Vec::new(),
             next: None,
             detok: Detokenizer::new(),
             generated: 0,
@@ -263,7 +354,9 @@ impl Worker {
         };
         for (row, (i, tokens)) in feeds.iter().enumerate() {
             let seq = &mut live[*i];
-            if seq.next.is_none() {
+            if seq.next.is_some() {
+                seq.fed.push(tokens[0]);
+            } else {
                 seq.prefilled += tokens.len();
                 if seq.prefilled < seq.request.prompt.len() {
                     continue;
