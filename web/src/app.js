@@ -141,36 +141,22 @@ function renderSessions() {
     const li = document.createElement("li");
     li.dataset.id = s.id;
     li.className = state.current?.id === s.id ? "active" : "";
-    const title = document.createElement("button");
-    title.type = "button";
-    title.className = "title";
-    title.textContent = s.title || "New chat";
-    title.title = s.title || "New chat";
-    title.addEventListener("click", () => openSession(s.id).catch((e) => notice(e.message)));
+    const name = s.title || "New chat";
+    const title = button(name, "title", () => openSession(s.id).catch((e) => notice(e.message)), name);
     const actions = document.createElement("span");
     actions.className = "actions";
-    const rename = document.createElement("button");
-    rename.type = "button";
-    rename.className = "rename";
-    rename.title = "Rename";
-    rename.textContent = "✎";
-    rename.addEventListener("click", async () => {
-      const name = prompt("Rename chat", s.title);
-      if (name === null) return;
-      await api("PATCH", `/v1/sessions/${s.id}`, { title: name.trim() }).catch((e) => notice(e.message));
+    const rename = button("✎", "rename", async () => {
+      const newName = prompt("Rename chat", s.title);
+      if (newName === null) return;
+      await api("PATCH", `/v1/sessions/${s.id}`, { title: newName.trim() }).catch((e) => notice(e.message));
       await refreshSessions();
-    });
-    const del = document.createElement("button");
-    del.type = "button";
-    del.className = "delete";
-    del.title = "Delete";
-    del.textContent = "×";
-    del.addEventListener("click", async () => {
-      if (!confirm(`Delete “${s.title || "New chat"}”?`)) return;
+    }, "Rename");
+    const del = button("×", "delete", async () => {
+      if (!confirm(`Delete “${name}”?`)) return;
       await api("DELETE", `/v1/sessions/${s.id}`).catch((e) => notice(e.message));
       if (state.current?.id === s.id) newChat();
       await refreshSessions();
-    });
+    }, "Delete");
     actions.append(rename, del);
     li.append(title, actions);
     ul.append(li);
@@ -244,11 +230,12 @@ function renderMessages() {
   box.scrollTop = box.scrollHeight;
 }
 
-function button(label, cls, onClick) {
+function button(label, cls, onClick, tooltip) {
   const b = document.createElement("button");
   b.type = "button";
   b.className = cls;
   b.textContent = label;
+  if (tooltip) b.title = tooltip;
   b.addEventListener("click", onClick);
   return b;
 }
