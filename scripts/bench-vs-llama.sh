@@ -61,8 +61,9 @@ for test in (f"pp{pp}", f"tg{tg}"):
 PY
 
 # Serving under load. httpx comes with the openai SDK in .venv (scripts/setup-test-deps.sh).
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY=.venv/bin/python
+"$PY" -c "import httpx" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "httpx==0.28.1"
 CONCURRENCY=${CONCURRENCY:-1,8}
 dir=$(mktemp -d)
 server=""
@@ -77,6 +78,7 @@ wait_ready http://127.0.0.1:18080/ready
 echo
 echo "serve: wisp (max_batch 8), $THREADS threads"
 "$PY" scripts/serve_bench.py --base-url http://127.0.0.1:18080 --model bench --concurrency "$CONCURRENCY" --max-tokens "$TG" --prompt-tokens "$PP"
+"$PY" scripts/turn_bench.py --base-url http://127.0.0.1:18080 --model bench --reps 2
 kill "$server"; wait "$server" 2>/dev/null || true; server=""
 
 "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18081 -np 8 -c 8192 --cont-batching >/dev/null 2>&1 &
@@ -85,3 +87,5 @@ wait_ready http://127.0.0.1:18081/health
 echo
 echo "serve: llama-server (-np 8, continuous batching), $THREADS threads"
 "$PY" scripts/serve_bench.py --base-url http://127.0.0.1:18081 --model bench --concurrency "$CONCURRENCY" --max-tokens "$TG" --prompt-tokens "$PP"
+"$PY" scripts/turn_bench.py --base-url http://127.0.0.1:18081 --model bench --reps 2 2>/dev/null \
+  || echo "(llama-server dropped the connection on a multi-turn request; no turn numbers for it)"
