@@ -235,3 +235,32 @@ fn a_hostile_plugin_cannot_take_the_server_down() {
     assert!(metrics.lines().any(|l| l.starts_with("wisp_plugin_failures_total") && l.contains("kind=\"timeout\"")), "{metrics}");
     assert!(metrics.lines().any(|l| l.starts_with("wisp_plugin_failures_total") && l.contains("kind=\"memory\"")));
 }
+
+/// A client that hangs up mid-stream is charged for what it used, not for what it reserved:
+/// the rate limiter hears `on-finish` with the usage so far.
+#[test]
+fn a_hung_up_stream_settles_its_rate_limit_reservation() {
+    use std::io::Read;
+    let server = Server::start_with_config(&plain_config(
+        "[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nconfig = { tokens_per_minute = 700 }\n",
+    ));
+    let body = |stream: bool| json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": stream});
+    // Reserves prompt + 400 of the 700 tokens; hang up after the first chunks.
+    let mut response = client().post(server.url("/v1/chat/completions")).json(&body(true)).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let mut buf = [0u8; 512];
+    let _ = response.read(&mut buf).unwrap();
+    drop(response);
+    // Settled to what was used, another 400-token reservation fits (it would not if the
+    // first still held 400).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client().post(server.url("/v1/chat/completions")).json(&json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stream": true})).send().unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(Instant::now() < deadline, "the hung-up stream's reservation was never settled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

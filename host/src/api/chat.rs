@@ -169,7 +169,7 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     let job = generate_request(&model, prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
     let prompt_tokens = job.prompt.len();
     let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
-    let governed = governed.map(|session| Governed { session, prompt_tokens, generated: 0 });
+    let governed = governed.map(|session| Governed { session, prompt_tokens, generated: 0, finished: false });
     let turn = session.as_ref().map(|s| {
         let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
         TurnRecord::new(state.store.clone(), s.id.clone(), new_messages, prompt_tokens)

@@ -296,7 +296,7 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
     let job = generate_request(&model, prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
     let meta = ResponseMeta::new(Endpoint::Completion, &model.id, valid.params.include_usage, valid.logprobs.is_some());
     let prompt_tokens = job.prompt.len();
-    let governed = session.map(|session| Governed { session, prompt_tokens, generated: 0 });
+    let governed = session.map(|session| Governed { session, prompt_tokens, generated: 0, finished: false });
     let stream = model.schedule(job)?;
     let echo = valid.echo.then_some(prompt_text);
     let output = Output::new(stream, governed, None, prompt_tokens);
@@ -327,6 +327,8 @@ struct Governed {
     session: PolicySession,
     prompt_tokens: usize,
     generated: usize,
+    /// `on-finish` ran (it runs once, however the output ends).
+    finished: bool,
 }
 
 impl Governed {
@@ -362,6 +364,7 @@ impl Governed {
     }
 
     async fn finish(&mut self, reason: &str) -> Result<String, ApiError> {
+        self.finished = true;
         let usage = policy::Usage {
             prompt_tokens: self.prompt_tokens.min(u32::MAX as usize) as u32,
             completion_tokens: self.generated.min(u32::MAX as usize) as u32,
@@ -494,6 +497,20 @@ impl Output {
             turn.write("cancelled", None).await?;
         }
         Ok((tail, self.prompt_tokens, self.generated))
+    }
+}
+
+impl Drop for Output {
+    /// A client that hangs up mid-stream: the plugins still hear `on-finish` (reason
+    /// `cancelled`, the usage so far), so a rate limiter settles its reservation.
+    fn drop(&mut self) {
+        let Some(mut governed) = self.governed.take().filter(|g| !g.finished) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if let Err(e) = governed.finish("cancelled").await {
+                tracing::warn!(error = %e, "on-finish after a hang-up failed");
+            }
+        });
     }
 }
 
