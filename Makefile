@@ -5,12 +5,13 @@
 # Tests and the binary share the release profile, so `make test` then `make run` builds once.
 
 CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: run test build model plugins web test-deps bench
 
 # Serves ./wisp.toml: the default model and the default plugins.
 run: model plugins web build
-	./target/release/wisp serve
+	$(TARGET_DIR)/release/wisp serve
 
 build:
 	$(CARGO) build --release --bin wisp
