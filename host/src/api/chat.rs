@@ -172,7 +172,7 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     let governed = governed.map(|session| Governed { session, prompt_tokens, generated: 0, finished: false });
     let turn = session.as_ref().map(|s| {
         let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-        TurnRecord::new(state.store.clone(), s.id.clone(), new_messages, prompt_tokens)
+        TurnRecord::new(state.store.clone(), s.id.clone(), new_messages)
     });
     let stream = model.schedule(job)?;
     Ok(Generation {
@@ -277,59 +277,46 @@ pub struct TurnRecord {
     session_id: String,
     new_messages: Vec<(String, String)>,
     reply: String,
-    prompt_tokens: usize,
-    generated: usize,
     written: bool,
 }
 
-
 impl TurnRecord {
-    fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>, prompt_tokens: usize) -> TurnRecord {
-        TurnRecord { store, session_id, new_messages, reply: String::new(), prompt_tokens, generated: 0, written: false }
+    fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>) -> TurnRecord {
+        TurnRecord { store, session_id, new_messages, reply: String::new(), written: false }
     }
 
-    /// Text released at the end (no token of its own).
     pub fn push(&mut self, text: &str) {
         self.reply.push_str(text);
     }
 
-    pub fn push_token(&mut self, text: &str) {
-        self.generated += 1;
-        self.reply.push_str(text);
-    }
-
-    fn turn(&mut self, finish_reason: &str, completion_tokens: Option<usize>) -> Turn {
+    fn turn(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Turn {
         self.written = true;
         Turn {
             new_messages: std::mem::take(&mut self.new_messages),
             reply: std::mem::take(&mut self.reply),
             finish_reason: finish_reason.to_string(),
-            usage: TurnUsage {
-                prompt_tokens: self.prompt_tokens as i64,
-                completion_tokens: completion_tokens.unwrap_or(self.generated) as i64,
-            },
+            usage: TurnUsage { prompt_tokens: prompt_tokens as i64, completion_tokens: completion_tokens as i64 },
         }
     }
 
     /// Writes the turn; the client hears the end only after it is stored.
-    pub async fn write(&mut self, finish_reason: &str, completion_tokens: Option<usize>) -> Result<(), ApiError> {
+    pub async fn write(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Result<(), ApiError> {
         if self.written {
             return Ok(());
         }
-        let turn = self.turn(finish_reason, completion_tokens);
+        let turn = self.turn(finish_reason, prompt_tokens, completion_tokens);
         self.store.append_turn(&self.session_id, &turn).await?;
         Ok(())
     }
-}
 
-impl Drop for TurnRecord {
-    /// A client that hangs up mid-reply: the partial reply is kept, marked `cancelled`.
-    fn drop(&mut self) {
+    /// A client that hung up mid-reply: the partial reply is kept, marked `cancelled`,
+    /// written in the background (the caller is a `Drop`).
+    pub fn abandon(mut self, prompt_tokens: usize, completion_tokens: usize) {
         if self.written {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let turn = self.turn("cancelled", None);
+        let turn = self.turn("cancelled", prompt_tokens, completion_tokens);
         let (store, id) = (self.store.clone(), self.session_id.clone());
         runtime.spawn(async move {
             if let Err(e) = store.append_turn(&id, &turn).await {

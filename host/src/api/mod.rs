@@ -461,13 +461,13 @@ impl Output {
             for event in &events {
                 match event {
                     StreamEvent::Token { text, .. } => {
-                        turn.push_token(text);
+                        turn.push(text);
                     }
                     StreamEvent::Finished { text, reason, completion_tokens, .. } => {
                         turn.push(text);
-                        turn.write(reason.as_str(), Some(*completion_tokens)).await?;
+                        turn.write(reason.as_str(), self.prompt_tokens, *completion_tokens).await?;
                     }
-                    StreamEvent::Error(_) => turn.write("error", None).await?,
+                    StreamEvent::Error(_) => turn.write("error", self.prompt_tokens, self.generated).await?,
                 }
             }
         }
@@ -494,16 +494,20 @@ impl Output {
         };
         if let Some(turn) = &mut self.turn {
             turn.push(&tail);
-            turn.write("cancelled", None).await?;
+            turn.write("cancelled", self.prompt_tokens, self.generated).await?;
         }
         Ok((tail, self.prompt_tokens, self.generated))
     }
 }
 
 impl Drop for Output {
-    /// A client that hangs up mid-stream: the plugins still hear `on-finish` (reason
-    /// `cancelled`, the usage so far), so a rate limiter settles its reservation.
+    /// A client that hangs up mid-stream: a session keeps the partial reply (`cancelled`),
+    /// and the plugins still hear `on-finish` with the usage so far, so a rate limiter
+    /// settles its reservation.
     fn drop(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            turn.abandon(self.prompt_tokens, self.generated);
+        }
         let Some(mut governed) = self.governed.take().filter(|g| !g.finished) else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {

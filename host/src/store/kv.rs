@@ -2,22 +2,19 @@
 //! one Postgres shares the counters) or on Redis. Both keep [`KvBackend`]'s contract,
 //! including expiry, and both are atomic across processes.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use redis::AsyncCommands;
 use sqlx::AnyPool;
 
+use super::now_ms;
 use crate::policy::kv::{KvBackend, parse_counter};
 
 /// How often expired rows are swept from the SQL table.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// `incr` is a compare-and-swap loop on SQL; contention this deep means something is wrong.
 const MAX_INCR_ATTEMPTS: usize = 64;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 fn expiry(ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|t| now_ms().saturating_add(t.as_millis().min(i64::MAX as u128) as i64))
