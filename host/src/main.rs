@@ -50,6 +50,7 @@ enum ConfigCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    wisp::engine::fix_thread_count();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve { config: None, listen: None }) {
         Command::Serve { config, listen } => {

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::qgemm::Int8Matrix;
+
 /// The architectures this file implements, from `general.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -188,8 +190,40 @@ impl RmsNorm {
     }
 }
 
+/// A weight matrix and the kernel that multiplies by it.
+enum Weight {
+    /// Q8_0 (and Q5_0 widened to it) on the CPU: wisp's repacked kernel (`qgemm`).
+    Int8(Arc<Int8Matrix>),
+    /// Anything else: candle's quantised matmul.
+    Candle(QMatMul),
+}
+
+impl Weight {
+    fn new(weight: QTensor) -> Result<Weight> {
+        match Weight::int8(&weight)? {
+            Some(w) => Ok(Weight::Int8(w)),
+            None => Ok(Weight::Candle(QMatMul::from_qtensor(weight)?)),
+        }
+    }
+
+    /// The weights in wisp's kernel's layout, if it serves them.
+    fn int8(weight: &QTensor) -> Result<Option<Arc<Int8Matrix>>> {
+        if !weight.device().is_cpu() {
+            return Ok(None);
+        }
+        Ok(Int8Matrix::from_qtensor(weight)?.map(Arc::new))
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Int8(w) => w.forward(xs),
+            Weight::Candle(w) => w.forward(xs),
+        }
+    }
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     /// Run a single row as two (see [`Linear::forward`]).
     pad_single_row: bool,
@@ -201,9 +235,10 @@ impl Linear {
         // with several (repacked tiles), and the two round differently: a sequence decoded
         // alone would not produce the tokens it produces beside others. Padding one row to
         // two keeps every row on the tiled kernel, so batched output equals single-stream
-        // output exactly (tested in host/tests/models.rs and e2e.rs).
+        // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
+        // kernel needs no such care.
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
-        Ok(Linear { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
+        Ok(Linear { weight: Weight::new(weight)?, bias, pad_single_row })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -215,6 +250,23 @@ impl Linear {
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
+        }
+    }
+}
+
+/// The token embedding table.
+enum Embedding {
+    /// Shared with the tied output projection.
+    Int8(Arc<Int8Matrix>),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// `(tokens, n_embd)` rows for `ids`.
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Int8(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
+            Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
         }
     }
 }
@@ -258,11 +310,11 @@ impl Rope {
 /// A loaded model: weights, RoPE tables and the forward pass.
 pub struct Model {
     hp: Hparams,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Weight,
     ropes: Vec<Rope>,
     /// Query heads grouped on one KV head.
     groups: usize,
@@ -283,10 +335,15 @@ impl Model {
     ) -> Result<Model> {
         let mut tensor = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
         let eps = hp.rms_eps as f32;
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => QMatMul::from_qtensor(fast_dtype(tensor("output.weight")?)?)?,
-            false => QMatMul::from_arc(embed.clone())?,
+        let embed = fast_dtype(tensor("token_embd.weight")?)?;
+        let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
+            (Embedding::Quantized(Arc::new(embed)), Weight::new(fast_dtype(tensor("output.weight")?)?)?)
+        } else if let Some(w) = Weight::int8(&embed)? {
+            // Tied: one copy of the table serves the lookup and the output projection.
+            (Embedding::Int8(w.clone()), Weight::Int8(w))
+        } else {
+            let t = Arc::new(embed);
+            (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
         let norm = RmsNorm { weight: tensor("output_norm.weight")?.dequantize(device)?, eps };
         let gemma = hp.family == Family::Gemma3;
@@ -396,8 +453,7 @@ impl Model {
             spans.push(Span { offset: all.len(), n, pos, masks: [None, None] });
             all.extend_from_slice(seg.tokens);
         }
-        let ids = Tensor::new(all.as_slice(), &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embed.forward(&all, &self.device)?.unsqueeze(0)?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
@@ -479,9 +535,9 @@ impl Model {
         let x = (x + attn)?;
 
         let h = layer.ffn_norm.forward(&x)?;
-        let gate = layer.gate.forward(&h)?;
-        let gate = if self.gelu { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
-        let mut ffn = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+        let act = if self.gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
+        let mut ffn = layer.down.forward(&act)?;
         if let Some(norm) = &layer.post_ffn_norm {
             ffn = norm.forward(&ffn)?;
         }
