@@ -9,8 +9,11 @@
 //! - RoPE tables are built once per frequency base, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
-//! - Q5_0/Q5_1 weights (which candle only has scalar kernels for) are requantised to Q8_0
-//!   at load.
+//! - Q5_0 weights (which candle only has scalar kernels for) are widened exactly to Q8_0
+//!   at load;
+//! - on the CPU, Q8_0 matrices (those widened ones and the tied embedding/output table) run
+//!   on wisp's own repacked int8 kernel ([`super::qgemm`]), the rest on candle's; Gemma's
+//!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
 //!
 //! Tensor names and hyper-parameter keys follow llama.cpp's GGUF conventions
 //! (`llama.cpp: src/llama-model.cpp`, `build_gemma3`, `build_llama`, `build_qwen2`).
