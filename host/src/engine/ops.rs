@@ -5,7 +5,21 @@
 //! Gemma's `gelu(gate) · up` into one pass with a rational tanh (the approximation Eigen
 //! uses for `tanh` on floats, max error ~1e-7 against libm), which LLVM turns into AVX2.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, Result, Storage, Tensor};
+
+/// Runs `f` on an f32 CPU tensor's values in place (a copy only if it is not contiguous),
+/// so per-step kernels read the activations without first copying them out.
+pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("tensor is not contiguous after `contiguous()`")
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(values)) => Ok(f(&values[start..end])),
+        _ => candle_core::bail!("expected f32 values on the CPU, got {:?} on {:?}", t.dtype(), t.device().location()),
+    }
+}
 
 /// `tanh(x)` as a ratio of odd and even polynomials of x, clamped where tanh is ±1 in f32.
 #[inline(always)]
@@ -43,9 +57,7 @@ pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
         candle_core::bail!("gelu_mul: shapes {:?} and {:?} differ", gate.shape(), up.shape())
     }
-    let g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    let out: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| gelu(g) * u).collect();
+    let out = with_cpu_f32(gate, |g| with_cpu_f32(up, |u| g.iter().zip(u).map(|(&g, &u)| gelu(g) * u).collect()))??;
     Tensor::from_vec(out, gate.shape(), gate.device())
 }
 

@@ -163,13 +163,14 @@ impl Int8Matrix {
         if dims.last() != Some(&k) {
             candle_core::bail!("matmul: input rows have {:?} values, weights {k}", dims.last())
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; xs.len() / k * n];
-        SCRATCH.with(|scratch| {
-            let mut xq = scratch.borrow_mut();
-            xq.quantize(&xs, k);
-            matmul(&xq, self, &mut out);
-        });
+        let mut out = vec![0f32; x.elem_count() / k * n];
+        super::ops::with_cpu_f32(x, |xs| {
+            SCRATCH.with(|scratch| {
+                let mut xq = scratch.borrow_mut();
+                xq.quantize(xs, k);
+                matmul(&xq, self, &mut out);
+            })
+        })?;
         *dims.last_mut().expect("checked above") = n;
         Tensor::from_vec(out, dims, &Device::Cpu)
     }
