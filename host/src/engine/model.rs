@@ -623,11 +623,11 @@ fn fast_dtype(t: QTensor) -> Result<QTensor> {
     if t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
         return Ok(t);
     }
-    const Q5_0_BLOCK: usize = 22; // f16 d, u32 high bits, 16 bytes of low nibbles
-    const Q8_0_BLOCK: usize = 34; // f16 d, 32 x i8
+    let q5_0_block = GgmlDType::Q5_0.type_size(); // f16 d, u32 high bits, 16 bytes of low nibbles
+    let q8_0_block = GgmlDType::Q8_0.type_size(); // f16 d, 32 x i8
     let data = t.data()?;
-    let mut out = Vec::with_capacity(data.len() / Q5_0_BLOCK * Q8_0_BLOCK);
-    for block in data.chunks_exact(Q5_0_BLOCK) {
+    let mut out = Vec::with_capacity(data.len() / q5_0_block * q8_0_block);
+    for block in data.chunks_exact(q5_0_block) {
         let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
         let qs = &block[6..22];
         let mut q = [0u8; 32];

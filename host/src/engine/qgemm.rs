@@ -93,7 +93,7 @@ impl Int8Matrix {
     /// The weights of a 2-D Q8_0 tensor (GGUF block: f16 scale, 32 × i8); `None` for any
     /// other type.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Int8Matrix>> {
-        const Q8_0_BLOCK: usize = 2 + BLOCK;
+        let q8_0_block = GgmlDType::Q8_0.type_size(); // f16 scale, 32 × i8
         if t.dtype() != GgmlDType::Q8_0 {
             return Ok(None);
         }
@@ -103,7 +103,7 @@ impl Int8Matrix {
         }
         let data = t.data()?;
         let blocks = cols / BLOCK;
-        if data.len() != rows * blocks * Q8_0_BLOCK {
+        if data.len() != rows * blocks * q8_0_block {
             candle_core::bail!("Q8_0 tensor of {rows}×{cols} holds {} bytes", data.len())
         }
         let groups = rows.div_ceil(COLS);
@@ -113,9 +113,9 @@ impl Int8Matrix {
             quants: vec![ZERO; groups * blocks * COLS],
             scales: vec![[0.0; COLS]; groups * blocks],
         };
-        for (r, row) in data.chunks_exact(blocks * Q8_0_BLOCK).enumerate() {
+        for (r, row) in data.chunks_exact(blocks * q8_0_block).enumerate() {
             let (group, lane) = (r / COLS, r % COLS);
-            for (b, block) in row.chunks_exact(Q8_0_BLOCK).enumerate() {
+            for (b, block) in row.chunks_exact(q8_0_block).enumerate() {
                 let tile = group * blocks + b;
                 m.scales[tile][lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 for (g, quad) in block[2..].chunks_exact(4).enumerate() {
