@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--no-usage", action="store_true", help="do not send stream_options")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--extra", type=json.loads, default={}, help='JSON merged into each body, e.g. \'{"ignore_eos": true}\'')
+    ap.add_argument("--jsonl", default="", help="also append each level's numbers to this file, one JSON object a line")
+    ap.add_argument("--label", default="", help="a name for the server in --jsonl rows")
     args = ap.parse_args()
     args.base_url = args.base_url.rstrip("/").removesuffix("/v1")
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -166,6 +168,9 @@ def main() -> None:
         print(f"| {s['conc']} | {s['reqs']} | {s['ttft50']:.0f} | {s['ttft95']:.0f} | {s['itl50']:.1f} "
               f"| {s['stream']:.1f} | {s['agg']:.1f} | {s['inp']:.0f} | {s['out']:.1f} | {s['errors']} |",
               flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({"bench": "serve", "server": args.label, **s}) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--history", default="0,512,1024,2048")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--jsonl", default="", help="also append each length's numbers to this file, one JSON object a line")
     args = ap.parse_args()
     client = httpx.Client(base_url=args.base_url, timeout=600)
     print(f"# {args.base_url} model={args.model}: TTFT of turn N (ms), by the history before it")
@@ -65,7 +66,11 @@ def main() -> None:
             t2, _ = ttft(client, args.model, earlier + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}])
             before.append(t1 * 1000)
             after.append(t2 * 1000)
-        print(f"| {h} | {statistics.median(before):.0f} | {statistics.median(after):.0f} |")
+        print(f"| {h} | {statistics.median(before):.0f} | {statistics.median(after):.0f} |", flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                row = {"bench": "turn", "history": h, "before_ms": statistics.median(before), "after_ms": statistics.median(after)}
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

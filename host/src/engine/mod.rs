@@ -6,6 +6,7 @@
 //! [`StreamEvent`]s. Dropping the stream cancels the generation at the next step. Nothing
 //! here knows HTTP.
 
+pub mod attention;
 pub mod model;
 pub mod ops;
 pub mod qgemm;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::attention::{self, Heads, LayerKv, SeqRows};
 use super::qgemm::Int8Matrix;
 
 /// The architectures this file implements, from `general.architecture`.
@@ -140,13 +141,20 @@ impl Hparams {
     }
 }
 
-/// One sequence's KV cache: per layer, K and V of shape `(1, n_kv_head, capacity, head_dim)`,
-/// filled in place up to `len`.
+/// One sequence's KV cache, per layer, preallocated to `capacity` positions and filled in
+/// place up to `len`.
 pub struct SeqCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    kv: Kv,
+    heads: Heads,
     len: usize,
     capacity: usize,
+}
+
+enum Kv {
+    /// On the CPU: plain buffers that [`attention::attend`] writes and reads.
+    Host(Vec<LayerKv>),
+    /// On a GPU: K and V tensors of shape `(1, n_kv_head, capacity, head_dim)` for candle's ops.
+    Device { k: Vec<Tensor>, v: Vec<Tensor> },
 }
 
 impl SeqCache {
@@ -165,7 +173,10 @@ impl SeqCache {
 
     /// Bytes of keys and values this cache holds (its capacity, not its length).
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        match &self.kv {
+            Kv::Host(layers) => layers.iter().map(|l| (l.k.len() + l.v.len()) * size_of::<f32>()).sum(),
+            Kv::Device { k, v } => k.iter().chain(v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+        }
     }
 
     /// Copies the first `n` positions of `other` into this (empty) cache: a prompt that
@@ -174,8 +185,18 @@ impl SeqCache {
         if n > other.len || n > self.capacity {
             candle_core::bail!("cannot reuse {n} positions (source holds {}, room for {})", other.len, self.capacity)
         }
-        for (dst, src) in self.k.iter_mut().zip(&other.k).chain(self.v.iter_mut().zip(&other.v)) {
-            dst.slice_set(&src.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+        match (&mut self.kv, &other.kv) {
+            (Kv::Host(dst), Kv::Host(src)) => {
+                for (dst, src) in dst.iter_mut().zip(src) {
+                    dst.copy_prefix(src, self.heads, n, other.capacity, self.capacity);
+                }
+            }
+            (Kv::Device { k, v }, Kv::Device { k: src_k, v: src_v }) => {
+                for (dst, src) in k.iter_mut().zip(src_k).chain(v.iter_mut().zip(src_v)) {
+                    dst.slice_set(&src.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                }
+            }
+            _ => candle_core::bail!("cannot copy a prefix between caches on different devices"),
         }
         self.len = n;
         Ok(())
@@ -184,10 +205,16 @@ impl SeqCache {
 
 struct RmsNorm {
     weight: Tensor,
+    /// The weights on the host, for the CPU attention's per-head norms.
+    values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
+    fn new(weight: Tensor, eps: f32) -> Result<RmsNorm> {
+        Ok(RmsNorm { values: weight.flatten_all()?.to_vec1()?, weight, eps })
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
     }
@@ -296,6 +323,9 @@ struct Layer {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables on the host, `(max_len, head_dim / 2)`, for the CPU attention.
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
 }
 
 impl Rope {
@@ -306,7 +336,8 @@ impl Rope {
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
         let t = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
         let freqs = t.matmul(&inv_freq)?;
-        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        Ok(Rope { cos_values: cos.flatten_all()?.to_vec1()?, sin_values: sin.flatten_all()?.to_vec1()?, cos, sin })
     }
 }
 
@@ -348,7 +379,7 @@ impl Model {
             let t = Arc::new(embed);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
-        let norm = RmsNorm { weight: tensor("output_norm.weight")?.dequantize(device)?, eps };
+        let norm = RmsNorm::new(tensor("output_norm.weight")?.dequantize(device)?, eps)?;
         let gemma = hp.family == Family::Gemma3;
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
@@ -365,7 +396,7 @@ impl Model {
             let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
             let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             let mut norm = |name: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm { weight: tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
+                RmsNorm::new(tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps)
             };
             let optional_norm = |norm: &mut dyn FnMut(&str) -> Result<RmsNorm>, name: &str| {
                 if gemma { norm(name).map(Some) } else { Ok(None) }
@@ -421,14 +452,19 @@ impl Model {
     /// A cache for one sequence of at most `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
         let capacity = capacity.min(self.max_len).max(1);
-        let shape = (1, self.hp.n_kv_head, capacity, self.hp.head_dim);
-        let mut k = Vec::with_capacity(self.hp.n_layer);
-        let mut v = Vec::with_capacity(self.hp.n_layer);
-        for _ in 0..self.hp.n_layer {
-            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-        }
-        Ok(SeqCache { k, v, len: 0, capacity })
+        let heads = self.heads();
+        let kv = if self.device.is_cpu() {
+            Kv::Host((0..self.hp.n_layer).map(|_| LayerKv::zeros(heads, capacity)).collect())
+        } else {
+            let shape = (1, heads.n_kv_head, capacity, heads.head_dim);
+            let zeros = || (0..self.hp.n_layer).map(|_| Tensor::zeros(shape, DType::F32, &self.device)).collect::<Result<Vec<_>>>();
+            Kv::Device { k: zeros()?, v: zeros()? }
+        };
+        Ok(SeqCache { kv, heads, len: 0, capacity })
+    }
+
+    fn heads(&self) -> Heads {
+        Heads { n_head: self.hp.n_head, n_kv_head: self.hp.n_kv_head, head_dim: self.hp.head_dim }
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
@@ -473,17 +509,9 @@ impl Model {
         self.output.forward(&last)?.squeeze(0)
     }
 
-    /// First key position visible to queries `pos..pos + n` of a layer with `window`.
-    fn first_key(pos: usize, window: Option<usize>) -> usize {
-        match window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        }
-    }
-
     /// Additive mask `(n, keys)`: 0 where query `pos + i` may see key `first + j`, -inf else.
     fn mask(&self, pos: usize, n: usize, window: Option<usize>) -> Result<Tensor> {
-        let first = Self::first_key(pos, window);
+        let first = attention::first_key(pos, window);
         let keys = pos + n - first;
         let mut mask = vec![0f32; n * keys];
         for i in 0..n {
@@ -507,11 +535,83 @@ impl Model {
         spans: &mut [Span],
         idx: usize,
     ) -> Result<Tensor> {
-        let hp = &self.hp;
         let h = layer.attn_norm.forward(x)?;
         let q_all = layer.wq.forward(&h)?;
         let k_all = layer.wk.forward(&h)?;
         let v_all = layer.wv.forward(&h)?;
+        let attn = if self.device.is_cpu() {
+            self.attention_host(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
+        } else {
+            self.attention_device(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
+        };
+        let mut attn = layer.wo.forward(&attn)?;
+        if let Some(norm) = &layer.post_attn_norm {
+            attn = norm.forward(&attn)?;
+        }
+        let x = (x + attn)?;
+
+        let h = layer.ffn_norm.forward(&x)?;
+        let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+        let act = if self.gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
+        let mut ffn = layer.down.forward(&act)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            ffn = norm.forward(&ffn)?;
+        }
+        x + ffn
+    }
+
+    /// Attention of every segment in one pass on the CPU ([`attention::attend`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_host(
+        &self,
+        layer: &Layer,
+        q_all: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        segments: &mut [Segment<'_>],
+        spans: &[Span],
+        idx: usize,
+    ) -> Result<Tensor> {
+        let rows = q_all.dim(1)?;
+        let mut q = q_all.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k_all.flatten_all()?.to_vec1::<f32>()?;
+        let v = v_all.flatten_all()?.to_vec1::<f32>()?;
+        let mut seqs = Vec::with_capacity(spans.len());
+        for (seg, span) in segments.iter_mut().zip(spans) {
+            let capacity = seg.cache.capacity;
+            let Kv::Host(layers) = &mut seg.cache.kv else {
+                candle_core::bail!("a device cache was given to the CPU attention")
+            };
+            seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv: &mut layers[idx] });
+        }
+        let rope = &self.ropes[layer.rope];
+        let spec = attention::Spec {
+            heads: self.heads(),
+            window: layer.window,
+            q_norm: layer.q_norm.as_ref().map(|n| &n.values[..]),
+            k_norm: layer.k_norm.as_ref().map(|n| &n.values[..]),
+            eps: self.hp.rms_eps as f32,
+            cos: &rope.cos_values,
+            sin: &rope.sin_values,
+            interleaved: self.interleaved_rope,
+        };
+        let out = attention::attend(&spec, &mut q, &mut k, &v, &mut seqs);
+        Tensor::from_vec(out, (1, rows, self.hp.n_head * self.hp.head_dim), &self.device)
+    }
+
+    /// Attention with candle's ops, one segment at a time (GPUs).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_device(
+        &self,
+        layer: &Layer,
+        q_all: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        segments: &mut [Segment<'_>],
+        spans: &mut [Span],
+        idx: usize,
+    ) -> Result<Tensor> {
+        let hp = &self.hp;
         let mut outs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans.iter_mut()) {
             let (n, pos) = (span.n, span.pos);
@@ -530,21 +630,7 @@ impl Model {
             };
             outs.push(self.attention(layer, q, k, v, pos, seg.cache, idx, mask)?);
         }
-        let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
-        let mut attn = layer.wo.forward(&attn)?;
-        if let Some(norm) = &layer.post_attn_norm {
-            attn = norm.forward(&attn)?;
-        }
-        let x = (x + attn)?;
-
-        let h = layer.ffn_norm.forward(&x)?;
-        let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
-        let act = if self.gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
-        let mut ffn = layer.down.forward(&act)?;
-        if let Some(norm) = &layer.post_ffn_norm {
-            ffn = norm.forward(&ffn)?;
-        }
-        x + ffn
+        if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 1) }
     }
 
     /// Attention of one sequence's `n` new positions (`q`, `k`, `v`: `(1, heads, n, d)`)
@@ -575,12 +661,15 @@ impl Model {
         } else {
             (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
         };
-        cache.k[idx].slice_set(&k, 2, pos)?;
-        cache.v[idx].slice_set(&v.contiguous()?, 2, pos)?;
-        let first = Self::first_key(pos, layer.window);
+        let Kv::Device { k: cache_k, v: cache_v } = &mut cache.kv else {
+            candle_core::bail!("a host cache was given to the device attention")
+        };
+        cache_k[idx].slice_set(&k, 2, pos)?;
+        cache_v[idx].slice_set(&v.contiguous()?, 2, pos)?;
+        let first = attention::first_key(pos, layer.window);
         let keys = pos + n - first;
-        let k_all = cache.k[idx].narrow(2, first, keys)?;
-        let v_all = cache.v[idx].narrow(2, first, keys)?;
+        let k_all = cache_k[idx].narrow(2, first, keys)?;
+        let v_all = cache_v[idx].narrow(2, first, keys)?;
 
         // Fold the query heads sharing a KV head into rows: (1, kv, groups * n, d).
         let scale = 1.0 / (hp.head_dim as f64).sqrt();

@@ -22,6 +22,13 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// A raw pointer to an output buffer shared by the worker threads of one parallel call,
+/// each of which writes only its own elements.
+#[derive(Clone, Copy)]
+pub struct SyncPtr(pub *mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
 /// `tanh(x)` as a ratio of odd and even polynomials of x, clamped where tanh is ±1 in f32.
 #[inline(always)]
 fn tanh(x: f32) -> f32 {

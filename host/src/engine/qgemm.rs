@@ -176,12 +176,6 @@ impl Int8Matrix {
     }
 }
 
-/// A raw pointer to the output, shared by the workers; each writes its own columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 /// Groups of output rows one worker takes at a time.
 const PANEL: usize = 2;
 
@@ -192,7 +186,7 @@ const RM: usize = 4;
 fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
     assert_eq!(x.blocks, w.blocks);
     assert_eq!(out.len(), x.rows * w.rows);
-    let dst = Out(out.as_mut_ptr());
+    let dst = super::ops::SyncPtr(out.as_mut_ptr());
     let groups = w.rows.div_ceil(COLS);
     candle_core::utils::barrier_pool().execute_chunked(groups.div_ceil(PANEL), |panels| {
         let dst = dst;
