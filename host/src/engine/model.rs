@@ -354,6 +354,8 @@ pub struct Model {
     groups: usize,
     max_len: usize,
     device: Device,
+    /// Attention by [`attention::attend`] on host buffers (the CPU), else by candle's ops.
+    host_attention: bool,
     gelu: bool,
     interleaved_rope: bool,
 }
@@ -436,12 +438,20 @@ impl Model {
             output,
             ropes,
             max_len,
+            host_attention: device.is_cpu(),
             device: device.clone(),
         })
     }
 
     pub fn hparams(&self) -> &Hparams {
         &self.hp
+    }
+
+    /// Runs attention with candle's ops (the GPU path) even on the CPU, so tests can check
+    /// the CPU kernel against it. Caches made before the switch no longer fit.
+    #[doc(hidden)]
+    pub fn use_candle_attention(&mut self) {
+        self.host_attention = false;
     }
 
     /// The longest sequence the position tables allow.
@@ -453,7 +463,7 @@ impl Model {
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
         let capacity = capacity.min(self.max_len).max(1);
         let heads = self.heads();
-        let kv = if self.device.is_cpu() {
+        let kv = if self.host_attention {
             Kv::Host((0..self.hp.n_layer).map(|_| LayerKv::zeros(heads, capacity)).collect())
         } else {
             let shape = (1, heads.n_kv_head, capacity, heads.head_dim);
@@ -539,7 +549,7 @@ impl Model {
         let q_all = layer.wq.forward(&h)?;
         let k_all = layer.wk.forward(&h)?;
         let v_all = layer.wv.forward(&h)?;
-        let attn = if self.device.is_cpu() {
+        let attn = if self.host_attention {
             self.attention_host(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
         } else {
             self.attention_device(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
