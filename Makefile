@@ -33,6 +33,6 @@ web:
 test-deps:
 	scripts/setup-test-deps.sh
 
-# prompt/decode speed of wisp beside llama.cpp's llama-bench on the same GGUF.
+# wisp beside llama.cpp (engine, servers under load, next-turn TTFT) on the same GGUF; ends in the goals table.
 bench: model
 	scripts/bench-vs-llama.sh

@@ -546,13 +546,11 @@ impl Model {
         idx: usize,
     ) -> Result<Tensor> {
         let h = layer.attn_norm.forward(x)?;
-        let q_all = layer.wq.forward(&h)?;
-        let k_all = layer.wk.forward(&h)?;
-        let v_all = layer.wv.forward(&h)?;
+        let qkv = [layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?];
         let attn = if self.host_attention {
-            self.attention_host(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
+            self.attention_host(layer, &qkv, segments, spans, idx)?
         } else {
-            self.attention_device(layer, &q_all, &k_all, &v_all, segments, spans, idx)?
+            self.attention_device(layer, &qkv, segments, spans, idx)?
         };
         let mut attn = layer.wo.forward(&attn)?;
         if let Some(norm) = &layer.post_attn_norm {
@@ -570,22 +568,12 @@ impl Model {
         x + ffn
     }
 
-    /// Attention of every segment in one pass on the CPU ([`attention::attend`]).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_host(
-        &self,
-        layer: &Layer,
-        q_all: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        segments: &mut [Segment<'_>],
-        spans: &[Span],
-        idx: usize,
-    ) -> Result<Tensor> {
-        let rows = q_all.dim(1)?;
-        let mut q = q_all.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k_all.flatten_all()?.to_vec1::<f32>()?;
-        let v = v_all.flatten_all()?.to_vec1::<f32>()?;
+    /// Attention of every segment in one pass on the CPU ([`attention::attend`]); `qkv`
+    /// holds the projections of all rows of the step.
+    fn attention_host(&self, layer: &Layer, qkv: &[Tensor; 3], segments: &mut [Segment<'_>], spans: &[Span], idx: usize) -> Result<Tensor> {
+        let rows = qkv[0].dim(1)?;
+        let [q, k, v] = qkv.each_ref().map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()));
+        let (mut q, mut k, v) = (q?, k?, v?);
         let mut seqs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans) {
             let capacity = seg.cache.capacity;
@@ -610,18 +598,9 @@ impl Model {
     }
 
     /// Attention with candle's ops, one segment at a time (GPUs).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_device(
-        &self,
-        layer: &Layer,
-        q_all: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        segments: &mut [Segment<'_>],
-        spans: &mut [Span],
-        idx: usize,
-    ) -> Result<Tensor> {
+    fn attention_device(&self, layer: &Layer, qkv: &[Tensor; 3], segments: &mut [Segment<'_>], spans: &mut [Span], idx: usize) -> Result<Tensor> {
         let hp = &self.hp;
+        let [q_all, k_all, v_all] = qkv;
         let mut outs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans.iter_mut()) {
             let (n, pos) = (span.n, span.pos);
