@@ -14,6 +14,9 @@
 //! - on the CPU, Q8_0 matrices (those widened ones and the tied embedding/output table) run
 //!   on wisp's own repacked int8 kernel ([`super::qgemm`]), the rest on candle's; Gemma's
 //!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
+//! - on the CPU, attention is one pass per layer over every sequence of the step
+//!   ([`super::attention`]) on caches that are plain host buffers; on GPUs it is candle's
+//!   ops, one sequence at a time.
 //!
 //! Tensor names and hyper-parameter keys follow llama.cpp's GGUF conventions
 //! (`llama.cpp: src/llama-model.cpp`, `build_gemma3`, `build_llama`, `build_qwen2`).
