@@ -208,16 +208,10 @@ impl SeqCache {
 
 struct RmsNorm {
     weight: Tensor,
-    /// The weights on the host, for the CPU attention's per-head norms.
-    values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
-    fn new(weight: Tensor, eps: f32) -> Result<RmsNorm> {
-        Ok(RmsNorm { values: weight.flatten_all()?.to_vec1()?, weight, eps })
-    }
-
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
     }
@@ -323,12 +317,10 @@ struct Layer {
     rope: usize,
 }
 
+/// `(max_len, head_dim / 2)` tables of every position's angles.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
-    /// The same tables on the host, `(max_len, head_dim / 2)`, for the CPU attention.
-    cos_values: Vec<f32>,
-    sin_values: Vec<f32>,
 }
 
 impl Rope {
@@ -339,8 +331,7 @@ impl Rope {
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
         let t = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
         let freqs = t.matmul(&inv_freq)?;
-        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-        Ok(Rope { cos_values: cos.flatten_all()?.to_vec1()?, sin_values: sin.flatten_all()?.to_vec1()?, cos, sin })
+        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
     }
 }
 
@@ -384,7 +375,7 @@ impl Model {
             let t = Arc::new(embed);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
-        let norm = RmsNorm::new(tensor("output_norm.weight")?.dequantize(device)?, eps)?;
+        let norm = RmsNorm { weight: tensor("output_norm.weight")?.dequantize(device)?, eps };
         let gemma = hp.family == Family::Gemma3;
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
@@ -401,7 +392,7 @@ impl Model {
             let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
             let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             let mut norm = |name: &str| -> Result<RmsNorm> {
-                RmsNorm::new(tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps)
+                Ok(RmsNorm { weight: tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
             };
             let optional_norm = |norm: &mut dyn FnMut(&str) -> Result<RmsNorm>, name: &str| {
                 if gemma { norm(name).map(Some) } else { Ok(None) }
@@ -574,9 +565,11 @@ impl Model {
     /// Attention of every segment in one pass on the CPU ([`attention::attend`]); `qkv`
     /// holds the projections of all rows of the step.
     fn attention_host(&self, layer: &Layer, qkv: &[Tensor; 3], segments: &mut [Segment<'_>], spans: &[Span], idx: usize) -> Result<Tensor> {
+        use super::ops::CpuValues;
         let rows = qkv[0].dim(1)?;
-        let [q, k, v] = qkv.each_ref().map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()));
-        let (mut q, mut k, v) = (q?, k?, v?);
+        // q and k are normed and rotated in place, so copied; the rest is read where it lies.
+        let (mut q, mut k) = (CpuValues::of(&qkv[0])?.to_vec(), CpuValues::of(&qkv[1])?.to_vec());
+        let v = CpuValues::of(&qkv[2])?;
         let mut seqs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans) {
             let capacity = seg.cache.capacity;
@@ -586,14 +579,17 @@ impl Model {
             seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv: &mut layers[idx] });
         }
         let rope = &self.ropes[layer.rope];
+        let q_norm = layer.q_norm.as_ref().map(|n| CpuValues::of(&n.weight)).transpose()?;
+        let k_norm = layer.k_norm.as_ref().map(|n| CpuValues::of(&n.weight)).transpose()?;
+        let (cos, sin) = (CpuValues::of(&rope.cos)?, CpuValues::of(&rope.sin)?);
         let spec = attention::Spec {
             heads: self.heads(),
             window: layer.window,
-            q_norm: layer.q_norm.as_ref().map(|n| &n.values[..]),
-            k_norm: layer.k_norm.as_ref().map(|n| &n.values[..]),
+            q_norm: q_norm.as_deref(),
+            k_norm: k_norm.as_deref(),
             eps: self.hp.rms_eps as f32,
-            cos: &rope.cos_values,
-            sin: &rope.sin_values,
+            cos: &cos,
+            sin: &sin,
             interleaved: self.interleaved_rope,
         };
         let out = attention::attend(&spec, &mut q, &mut k, &v, &mut seqs);

@@ -6,20 +6,44 @@
 //! uses for `tanh` on floats, max error < 2e-6 against libm, tested), which LLVM turns into
 //! AVX2.
 
-use candle_core::{CpuStorage, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
+
+/// The values of a contiguous f32 CPU tensor, borrowed in place (no copy) for as long as
+/// the view lives.
+pub struct CpuValues<'a> {
+    storage: StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> CpuValues<'a> {
+    pub fn of(t: &'a Tensor) -> Result<CpuValues<'a>> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("expected a contiguous tensor, got strides {:?}", layout.stride())
+        };
+        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("expected f32 values on the CPU, got {:?} on {:?}", t.dtype(), t.device().location())
+        }
+        Ok(CpuValues { storage, range: start..end })
+    }
+}
+
+impl std::ops::Deref for CpuValues<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(values)) => &values[self.range.clone()],
+            _ => unreachable!("checked in CpuValues::of"),
+        }
+    }
+}
 
 /// Runs `f` on an f32 CPU tensor's values in place (a copy only if it is not contiguous),
 /// so per-step kernels read the activations without first copying them out.
 pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("tensor is not contiguous after `contiguous()`")
-    };
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(values)) => Ok(f(&values[start..end])),
-        _ => candle_core::bail!("expected f32 values on the CPU, got {:?} on {:?}", t.dtype(), t.device().location()),
-    }
+    Ok(f(&CpuValues::of(&t)?))
 }
 
 /// A raw pointer to an output buffer shared by the worker threads of one parallel call,
