@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::config::{DEFAULT_MODEL_PATH, ModelConfig};
 use crate::engine::load_parts;
-use crate::engine::model::{Model, SeqCache, Segment};
+use crate::engine::model::{Model, Segment, SeqCache};
 use crate::engine::sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, clap::Args)]
@@ -74,8 +74,7 @@ fn batched_decode(model: &Model, prompt: &[u32], batch: usize, tokens: usize, ch
     let started = Instant::now();
     for _ in 0..tokens {
         let next: Vec<[u32; 1]> = samplers.iter_mut().zip(&mut logits).map(|(s, l)| [s.sample(l).token]).collect();
-        let mut segments: Vec<Segment<'_>> =
-            next.iter().zip(caches.iter_mut()).map(|(t, cache)| Segment { tokens: t, cache }).collect();
+        let mut segments: Vec<Segment<'_>> = next.iter().zip(caches.iter_mut()).map(|(t, cache)| Segment { tokens: t, cache }).collect();
         let out = model.forward_batch(&mut segments)?;
         for (row, l) in logits.iter_mut().enumerate() {
             *l = out.get(row)?.to_vec1::<f32>()?;

@@ -211,12 +211,7 @@ impl Default for ModelConfig {
 
 impl ModelConfig {
     fn default_model() -> Self {
-        ModelConfig {
-            id: DEFAULT_MODEL_ID.into(),
-            path: Some(DEFAULT_MODEL_PATH.into()),
-            default: true,
-            ..ModelConfig::default()
-        }
+        ModelConfig { id: DEFAULT_MODEL_ID.into(), path: Some(DEFAULT_MODEL_PATH.into()), default: true, ..ModelConfig::default() }
     }
 
     pub fn device_spec(&self) -> DeviceSpec {
@@ -328,7 +323,9 @@ impl Config {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
-        for (name, value) in [("timeout_seconds", self.server.timeout_seconds), ("generation_timeout_seconds", self.server.generation_timeout_seconds)] {
+        for (name, value) in
+            [("timeout_seconds", self.server.timeout_seconds), ("generation_timeout_seconds", self.server.generation_timeout_seconds)]
+        {
             if value == 0 {
                 return Err(invalid(format!("server.{name}"), "must be at least 1"));
             }
@@ -409,8 +406,7 @@ impl Config {
                 ));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
-            .map_err(|e| invalid("telemetry.log_level", e.to_string()))?;
+        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).map_err(|e| invalid("telemetry.log_level", e.to_string()))?;
         Ok(())
     }
 
@@ -499,7 +495,8 @@ mod tests {
         assert_eq!(c.plugins[0].limits.timeout_ms, 20);
         assert_eq!(c.plugins[0].limits.memory_mb, crate::policy::limits::DEFAULT_MEMORY_MB);
         assert!(c.plugins[0].config.contains_key("deny"));
-        let e = Config::from_toml("[[plugins]]\nname = \"a\"\nwasm = \"a.wasm\"\n[[plugins]]\nname = \"a\"\nwasm = \"b.wasm\"").unwrap_err();
+        let e =
+            Config::from_toml("[[plugins]]\nname = \"a\"\nwasm = \"a.wasm\"\n[[plugins]]\nname = \"a\"\nwasm = \"b.wasm\"").unwrap_err();
         assert!(e.to_string().contains("plugins[1].name"), "{e}");
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::policy::checks::RequestRules;
 use crate::policy::kv::MemoryKv;
 use crate::policy::limits::PluginLimits;
 use crate::policy::{Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, Request, Sampling, Usage};
@@ -111,7 +112,9 @@ fn new(name: &str, sdk: Option<PathBuf>) -> anyhow::Result<()> {
     println!("created {name}/ — a wisp policy plugin");
     println!("  cd {name} && cargo build --release        # builds {wasm}");
     println!("  wisp plugin test {wasm} --request request.json --config '{{\"word\": \"xyzzy\"}}'");
-    println!("then add it to wisp.toml:\n  [[plugins]]\n  name = \"{name}\"\n  wasm = \"{name}/{wasm}\"\n  config = {{ word = \"xyzzy\" }}");
+    println!(
+        "then add it to wisp.toml:\n  [[plugins]]\n  name = \"{name}\"\n  wasm = \"{name}/{wasm}\"\n  config = {{ word = \"xyzzy\" }}"
+    );
     Ok(())
 }
 
@@ -188,7 +191,7 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
     let config: toml::Table = serde_json::from_value(config).context("--config must be a JSON object")?;
     let name = wasm.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
     let plugin = PluginConfig { name, wasm: wasm.to_path_buf(), config, fail: FailMode::Closed, limits: PluginLimits::default() };
-    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()))?;
+    let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()), RequestRules::default())?;
     let chain = Arc::new(PolicyChain::load(engine, &[plugin]).await?);
     let prompt_chars: usize = t.messages.iter().map(|m| m.content.len()).sum();
     let request = Request {
@@ -235,7 +238,7 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
     if config.plugins.is_empty() {
         bail!("the config has no [[plugins]]");
     }
-    let engine = PolicyEngine::new(Arc::new(ForgetfulKv), Arc::new(Metrics::new()))?;
+    let engine = PolicyEngine::new(Arc::new(ForgetfulKv), Arc::new(Metrics::new()), RequestRules::default())?;
     let chain = Arc::new(PolicyChain::load(engine, &config.plugins).await?);
     let request = Request {
         route: "chat".into(),
@@ -271,13 +274,19 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
     println!("chain: {} ({} plugins), {requests} requests, 16 chunks each", names.join(" → "), names.len());
     println!("| stage | p50 µs | p99 µs |");
     println!("|---|---|---|");
-    for (stage, v) in [("instantiate + init (per request)", &start_us), ("on-request (per request)", &request_us), ("on-chunk (per chunk)", &chunk_us)] {
+    for (stage, v) in
+        [("instantiate + init (per request)", &start_us), ("on-request (per request)", &request_us), ("on-chunk (per chunk)", &chunk_us)]
+    {
         println!("| {stage} | {:.1} | {:.1} |", percentile(v, 0.5), percentile(v, 0.99));
     }
     let per_request: Vec<f64> = start_us.iter().zip(&request_us).map(|(a, b)| a + b).collect();
     let mut per_request = per_request;
     per_request.sort_by(f64::total_cmp);
-    println!("| whole chain before the model (per request) | {:.1} | {:.1} |", percentile(&per_request, 0.5), percentile(&per_request, 0.99));
+    println!(
+        "| whole chain before the model (per request) | {:.1} | {:.1} |",
+        percentile(&per_request, 0.5),
+        percentile(&per_request, 0.99)
+    );
     println!("on-chunk share of a {decode_ms} ms decode step: {:.3} % (p50)", percentile(&chunk_us, 0.5) / (decode_ms * 1000.0) * 100.0);
     Ok(())
 }

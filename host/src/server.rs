@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::engine::Registry;
 use crate::policy::PolicyEngine;
 use crate::policy::PolicyManager;
+use crate::policy::checks::RequestRules;
 use crate::policy::kv::KvBackend;
 use crate::store::SessionStore;
 use crate::store::kv::{RedisKv, SqlKv};
@@ -86,7 +87,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(url) => Arc::new(RedisKv::connect(url, "wisp:kv:").await?),
         None => Arc::new(SqlKv::new(store.pool().clone())),
     };
-    let engine = PolicyEngine::new(kv, metrics.clone())?;
+    let engine = PolicyEngine::new(kv, metrics.clone(), RequestRules::from_config(&config))?;
     let policies = PolicyManager::new(engine, &config.plugins, config.source.clone()).await?;
     if config.source.is_some() {
         policies.watch().context("watching the config and plugin files")?;
@@ -94,8 +95,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         let policies = policies.clone();
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("installing the SIGHUP handler")?;
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 let _ = policies.reload().await;

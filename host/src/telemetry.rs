@@ -4,9 +4,7 @@
 //! by configuration, never by client input. Latency buckets follow vLLM's, which suit LLM
 //! serving (milliseconds for inter-token latency, up to minutes end to end).
 
-use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
@@ -15,8 +13,8 @@ use crate::config::{LogFormat, TelemetryConfig};
 /// (info) and each plugin hook (debug), all inside the `request` span with its id. Prompts,
 /// replies and keys are never fields of any span or event.
 pub fn init_tracing(config: &TelemetryConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -28,13 +26,10 @@ pub fn init_tracing(config: &TelemetryConfig) {
     };
 }
 
-const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-];
-const ITL_BUCKETS: &[f64] =
-    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
-const E2E_BUCKETS: &[f64] =
-    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0];
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const ITL_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const E2E_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0];
 
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0];
 
@@ -60,7 +55,13 @@ pub struct Metrics {
     pub plugin_hook_seconds: HistogramVec,
     pub plugin_verdicts: IntCounterVec,
     pub plugin_failures: IntCounterVec,
+    /// The error codes `wisp_errors_total` has a series for.
+    error_codes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Distinct error codes `wisp_errors_total` keeps series for; later new codes (a plugin can
+/// invent denial codes) are counted under `other`, so the series stay bounded.
+pub const MAX_ERROR_CODES: usize = 64;
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -110,8 +111,22 @@ impl Metrics {
             ),
             plugin_verdicts: counter("wisp_plugin_verdicts_total", "Plugin on-request verdicts", &["plugin", "verdict"]),
             plugin_failures: counter("wisp_plugin_failures_total", "Plugin failures by kind", &["plugin", "kind"]),
+            error_codes: Default::default(),
             registry,
         }
+    }
+
+    /// Counts an error under its code, within [`MAX_ERROR_CODES`] series.
+    pub fn count_error(&self, code: &str) {
+        let mut codes = self.error_codes.lock().unwrap_or_else(|e| e.into_inner());
+        let label = match codes.contains(code) || codes.len() < MAX_ERROR_CODES {
+            true => {
+                codes.insert(code.to_string());
+                code
+            }
+            false => "other",
+        };
+        self.errors.with_label_values(&[label]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -125,5 +140,24 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_get_a_bounded_number_of_series() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_ERROR_CODES * 3 {
+            metrics.count_error(&format!("code_{i}"));
+        }
+        metrics.count_error("code_0");
+        let text = metrics.render();
+        let series = text.lines().filter(|l| l.starts_with("wisp_errors_total{")).count();
+        assert_eq!(series, MAX_ERROR_CODES + 1, "{text}");
+        assert!(text.contains("wisp_errors_total{type=\"other\"} 128"), "{text}");
+        assert!(text.contains("wisp_errors_total{type=\"code_0\"} 2"), "{text}");
     }
 }

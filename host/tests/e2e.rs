@@ -18,12 +18,7 @@ fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
 }
 
 fn post_raw(server: &Server, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
-    let r = client()
-        .post(server.url(path))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .expect("request");
+    let r = client().post(server.url(path)).header("content-type", "application/json").body(body).send().expect("request");
     let status = r.status().as_u16();
     (status, r.json().expect("JSON body"))
 }
@@ -33,11 +28,7 @@ fn sse_payloads(server: &Server, path: &str, body: &Value) -> Vec<String> {
     let r = client().post(server.url(path)).json(body).send().expect("request");
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    BufReader::new(r)
-        .lines()
-        .map(|l| l.expect("line"))
-        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
-        .collect()
+    BufReader::new(r).lines().map(|l| l.expect("line")).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
 }
 
 fn assert_openai_error(body: &Value, code: Option<&str>) {
@@ -59,10 +50,7 @@ fn chat_body(content: &str, extra: Value) -> Value {
 /// A counter or gauge value from the Prometheus text.
 fn metric(server: &Server, name: &str) -> f64 {
     let text = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 #[test]
@@ -95,8 +83,7 @@ fn chat_completion_answers_coherently_with_exact_usage() {
         {"role": "assistant", "content": "Rome."},
         {"role": "user", "content": "What is the capital of France?"},
     ]);
-    let (status, r) =
-        post(&server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 8, "temperature": 0}));
+    let (status, r) = post(&server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 8, "temperature": 0}));
     assert_eq!(status, 200, "{r}");
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.starts_with("Paris"), "{text}");
@@ -147,8 +134,7 @@ fn completions_stream_and_stop_across_tokens() {
     let full_text = full["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(full_text.contains("Thursday"), "{full_text}");
     // "rsday" starts inside a token: the cut must still land exactly before it.
-    let (_, cut) =
-        post(&server, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["rsday"]}));
+    let (_, cut) = post(&server, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["rsday"]}));
     let want = &full_text[..full_text.find("rsday").unwrap()];
     assert_eq!(cut["choices"][0]["text"], want);
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
@@ -320,7 +306,8 @@ fn config_check_names_the_bad_field() {
     assert!(stderr.contains("models[0].device"), "{stderr}");
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[server]\nlisten = \"0.0.0.0:9000\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wisp")).args(["config", "check"]).arg(&good).env("WISP_LIMITS__MAX_QUEUE", "7").output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_wisp")).args(["config", "check"]).arg(&good).env("WISP_LIMITS__MAX_QUEUE", "7").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("max_queue = 7") && stdout.contains("0.0.0.0:9000"), "{stdout}");
@@ -328,15 +315,13 @@ fn config_check_names_the_bad_field() {
 
 fn run_sdk(program: &str, args: &[&str]) {
     let server = Server::start("");
-    let out = Command::new(program).args(args).arg(&server.url).current_dir(workspace_root()).output().unwrap_or_else(|e| {
-        panic!("cannot run {program}: {e} (run `make setup` to install the SDKs)")
-    });
-    assert!(
-        out.status.success(),
-        "{program} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(program)
+        .args(args)
+        .arg(&server.url)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (run `make setup` to install the SDKs)"));
+    assert!(out.status.success(), "{program} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -387,11 +372,8 @@ fn batched_generation_equals_single_stream_generation() {
         .find(|l| l.starts_with("wisp_batch_size_bucket{") && l.contains("le=\"1\""))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap();
-    let steps = metrics
-        .lines()
-        .find(|l| l.starts_with("wisp_batch_size_count{"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap();
+    let steps =
+        metrics.lines().find(|l| l.starts_with("wisp_batch_size_count{")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap();
     assert!(steps > batched, "some steps ran more than one sequence ({batched} of {steps} steps had one)");
 }
 
@@ -481,4 +463,43 @@ fn the_next_turn_reuses_the_previous_turns_kv_and_answers_the_same() {
     assert_eq!(turn(&without, &history).0, first);
     assert_eq!(turn(&without, &next).0, reply, "reuse changes nothing in the output");
     assert_eq!(counter(&without, "wisp_prefix_cache_hit_tokens_total"), 0.0);
+}
+
+#[test]
+fn an_engine_panic_fails_its_requests_and_the_engine_serves_on() {
+    // Room for two requests: a leaked place would show as a 503 below.
+    let config = format!(
+        "[limits]\nmax_queue = 1\nmax_batch = 1\n[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\n",
+        common::default_model_path().display()
+    );
+    let server = Server::start_with_env(&config, &[("WISPTEST_ENGINE_PANIC_ON", "PANIC-NOW")]);
+    // The panicking request gets an error, in the OpenAI shape, not a hang.
+    let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "say PANIC-NOW", "max_tokens": 4}));
+    assert!(status >= 500, "{status} {body}");
+    assert_openai_error(&body, None);
+    // Readiness follows the engine, which is serving again.
+    assert_eq!(client().get(server.url("/ready")).send().unwrap().status().as_u16(), 200);
+    for _ in 0..3 {
+        let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "1, 2, 3,", "max_tokens": 4}));
+        assert_eq!(status, 200, "{body}");
+    }
+    // A panic while another request waits: each ends (an error or its completion), none
+    // hangs, and no place in the queue leaks.
+    let streams: Vec<_> = (0..2)
+        .map(|i| {
+            let url = server.url("/v1/completions");
+            std::thread::spawn(move || {
+                let prompt = if i == 0 { "PANIC-NOW" } else { "Once upon a time" };
+                client().post(url).json(&json!({"prompt": prompt, "max_tokens": 16})).send().map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    for s in streams {
+        s.join().unwrap().expect("a request hung or the connection broke");
+    }
+    assert!(metric(&server, "wisp_errors_total{type=\"engine_panic\"}") >= 2.0);
+    for _ in 0..4 {
+        let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
+        assert_eq!(status, 200, "{body}");
+    }
 }

@@ -143,11 +143,7 @@ fn the_governed_example_authenticates_guards_limits_and_reloads() {
 
 /// Drops the `[[plugins]]` block named `name` from a config text.
 fn remove_plugin(config: &str, name: &str) -> String {
-    config
-        .split("[[plugins]]")
-        .filter(|block| !block.contains(&format!("name = \"{name}\"")))
-        .collect::<Vec<_>>()
-        .join("[[plugins]]")
+    config.split("[[plugins]]").filter(|block| !block.contains(&format!("name = \"{name}\""))).collect::<Vec<_>>().join("[[plugins]]")
 }
 
 fn plain_config(plugins: &str) -> String {
@@ -206,7 +202,9 @@ fn a_hostile_plugin_cannot_take_the_server_down() {
     let hostile = |mode: &str, fail: &str| {
         // The memory bomb gets time enough to reach its memory cap, which is what must stop it.
         let timeout_ms = if mode == "memory" { 2000 } else { 50 };
-        format!("[[plugins]]\nname = \"hostile\"\nwasm = \"DIST/hostile.wasm\"\nfail = \"{fail}\"\nconfig = {{ mode = \"{mode}\" }}\n[plugins.limits]\ntimeout_ms = {timeout_ms}\nmemory_mb = 32\n")
+        format!(
+            "[[plugins]]\nname = \"hostile\"\nwasm = \"DIST/hostile.wasm\"\nfail = \"{fail}\"\nconfig = {{ mode = \"{mode}\" }}\n[plugins.limits]\ntimeout_ms = {timeout_ms}\nmemory_mb = 32\n"
+        )
     };
     let server = Server::start_with_config(&plain_config(&hostile("loop", "closed")));
     // Fails closed: a clear error, and the server goes on.
@@ -218,7 +216,8 @@ fn a_hostile_plugin_cannot_take_the_server_down() {
     }
     // Failing closed mid-stream: the stream ends with an error event in the OpenAI shape,
     // then [DONE].
-    let on_chunk = plain_config(&hostile("trap", "closed").replace("config = { mode = \"trap\" }", "config = { mode = \"trap\", hook = \"chunk\" }"));
+    let on_chunk =
+        plain_config(&hostile("trap", "closed").replace("config = { mode = \"trap\" }", "config = { mode = \"trap\", hook = \"chunk\" }"));
     rewrite_config(&server, &on_chunk, 1);
     let r = chat(&server, None, "hi", json!({"stream": true}));
     assert_eq!(r.status().as_u16(), 200);
@@ -255,7 +254,11 @@ fn a_hung_up_stream_settles_its_rate_limit_reservation() {
     // first still held 400).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = client().post(server.url("/v1/chat/completions")).json(&json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stream": true})).send().unwrap();
+        let r = client()
+            .post(server.url("/v1/chat/completions"))
+            .json(&json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stream": true}))
+            .send()
+            .unwrap();
         if r.status() == 200 {
             break;
         }
@@ -263,4 +266,85 @@ fn a_hung_up_stream_settles_its_rate_limit_reservation() {
         assert!(Instant::now() < deadline, "the hung-up stream's reservation was never settled");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Every API route runs the chain (auth included); only health, readiness, metrics, the
+/// API document and the web chat's files answer without a key.
+#[test]
+fn every_api_route_runs_the_plugin_chain() {
+    let server = Server::start_with_config(&governed_config(""));
+    let get = |path: &str, key: Option<&str>| {
+        let mut request = client().get(server.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().unwrap()
+    };
+    for path in ["/v1/models", "/v1/models/gemma-3-270m", "/v1/sessions"] {
+        assert_eq!(error_code(get(path, None)), (401, "missing_api_key".into()), "{path}");
+        assert_eq!(get(path, Some("sk-demo")).status().as_u16(), 200, "{path}");
+    }
+    assert_eq!(error_code(get("/v1/models/nope", Some("sk-demo"))), (404, "model_not_found".into()));
+    for path in ["/health", "/ready", "/metrics", "/openapi.json", "/", "/app.js"] {
+        assert_eq!(get(path, None).status().as_u16(), 200, "{path}");
+    }
+    // The admin key: the right one opens, any other (shorter, longer, one byte off) not.
+    assert_eq!(client().get(server.url("/admin/plugins")).bearer_auth(ADMIN_KEY).send().unwrap().status(), 200);
+    for wrong in ["", "test", "test-admin-kez", "test-admin-key-and-more"] {
+        let r = client().get(server.url("/admin/plugins")).bearer_auth(wrong).send().unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{wrong}");
+    }
+}
+
+/// A plugin's denial reaches the client bounded, and plugin-invented codes cannot grow the
+/// metrics without end.
+#[test]
+fn denials_are_bounded_in_the_body_and_in_the_metrics() {
+    let hostile = |mode: &str| format!("[[plugins]]\nname = \"hostile\"\nwasm = \"DIST/hostile.wasm\"\nconfig = {{ mode = \"{mode}\" }}\n");
+    let server = Server::start_with_config(&plain_config(&hostile("deny-huge")));
+    let r = chat(&server, None, "hi", json!({}));
+    assert_eq!(r.status().as_u16(), 403);
+    let body = r.text().unwrap();
+    assert!(body.len() < 8 * 1024, "a {} byte error body", body.len());
+    assert!(body.contains("\"policy_denied\""), "{body}");
+
+    rewrite_config(&server, &plain_config(&hostile("deny-unique")), 1);
+    for _ in 0..100 {
+        assert_eq!(chat(&server, None, "hi", json!({})).status().as_u16(), 403);
+    }
+    let metrics = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
+    let series = metrics.lines().filter(|l| l.starts_with("wisp_errors_total{")).count();
+    assert!(series <= 65, "{series} error series");
+    assert!(metrics.contains("wisp_errors_total{type=\"other\"}"), "{metrics}");
+}
+
+/// The plugins' kv on Redis, and Redis goes away: each plugin's fail mode decides, within
+/// its limits, and the server serves on; back, the limits count again.
+#[test]
+fn redis_down_under_a_plugin_is_decided_by_its_fail_mode() {
+    let proxy = common::FaultProxy::start("127.0.0.1:6379");
+    let limiter = |fail: &str| {
+        format!(
+            "[store]\nkv_url = \"redis://127.0.0.1:{}\"\n[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nfail = \"{fail}\"\nconfig = {{ requests_per_minute = 1000 }}\n",
+            proxy.port
+        )
+    };
+    let server = Server::start_with_config(&plain_config(&limiter("closed")));
+    assert_eq!(chat(&server, None, "hi", json!({})).status().as_u16(), 200);
+    proxy.set_down(true);
+    let started = Instant::now();
+    assert_eq!(error_code(chat(&server, None, "hi", json!({}))), (500, "policy_failed".into()));
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(client().get(server.url("/health")).send().unwrap().status().as_u16(), 200);
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while chat(&server, None, "hi", json!({})).status().as_u16() != 200 {
+        assert!(Instant::now() < deadline, "the plugin never recovered after Redis came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let open = Server::start_with_config(&plain_config(&limiter("open")));
+    proxy.set_down(true);
+    assert_eq!(chat(&open, None, "hi", json!({})).status().as_u16(), 200, "an open plugin is skipped when Redis is down");
+    proxy.set_down(false);
 }

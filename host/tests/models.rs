@@ -56,7 +56,8 @@ fn write_tiny(tiny: &Tiny, path: &std::path::Path) {
             let mut types = vec![2, 3, 3];
             tokens.extend((0..256).map(|b| format!("<0x{b:02X}>")));
             types.extend(std::iter::repeat_n(6, 256));
-            for t in ["▁", "h", "e", "l", "o", "he", "ll", "llo", "hello", "▁hello", "w", "r", "d", "▁w", "or", "▁wor", "ld", "▁world"] {
+            for t in ["▁", "h", "e", "l", "o", "he", "ll", "llo", "hello", "▁hello", "w", "r", "d", "▁w", "or", "▁wor", "ld", "▁world"]
+            {
                 tokens.push(t.into());
                 types.push(1);
             }

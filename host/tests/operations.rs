@@ -169,10 +169,7 @@ fn request_ids_round_trip_and_reach_the_engine_logs_but_prompts_do_not() {
 
 #[test]
 fn cors_and_route_time_limits() {
-    let config = format!(
-        "[server]\ncors_origins = [\"http://chat.example\"]\ngeneration_timeout_seconds = 1\n{}",
-        model()
-    );
+    let config = format!("[server]\ncors_origins = [\"http://chat.example\"]\ngeneration_timeout_seconds = 1\n{}", model());
     let server = Server::start_with_config(&config);
     let preflight = |origin: &str| {
         client()
@@ -202,7 +199,8 @@ fn cors_and_route_time_limits() {
 
 /// Opens a streamed chat and reads its first event.
 fn open_stream(server: &Server, max_tokens: u32) -> BufReader<reqwest::blocking::Response> {
-    let body = json!({"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": max_tokens, "stream": true, "temperature": 0});
+    let body =
+        json!({"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": max_tokens, "stream": true, "temperature": 0});
     let mut stream = BufReader::new(client().post(server.url("/v1/chat/completions")).json(&body).send().unwrap());
     let mut first = String::new();
     stream.read_line(&mut first).unwrap();

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use wisp::policy::kv::MemoryKv;
+use wisp::policy::checks::RequestRules;
+use wisp::policy::kv::{KvBackend, MemoryKv};
 use wisp::policy::limits::PluginLimits;
 use wisp::policy::{
-    Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, PolicyError, Request, Sampling,
-    Usage,
+    Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, PolicyError, Request, Sampling, Usage,
 };
 use wisp::telemetry::Metrics;
 
@@ -34,7 +34,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn engine() -> Arc<PolicyEngine> {
-    PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new())).unwrap()
+    engine_with(Arc::new(MemoryKv::new())).0
+}
+
+/// An engine over `kv`, and its metrics.
+fn engine_with(kv: Arc<dyn KvBackend>) -> (Arc<PolicyEngine>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    (PolicyEngine::new(kv, metrics.clone(), RequestRules::default()).unwrap(), metrics)
 }
 
 async fn chain(engine: &Arc<PolicyEngine>, plugins: Vec<PluginConfig>) -> Arc<PolicyChain> {
@@ -194,7 +200,8 @@ fn prompt_guard_names_the_rule_that_refused() {
 fn stop_sequences_cut_across_chunks_per_model() {
     runtime().block_on(async {
         let engine = engine();
-        let chain = chain(&engine, vec![plugin("stop_sequences", table("stop = [\"END\"]\nmodels = { gemma-3-270m = [\"\\n\\nUser:\"] }"))]).await;
+        let chain =
+            chain(&engine, vec![plugin("stop_sequences", table("stop = [\"END\"]\nmodels = { gemma-3-270m = [\"\\n\\nUser:\"] }"))]).await;
         assert_eq!(stream(&chain, &["alpha E", "N", "D beta"]).await, ("alpha ".into(), true));
         assert_eq!(stream(&chain, &["one\n", "\nUse", "r: two"]).await, ("one".into(), true));
         assert_eq!(stream(&chain, &["no E", "nd here"]).await, ("no End here".into(), false));
@@ -258,7 +265,11 @@ async fn shared_chain() -> Arc<PolicyChain> {
 }
 
 fn hostile(mode: &str, hook: &str, fail: FailMode) -> PluginConfig {
-    let mut p = plugin("hostile", table(&format!("mode = \"{mode}\"\nhook = \"{hook}\"")));
+    hostile_with(mode, hook, "", fail)
+}
+
+fn hostile_with(mode: &str, hook: &str, field: &str, fail: FailMode) -> PluginConfig {
+    let mut p = plugin("hostile", table(&format!("mode = \"{mode}\"\nhook = \"{hook}\"\nfield = \"{field}\"")));
     p.fail = fail;
     // The memory bomb gets time enough to reach its memory cap, which is what must stop it.
     let timeout_ms = if mode == "memory" { 2000 } else { 50 };
@@ -291,31 +302,36 @@ fn hostile_plugins_are_stopped_within_their_limits() {
 fn a_failing_open_plugin_is_skipped_and_the_rest_of_the_chain_runs() {
     runtime().block_on(async {
         let engine = engine();
-        let chain = chain(
-            &engine,
-            vec![hostile("loop", "chunk", FailMode::Open), plugin("stop_sequences", table("stop = [\"END\"]"))],
-        )
-        .await;
+        let chain =
+            chain(&engine, vec![hostile("loop", "chunk", FailMode::Open), plugin("stop_sequences", table("stop = [\"END\"]"))]).await;
         assert_eq!(stream(&chain, &["a", "bEND"]).await, ("ab".into(), true));
     });
 }
 
 #[test]
 fn other_requests_are_served_while_a_plugin_loops() {
-    runtime().block_on(async {
+    // One thread: the healthy requests run only when the looping guest yields it (at every
+    // epoch tick); a guest that never yielded would hold it until its deadline.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // The test body is a task too (a `block_on` future is polled only between batches of
+    // tasks), so every party waits its turn in one queue.
+    let body = runtime.spawn(async {
         let engine = engine();
         let looping = chain(&engine, vec![hostile("loop", "request", FailMode::Closed)]).await;
         let healthy = chain(&engine, vec![plugin("stop_sequences", table("stop = [\"END\"]"))]).await;
         let stuck = tokio::spawn(async move { decide(&looping, request("hi", &[])).await });
-        // Served while the loop runs: the guest yields to tokio at every epoch tick.
         let mut served = 0;
         while !stuck.is_finished() {
-            assert!(matches!(decide(&healthy, request("hi", &[])).await.unwrap(), Decision::Allow(_)));
+            // Its own task, queued behind the looping one: it runs only if that one yields.
+            let healthy = healthy.clone();
+            let decision = tokio::spawn(async move { decide(&healthy, request("hi", &[])).await }).await.unwrap();
+            assert!(matches!(decision.unwrap(), Decision::Allow(_)));
             served += 1;
         }
         assert!(stuck.await.unwrap().is_err());
-        assert!(served > 0, "nothing was served during the loop");
+        assert!(served >= 3, "only {served} requests were served during a 50 ms loop");
     });
+    runtime.block_on(body).unwrap();
 }
 
 #[test]
@@ -341,4 +357,251 @@ fn the_plugin_cli_tests_a_template_plugin_offline() {
     assert!(allowed.contains("finish -> \" [checked by no-secrets]\""), "{allowed}");
     let denied = run("say xyzzy");
     assert!(denied.contains("verdict: deny 400 forbidden_word"), "{denied}");
+}
+
+/// A kv backend whose every call takes `delay` (a store under load), or never answers
+/// (`None`): a test double for the waits of the real backends, which the tests of
+/// store::kv cover.
+struct SlowKv {
+    inner: MemoryKv,
+    delay: Option<Duration>,
+}
+
+impl SlowKv {
+    fn new(delay: Option<Duration>) -> Arc<SlowKv> {
+        Arc::new(SlowKv { inner: MemoryKv::new(), delay })
+    }
+
+    async fn wait(&self) {
+        match self.delay {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KvBackend for SlowKv {
+    async fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.wait().await;
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<()> {
+        self.wait().await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> anyhow::Result<i64> {
+        self.wait().await;
+        self.inner.incr(key, delta, ttl).await
+    }
+    async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<bool> {
+        self.wait().await;
+        self.inner.compare_and_swap(key, expected, new, ttl).await
+    }
+}
+
+#[test]
+fn time_a_hook_waits_on_the_host_does_not_count_against_its_deadline() {
+    runtime().block_on(async {
+        // Each kv call takes 120 ms, more than the hook's 50 ms: only guest time counts.
+        let (engine, _) = engine_with(SlowKv::new(Some(Duration::from_millis(120))));
+        let chain = chain(&engine, vec![plugin("rate_limit", table("requests_per_minute = 100\ntokens_per_minute = 100000"))]).await;
+        let mut session = chain.start().await.unwrap();
+        assert!(matches!(session.on_request(request("hi", &[])).await.unwrap(), Decision::Allow(_)));
+        session.finish(Finish { reason: "stop".into(), usage: Usage { prompt_tokens: 20, completion_tokens: 5 } }).await.unwrap();
+    });
+}
+
+#[test]
+fn a_host_call_that_never_returns_and_host_calls_without_end_are_bounded() {
+    runtime().block_on(async {
+        let (engine, _) = engine_with(SlowKv::new(None));
+        let limiter = chain(&engine, vec![plugin("rate_limit", table("requests_per_minute = 100"))]).await;
+        let started = Instant::now();
+        let err = decide(&limiter, request("hi", &[])).await.err().expect("a kv call that never answers fails the plugin");
+        assert!(err.to_string().contains("did not answer"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+
+        // Many slow calls: the hook's host time is bounded in total, not per call.
+        let (engine, _) = engine_with(SlowKv::new(Some(Duration::from_millis(300))));
+        let chain = chain(&engine, vec![hostile("kv-loop", "request", FailMode::Closed)]).await;
+        let started = Instant::now();
+        let err = decide(&chain, request("hi", &[])).await.err().expect("kv-loop was not stopped");
+        assert!(err.to_string().contains("host time"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    });
+}
+
+#[test]
+fn a_plugin_that_imports_wasi_clocks_is_refused_at_load_naming_the_import() {
+    runtime().block_on(async {
+        let started = Instant::now();
+        let err = PolicyChain::load(engine(), &[plugin("sleeper", table(""))]).await.err().expect("sleeper loaded").to_string();
+        assert!(err.contains("sleeper") && err.contains("wasi:clocks"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    });
+}
+
+#[test]
+fn hooks_that_loop_in_init_or_on_finish_end_within_their_limits() {
+    runtime().block_on(async {
+        let engine = engine();
+        let started = Instant::now();
+        let err = PolicyChain::load(engine.clone(), &[hostile("loop", "init", FailMode::Closed)]).await.err().expect("loaded");
+        assert!(err.to_string().contains("hostile"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "init took {:?}", started.elapsed());
+
+        let chain = chain(&engine, vec![hostile("loop", "finish", FailMode::Closed)]).await;
+        let mut session = chain.start().await.unwrap();
+        session.on_request(request("hi", &[])).await.unwrap();
+        let err = session.finish(Finish { reason: "stop".into(), usage: Usage { prompt_tokens: 1, completion_tokens: 1 } }).await;
+        assert!(err.err().expect("the loop was not stopped").to_string().contains("(timeout)"));
+    });
+}
+
+#[test]
+fn on_finish_reaches_every_plugin_that_allowed_a_request_a_later_plugin_refused() {
+    runtime().block_on(async {
+        let engine = engine();
+        let guard = plugin("prompt_guard", table("deny = [{ name = \"secret\", pattern = \"secret\" }]"));
+        let refusing = chain(&engine, vec![plugin_named("rate_limit", "tokens", table("tokens_per_minute = 1000")), guard]).await;
+        let counting = chain(&engine, vec![plugin_named("rate_limit", "tokens", table("tokens_per_minute = 1000"))]).await;
+        let mut big = request("the secret", &[]);
+        big.sampling.max_tokens = Some(600);
+        // Reserves 620 tokens, then the guard refuses: the session is dropped unfinished.
+        let (status, _, _) = denial(decide(&refusing, big.clone()).await.unwrap());
+        assert_eq!(status, 400);
+        // Its on-finish runs in the background and settles the reservation with no usage.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut allowed = 0;
+        while Instant::now() < deadline {
+            let mut session = counting.start().await.unwrap();
+            if matches!(session.on_request(big.clone()).await.unwrap(), Decision::Allow(_)) {
+                session.finish(Finish { reason: "stop".into(), usage: Usage { prompt_tokens: 0, completion_tokens: 0 } }).await.unwrap();
+                allowed += 1;
+                break;
+            }
+            drop(session);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(allowed, 1, "the refused request's reservation was never released");
+    });
+}
+
+fn plugin_named(wasm_name: &str, name: &str, config: toml::Table) -> PluginConfig {
+    let mut p = plugin(wasm_name, config);
+    p.name = name.into();
+    p
+}
+
+#[test]
+fn a_failed_plugin_is_never_called_again_not_even_on_finish() {
+    runtime().block_on(async {
+        let (engine, metrics) = engine_with(Arc::new(MemoryKv::new()));
+        let chain = chain(&engine, vec![hostile("trap", "chunk", FailMode::Closed)]).await;
+        let mut session = chain.start().await.unwrap();
+        session.on_request(request("hi", &[])).await.unwrap();
+        assert!(session.on_chunk("x".into()).await.is_err());
+        assert_eq!(
+            session.finish(Finish { reason: "error".into(), usage: Usage { prompt_tokens: 1, completion_tokens: 1 } }).await.unwrap(),
+            ""
+        );
+        drop(session);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = metrics.render();
+        assert!(text.contains("wisp_plugin_failures_total{kind=\"trap\",plugin=\"hostile\"} 1"), "{text}");
+    });
+}
+
+#[test]
+fn a_plugin_cannot_grow_a_response_past_its_total_cap() {
+    runtime().block_on(async {
+        let chain = chain(&engine(), vec![hostile("mib-per-chunk", "chunk", FailMode::Closed)]).await;
+        let mut session = chain.start().await.unwrap();
+        session.on_request(request("hi", &[])).await.unwrap();
+        let mut sent = 0;
+        let err = loop {
+            match session.on_chunk("t".into()).await {
+                Ok((text, _)) => sent += text.len(),
+                Err(e) => break e,
+            }
+            assert!(sent <= 4 << 20, "{sent} bytes went out");
+        };
+        assert!(err.to_string().contains("(output)") && err.to_string().contains("over one response"), "{err}");
+    });
+}
+
+#[test]
+fn a_denial_is_bounded_and_a_rewrite_keeps_the_client_rules() {
+    runtime().block_on(async {
+        let engine = engine();
+        let denying = chain(&engine, vec![hostile("deny-huge", "request", FailMode::Closed)]).await;
+        let (status, code, message) = denial(decide(&denying, request("hi", &[])).await.unwrap());
+        assert_eq!((status, code.as_str()), (403, "policy_denied"));
+        assert!(message.len() < 5000, "{} bytes", message.len());
+
+        for field in ["stop-big", "stop-many", "principal", "nan"] {
+            let mut rewriter = hostile_with("rewrite", "request", field, FailMode::Closed);
+            // Room for the guest to build its 40 MiB: the host's check is what must stop it.
+            rewriter.limits = PluginLimits { timeout_ms: 2000, memory_mb: 200 };
+            let rewriting = chain(&engine, vec![rewriter]).await;
+            let err = decide(&rewriting, request("hi", &[])).await.err().unwrap_or_else(|| panic!("{field} passed"));
+            assert!(err.to_string().contains("(invalid)") || err.to_string().contains("(output)"), "{field}: {err}");
+        }
+    });
+}
+
+#[test]
+fn plugin_log_lines_are_escaped_and_bounded_per_request() {
+    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let log = log.clone();
+        move || LogWriter(log.clone())
+    };
+    let subscriber = tracing_subscriber::fmt().with_writer(writer).with_ansi(false).finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let chain = chain(&engine(), vec![hostile("log-flood", "request", FailMode::Closed)]).await;
+            let err = decide(&chain, request("hi", &[])).await.err().expect("log-flood was not stopped");
+            assert!(err.to_string().contains("(timeout)"), "{err}");
+        });
+    });
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert!(text.len() < 80 * 1024, "{} bytes of log from one request", text.len());
+    assert!(text.contains("log budget"), "the drop was not logged");
+    assert!(!text.lines().any(|l| l.starts_with("2026-12-01T00:00:00Z")), "a plugin forged a log line");
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_instance_pool_makes_requests_wait_not_fail() {
+    runtime().block_on(async {
+        let engine = engine();
+        let chain = chain(&engine, vec![plugin("stop_sequences", table("stop = [\"END\"]"))]).await;
+        let mut held = Vec::new();
+        for _ in 0..wisp::policy::limits::POOL_INSTANCES {
+            held.push(chain.start().await.unwrap());
+        }
+        let waiting = tokio::spawn({
+            let chain = chain.clone();
+            async move { chain.start().await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "a request did not wait for a slot");
+        held.pop();
+        waiting.await.unwrap().expect("the waiting request failed instead of getting the freed slot");
+    });
 }

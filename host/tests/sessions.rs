@@ -103,7 +103,8 @@ fn turn(server: &Server, key: &str, id: &str, content: Option<&str>) -> (String,
 
 /// One streamed session turn over SSE; returns the reply.
 fn streamed_turn(server: &Server, key: &str, id: &str, content: &str) -> String {
-    let body = json!({"session_id": id, "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0, "stream": true});
+    let body =
+        json!({"session_id": id, "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0, "stream": true});
     let response = client().post(server.url("/v1/chat/completions")).bearer_auth(key).json(&body).send().unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.headers()["x-wisp-session-id"], id);
@@ -253,7 +254,8 @@ fn kill_mid_stream(db: Db) {
     let before = messages(&server, "sk-alice", &id);
     assert_eq!(before.len(), 2);
 
-    let body = json!({"session_id": id, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400, "stream": true});
+    let body =
+        json!({"session_id": id, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400, "stream": true});
     let response = client().post(server.url("/v1/chat/completions")).bearer_auth("sk-alice").json(&body).send().unwrap();
     let mut reader = BufReader::new(response);
     let mut chunks = 0;
@@ -303,11 +305,8 @@ fn two_replicas_on_one_postgres_share_sessions() {
 #[test]
 fn history_is_pruned_to_the_context_by_tokens() {
     let db = Db::Sqlite;
-    let toml = format!(
-        "[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\ncontext_length = 256\n{}",
-        default_model_path().display(),
-        db.toml()
-    );
+    let toml =
+        format!("[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\ncontext_length = 256\n{}", default_model_path().display(), db.toml());
     let server = Server::start_with_config(&toml);
     let id = create_session(&server, "any", json!({"system_prompt": "Keep this system prompt."}));
     let filler = "The quick brown fox jumps over the lazy dog again and again. ".repeat(3);
@@ -341,7 +340,8 @@ fn bad_session_requests_get_clear_errors() {
     let server = Server::start_with_config(&config(&db, "[store]\nmax_message_bytes = 1000\n"));
     let id = create_session(&server, "sk-alice", json!({"metadata": {"project": "x"}}));
     let chat = |body: Value| call(&server, "POST", "/v1/chat/completions", "sk-alice", Some(body));
-    let code = |(status, body): (u16, Value)| (status, body["error"]["code"].as_str().unwrap_or("").to_string(), body["error"]["param"].clone());
+    let code =
+        |(status, body): (u16, Value)| (status, body["error"]["code"].as_str().unwrap_or("").to_string(), body["error"]["param"].clone());
 
     assert_eq!(code(chat(json!({"session_id": "sess_nope", "messages": [{"role": "user", "content": "hi"}]}))).0, 404);
     let (status, c, param) = code(chat(json!({"session_id": id, "messages": [{"role": "system", "content": "x"}]})));
@@ -457,4 +457,96 @@ fn websocket_protocol() {
     send(&mut ws, json!({"type": "chat", "id": "e", "api_key": "sk-alice", "request": hello}));
     let (_, done) = ws_reply(&mut ws);
     assert_eq!(done["type"], "done");
+}
+
+/// Frames that arrive while a session turn is in a plugin call or being written lose
+/// nothing: every turn is stored whole, as streamed, and every ping is answered.
+#[test]
+fn websocket_frames_arriving_mid_turn_lose_no_turn() {
+    let db = Db::Sqlite;
+    let server = Server::start_with_config(&config(&db, ""));
+    let id = create_session(&server, "sk-alice", json!({}));
+    let mut ws = socket(&server);
+    let mut replies = Vec::new();
+    for turn in 0..3 {
+        let request =
+            json!({"session_id": id, "messages": [{"role": "user", "content": format!("Count to {}.", turn + 3)}], "max_tokens": 12});
+        send(&mut ws, json!({"type": "chat", "id": turn, "api_key": "sk-alice", "request": request}));
+        // A burst of frames while the turn runs (plugin calls on every token, the write at the end).
+        for _ in 0..40 {
+            send(&mut ws, json!({"type": "ping"}));
+        }
+        let (mut text, mut pongs) = (String::new(), 0);
+        let done = loop {
+            let frame = recv(&mut ws);
+            match frame["type"].as_str().unwrap() {
+                "pong" => pongs += 1,
+                "start" => {}
+                "delta" => text.push_str(frame["content"].as_str().unwrap()),
+                "done" => break frame,
+                other => panic!("{other}: {frame}"),
+            }
+        };
+        assert_eq!(done["finish_reason"].as_str().map(|r| r == "length" || r == "stop"), Some(true), "{done}");
+        while pongs < 40 {
+            assert_eq!(recv(&mut ws)["type"], "pong");
+            pongs += 1;
+        }
+        replies.push(text);
+    }
+    let stored = messages(&server, "sk-alice", &id);
+    assert_eq!(stored.len(), 6, "{stored:?}");
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(stored[2 * i + 1], ("assistant".to_string(), reply.clone()));
+    }
+}
+
+/// Postgres goes away mid-stream (every connection cut, new ones refused, as in a restart)
+/// and comes back: the turn is written once it is back, whole; the stream ends cleanly.
+#[test]
+fn a_turn_outlives_a_postgres_restart_mid_stream() {
+    let db = runtime().block_on(TestDatabase::create());
+    let proxy = common::FaultProxy::start("127.0.0.1:5432");
+    let name = db.url.rsplit('/').next().unwrap();
+    let store = format!("[store]\nurl = \"postgres://postgres@127.0.0.1:{}/{name}\"\n", proxy.port);
+    let server = Server::start_with_config(&config(&Db::Sqlite, &store));
+    let id = create_session(&server, "sk-alice", json!({}));
+
+    let body = json!({"session_id": id, "messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 60, "stream": true});
+    let response = client().post(server.url("/v1/chat/completions")).bearer_auth("sk-alice").json(&body).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let mut reader = BufReader::new(response);
+    let (mut line, mut reply, mut chunks) = (String::new(), String::new(), 0);
+    let mut last = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        chunks += 1;
+        if chunks == 3 {
+            // Down for 3 s, then back.
+            proxy.set_down(true);
+            let proxy_up = std::thread::spawn({
+                let port = proxy.port;
+                move || {
+                    std::thread::sleep(Duration::from_secs(3));
+                    port
+                }
+            });
+            let _ = proxy_up.join();
+            proxy.set_down(false);
+        }
+        last = data.to_string();
+        if data != "[DONE]" {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            reply.push_str(chunk["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(last, "[DONE]", "the stream did not end cleanly");
+    let stored = messages(&server, "sk-alice", &id);
+    assert_eq!(stored, vec![("user".into(), "Write a story.".into()), ("assistant".into(), reply)]);
+    drop(server);
+    runtime().block_on(db.remove());
 }

@@ -52,9 +52,7 @@ pub mod bindings {
     });
 }
 
-pub use bindings::wisp::policy::types::{
-    ChunkResult, Denial, Finish, Header, Message, Request, Sampling, Usage, Verdict,
-};
+pub use bindings::wisp::policy::types::{ChunkResult, Denial, Finish, Header, Message, Request, Sampling, Usage, Verdict};
 pub use wisp_holdback::{StopMatcher, held_suffix_len};
 
 /// The host's key-value space, private to this plugin (shared by all requests and replicas).

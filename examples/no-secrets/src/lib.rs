@@ -19,7 +19,11 @@ impl Policy for NoSecrets {
 
     fn on_request(&mut self, request: &Request) -> Verdict {
         if request.messages.iter().any(|m| m.content.contains(&self.word)) {
-            return Verdict::Deny(Denial { status: 400, code: "forbidden_word".into(), message: format!("`{}` is not allowed", self.word) });
+            return Verdict::Deny(Denial {
+                status: 400,
+                code: "forbidden_word".into(),
+                message: format!("`{}` is not allowed", self.word),
+            });
         }
         Verdict::Allow
     }

@@ -9,8 +9,9 @@ use salvo::prelude::*;
 
 use super::error::ApiError;
 use super::openai::{Endpoint, ResponseMeta};
+use super::output::{Governed, Output};
 use super::types::{self, ValidParams};
-use super::{AppState, Governed, Output, apply_sampling, blocking, decide, generate_request};
+use super::{AppState, apply_sampling, blocking, decide, generate_request};
 use crate::engine::LoadedModel;
 use crate::engine::template::TemplateMessage;
 use crate::policy;
@@ -77,14 +78,15 @@ impl Caller {
         }
     }
 
-    /// The principal for a request that generates nothing (the sessions routes): the chain
-    /// runs `on-request` with no messages, so auth and rate limits apply as to chat.
+    /// The principal for a request that generates nothing (the sessions and models
+    /// routes): the chain runs `on-request` with no messages and no model, so auth and rate
+    /// limits apply as to chat.
     pub async fn identify(&self, state: &AppState, route: &str) -> Result<String, ApiError> {
         let mut session = state.policies.current().start().await?;
         if session.is_empty() {
             return Ok(ANONYMOUS.to_string());
         }
-        let request = self.policy_request(route, state.registry.default_id(), &[], None, 0);
+        let request = self.policy_request(route, "", &[], None, 0);
         let allowed = decide(&mut session, request).await?;
         session.finish(policy::Finish { reason: "stop".into(), usage: policy::Usage { prompt_tokens: 0, completion_tokens: 0 } }).await?;
         Ok(principal_of(&allowed))
@@ -132,7 +134,10 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     let conversation = match &session {
         Some(session) => {
             for (i, m) in new_messages.iter().enumerate() {
-                state.store.check_message(&m.content, "messages").map_err(|e| ApiError::from(e).with_param(format!("messages[{i}].content")))?;
+                state
+                    .store
+                    .check_message(&m.content, "messages")
+                    .map_err(|e| ApiError::from(e).with_param(format!("messages[{i}].content")))?;
             }
             let reserve = valid.params.max_tokens.unwrap_or(state.config.limits.default_max_tokens);
             session_conversation(&state.store, &model, session, new_messages.clone(), reserve).await?
@@ -169,7 +174,7 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     let job = generate_request(&model, prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
     let prompt_tokens = job.prompt.len();
     let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
-    let governed = governed.map(|session| Governed { session, prompt_tokens, generated: 0, finished: false });
+    let governed = governed.map(|session| Governed::new(session, prompt_tokens));
     let turn = session.as_ref().map(|s| {
         let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
         TurnRecord::new(state.store.clone(), s.id.clone(), new_messages)
@@ -206,12 +211,8 @@ async fn session_conversation(
             "a session keeps its system prompt on the session; set it with PATCH /v1/sessions/{id}",
         ));
     }
-    let history: Vec<TemplateMessage> = store
-        .messages(session)
-        .await?
-        .into_iter()
-        .map(|m| TemplateMessage { role: m.role, content: m.content })
-        .collect();
+    let history: Vec<TemplateMessage> =
+        store.messages(session).await?.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
     if new_messages.is_empty() && history.last().is_none_or(|m| m.role != "user") {
         return Err(ApiError::invalid(
             "messages",
@@ -226,11 +227,9 @@ async fn session_conversation(
     blocking(move || -> Result<Conversation, ApiError> {
         // Cut points: drop everything before a user message (Gemma-style templates need the
         // roles to alternate from a user turn), or all of the history.
-        let cuts: Vec<usize> =
-            (0..history.len()).filter(|&i| history[i].role == "user").chain(std::iter::once(history.len())).collect();
+        let cuts: Vec<usize> = (0..history.len()).filter(|&i| history[i].role == "user").chain(std::iter::once(history.len())).collect();
         let build = |cut: usize| -> Result<(Vec<TemplateMessage>, Vec<u32>), ApiError> {
-            let messages: Vec<TemplateMessage> =
-                system.iter().chain(&history[cut..]).chain(&new_messages).cloned().collect();
+            let messages: Vec<TemplateMessage> = system.iter().chain(&history[cut..]).chain(&new_messages).cloned().collect();
             let prompt = model.encode(&model.render_chat(&messages)?, false);
             Ok((messages, prompt))
         };
@@ -270,58 +269,67 @@ async fn session_conversation(
     .await?
 }
 
+/// How long a turn's write keeps retrying while the store is unreachable (a Postgres
+/// restart, a locked SQLite file) before the client is told it failed.
+const TURN_WRITE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The reply of a session turn as it streams; written to the store, whole, when the reply
-/// ends (finished, stopped, failed or cancelled).
+/// ends (finished, stopped, failed or cancelled). The reply kept is capped at the store's
+/// `max_message_bytes`, whatever plugins emitted.
 pub struct TurnRecord {
     store: Arc<SessionStore>,
     session_id: String,
     new_messages: Vec<(String, String)>,
     reply: String,
+    /// The reply outgrew the cap and was cut.
+    cut: bool,
     written: bool,
 }
 
 impl TurnRecord {
     fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>) -> TurnRecord {
-        TurnRecord { store, session_id, new_messages, reply: String::new(), written: false }
+        TurnRecord { store, session_id, new_messages, reply: String::new(), cut: false, written: false }
     }
 
     pub fn push(&mut self, text: &str) {
-        self.reply.push_str(text);
+        let room = self.store.max_message_bytes().saturating_sub(self.reply.len());
+        if text.len() > room && !self.cut {
+            self.cut = true;
+            tracing::warn!(session = %self.session_id, limit = self.store.max_message_bytes(), "the reply outgrew the session's message limit; the stored reply is cut");
+        }
+        self.reply.push_str(crate::policy::checks::truncated(text, room));
     }
 
-    fn turn(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Turn {
-        self.written = true;
-        Turn {
+    /// Writes the turn, once: a second call does nothing. The write runs in a task of its
+    /// own, so it commits (or fails) whole even if the caller is dropped; it retries while
+    /// the store is unreachable, for up to [`TURN_WRITE_RETRY_FOR`]. The client hears the
+    /// end only after it is stored.
+    pub async fn write(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Result<(), ApiError> {
+        if std::mem::replace(&mut self.written, true) {
+            return Ok(());
+        }
+        let turn = Turn {
             new_messages: std::mem::take(&mut self.new_messages),
             reply: std::mem::take(&mut self.reply),
             finish_reason: finish_reason.to_string(),
             usage: TurnUsage { prompt_tokens: prompt_tokens as i64, completion_tokens: completion_tokens as i64 },
-        }
-    }
-
-    /// Writes the turn; the client hears the end only after it is stored.
-    pub async fn write(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Result<(), ApiError> {
-        if self.written {
-            return Ok(());
-        }
-        let turn = self.turn(finish_reason, prompt_tokens, completion_tokens);
-        self.store.append_turn(&self.session_id, &turn).await?;
-        Ok(())
-    }
-
-    /// A client that hung up mid-reply: the partial reply is kept, marked `cancelled`,
-    /// written in the background (the caller is a `Drop`).
-    pub fn abandon(mut self, prompt_tokens: usize, completion_tokens: usize) {
-        if self.written {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let turn = self.turn("cancelled", prompt_tokens, completion_tokens);
+        };
         let (store, id) = (self.store.clone(), self.session_id.clone());
-        runtime.spawn(async move {
-            if let Err(e) = store.append_turn(&id, &turn).await {
-                tracing::error!(session = %id, error = %e, "storing a cancelled turn failed");
+        let write = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                match store.append_turn(&id, &turn).await {
+                    Err(crate::store::StoreError::Db(e)) if started.elapsed() < TURN_WRITE_RETRY_FOR => {
+                        tracing::warn!(session = %id, error = %e, "storing the turn failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    result => return result,
+                }
             }
         });
+        match write.await {
+            Ok(result) => result.map(|_| ()).map_err(ApiError::from),
+            Err(e) => Err(ApiError::engine_failure(format!("storing the turn failed: {e}"))),
+        }
     }
 }

@@ -7,8 +7,8 @@ use salvo::prelude::*;
 use serde_json::{Value, json};
 
 use crate::engine::EngineError;
-use crate::store::StoreError;
 use crate::engine::template::TemplateError;
+use crate::store::StoreError;
 
 /// A client-facing error: status, OpenAI `type`, optional `param` and `code`, message.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,10 +32,7 @@ impl ApiError {
 
     /// 400 with a machine-readable code.
     pub fn invalid_code(param: Option<&str>, code: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            param: param.map(str::to_string),
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(code), message)
-        }
+        ApiError { param: param.map(str::to_string), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(code), message) }
     }
 
     /// 400 for a parameter wisp understands but does not implement.
@@ -108,9 +105,7 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED => {
                 ("invalid_request_error", "method_not_allowed", "This route does not accept that method".to_string())
             }
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ("invalid_request_error", "payload_too_large", "The request body is too large".to_string())
-            }
+            StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "payload_too_large", "The request body is too large".to_string()),
             s if s.is_client_error() => ("invalid_request_error", "bad_request", s.to_string()),
             s => ("server_error", "internal_error", s.to_string()),
         };
@@ -148,7 +143,12 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid { param, code, message } => ApiError::invalid_code(Some(param), code, message),
             e @ (StoreError::Db(_) | StoreError::Migrate(_)) => {
                 tracing::error!(error = %e, "session store failed");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("store_unavailable"), "The session store is unavailable; try again")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    Some("store_unavailable"),
+                    "The session store is unavailable; try again",
+                )
             }
         }
     }
@@ -156,18 +156,18 @@ impl From<StoreError> for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
-        match &e {
-            EngineError::UnknownModel(id) => ApiError::model_not_found(id),
+        let message = e.to_string();
+        match e {
+            EngineError::UnknownModel(id) => ApiError::model_not_found(&id),
             EngineError::Load { .. } => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("model_load_failed"), e.to_string())
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("model_load_failed"), message)
             }
             EngineError::Overloaded(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_overloaded"), e.to_string())
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_overloaded"), message)
             }
-            EngineError::Stopped(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_stopped"), e.to_string())
-            }
-            EngineError::Template(t) => ApiError::from(TemplateError::Rejected(t.to_string())),
+            EngineError::Stopped(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_stopped"), message),
+            // A template that does not compile is the server's fault, never the messages'.
+            EngineError::Template(t) => ApiError::from(t),
         }
     }
 }
@@ -227,6 +227,13 @@ mod tests {
             json!({"error": {"message": "temperature must be between 0 and 2, got 3", "type": "invalid_request_error", "param": "temperature", "code": null}})
         );
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_chat_template_that_does_not_compile_is_a_server_error() {
+        let e = ApiError::from(EngineError::Template(TemplateError::Compile("unexpected end of input".into())));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!((e.kind, e.code.as_deref(), e.param.as_deref()), ("server_error", Some("bad_chat_template"), None));
     }
 
     #[test]

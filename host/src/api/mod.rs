@@ -8,6 +8,7 @@ pub mod chat;
 pub mod error;
 pub mod openai;
 pub mod openapi;
+pub mod output;
 pub mod sessions;
 pub mod types;
 pub mod web;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use tracing::Instrument;
 use salvo::affix_state;
 use salvo::catcher::Catcher;
 use salvo::http::{Method, StatusCode};
@@ -26,17 +26,19 @@ use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo::sse::{self, SseEvent};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::template::TemplateMessage;
-use crate::engine::{FinishReason, GenerateRequest, LoadedModel, Registry, StreamEvent, TokenStream};
+use crate::engine::{GenerateRequest, LoadedModel, Registry};
 use crate::policy::{self, Decision, PolicyManager, PolicySession};
 use crate::server::Shutdown;
 use crate::store::SessionStore;
 use crate::telemetry::Metrics;
-use chat::{Caller, Generation, TurnRecord};
+use chat::{Caller, Generation};
 use error::ApiError;
 use openai::{Collector, Endpoint, ResponseMeta, StreamFramer};
+use output::{Governed, Output};
 use types::{ValidParams, ValidPrompt};
 
 /// What every handler shares.
@@ -104,7 +106,9 @@ fn cors(origins: &[String]) -> salvo::cors::CorsHandler {
     Cors::new()
         .allow_origin(origin)
         .allow_methods(vec![Method::GET, Method::POST, Method::PATCH, Method::DELETE, Method::OPTIONS])
-        .allow_headers(AllowHeaders::list(["authorization", "content-type", "x-api-key", "x-request-id"].map(|h| h.parse().expect("a valid header name"))))
+        .allow_headers(AllowHeaders::list(
+            ["authorization", "content-type", "x-api-key", "x-request-id"].map(|h| h.parse().expect("a valid header name")),
+        ))
         .expose_headers(["x-request-id", "x-wisp-session-id", "x-wisp-pruned-messages"].map(|h| h.parse().expect("a valid header name")))
         .max_age(600)
         .into_handler()
@@ -179,7 +183,7 @@ async fn track(req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &
     state.metrics.requests.with_label_values(&[route, status.as_str()]).inc();
     state.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     if let Some(error::ErrorLabel(code)) = res.extensions.get::<error::ErrorLabel>() {
-        state.metrics.errors.with_label_values(&[code]).inc();
+        state.metrics.count_error(code);
     }
     span.in_scope(|| tracing::info!(status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "response"));
 }
@@ -219,18 +223,22 @@ fn model_json(info: &crate::engine::ModelInfo) -> serde_json::Value {
     json!({"id": info.id, "object": "model", "created": info.created, "owned_by": "wisp", "loaded": info.loaded})
 }
 
-/// The configured models.
-#[endpoint(tags("models"), status_codes(200), responses((status_code = 200, description = "The models", body = openapi::ModelList)))]
-async fn list_models(depot: &mut Depot) -> Json<serde_json::Value> {
-    let data: Vec<_> = state(depot).registry.list().iter().map(model_json).collect();
-    Json(json!({"object": "list", "data": data}))
+/// The configured models (the plugin chain runs first, as on every API route).
+#[endpoint(tags("models"), status_codes(200, 401, 403, 429), responses((status_code = 200, description = "The models", body = openapi::ModelList)))]
+async fn list_models(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = state(depot);
+    Caller::from_request(req).identify(&state, "models").await?;
+    let data: Vec<_> = state.registry.list().iter().map(model_json).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 /// One model.
-#[endpoint(tags("models"), status_codes(200, 404), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "The model", body = openapi::Model)))]
+#[endpoint(tags("models"), status_codes(200, 401, 403, 404, 429), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "The model", body = openapi::Model)))]
 async fn get_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = state(depot);
+    Caller::from_request(req).identify(&state, "models").await?;
     let id: String = req.param("id").unwrap_or_default();
-    let info = state(depot).registry.info(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
+    let info = state.registry.info(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(Json(model_json(&info)))
 }
 
@@ -296,7 +304,7 @@ async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -
     let job = generate_request(&model, prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
     let meta = ResponseMeta::new(Endpoint::Completion, &model.id, valid.params.include_usage, valid.logprobs.is_some());
     let prompt_tokens = job.prompt.len();
-    let governed = session.map(|session| Governed { session, prompt_tokens, generated: 0, finished: false });
+    let governed = session.map(|session| Governed::new(session, prompt_tokens));
     let stream = model.schedule(job)?;
     let echo = valid.echo.then_some(prompt_text);
     let output = Output::new(stream, governed, None, prompt_tokens);
@@ -311,66 +319,13 @@ async fn decide(session: &mut PolicySession, request: policy::Request) -> Result
     }
 }
 
-/// Takes the sampling settings a plugin may have rewritten, within the validated ranges.
+/// Takes the sampling settings the plugins left (the policy runtime has checked a
+/// rewrite against the rules a client's request keeps: policy/checks.rs).
 fn apply_sampling(params: &mut ValidParams, sampling: policy::Sampling) {
-    params.sampling.temperature = sampling.temperature.clamp(0.0, 2.0);
-    if sampling.top_p > 0.0 {
-        params.sampling.top_p = sampling.top_p.min(1.0);
-    }
-    params.max_tokens = sampling.max_tokens.map(|n| n.max(1) as usize);
-    params.stop = sampling.stop.into_iter().filter(|s| !s.is_empty()).collect();
-}
-
-/// The output side of a request's plugins: every engine event passes through the chain's
-/// `on-chunk`, and the end through `on-finish`.
-struct Governed {
-    session: PolicySession,
-    prompt_tokens: usize,
-    generated: usize,
-    /// `on-finish` ran (it runs once, however the output ends).
-    finished: bool,
-}
-
-impl Governed {
-    /// One engine event in, the events to frame out; `true` once the output is over.
-    async fn apply(&mut self, event: StreamEvent) -> Result<(Vec<StreamEvent>, bool), ApiError> {
-        match event {
-            StreamEvent::Token { id, text, logprob } => {
-                self.generated += 1;
-                let (text, stop) = self.session.on_chunk(text).await?;
-                let mut out = vec![StreamEvent::Token { id, text, logprob }];
-                if stop {
-                    let rest = self.finish(FinishReason::Stop.as_str()).await?;
-                    out.push(StreamEvent::Finished {
-                        text: rest,
-                        reason: FinishReason::Stop,
-                        prompt_tokens: self.prompt_tokens,
-                        completion_tokens: self.generated,
-                    });
-                }
-                Ok((out, stop))
-            }
-            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
-                self.generated = completion_tokens;
-                let (mut text, _) = self.session.on_chunk(text).await?;
-                text.push_str(&self.finish(reason.as_str()).await?);
-                Ok((vec![StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens }], true))
-            }
-            StreamEvent::Error(message) => {
-                let _ = self.finish("error").await;
-                Ok((vec![StreamEvent::Error(message)], true))
-            }
-        }
-    }
-
-    async fn finish(&mut self, reason: &str) -> Result<String, ApiError> {
-        self.finished = true;
-        let usage = policy::Usage {
-            prompt_tokens: self.prompt_tokens.min(u32::MAX as usize) as u32,
-            completion_tokens: self.generated.min(u32::MAX as usize) as u32,
-        };
-        Ok(self.session.finish(policy::Finish { reason: reason.to_string(), usage }).await?)
-    }
+    params.sampling.temperature = sampling.temperature;
+    params.sampling.top_p = sampling.top_p;
+    params.max_tokens = sampling.max_tokens.map(|n| n as usize);
+    params.stop = sampling.stop;
 }
 
 /// `/admin/*` needs `Authorization: Bearer <admin.key>`; without a configured key the
@@ -380,14 +335,24 @@ async fn admin_auth(req: &mut Request, depot: &mut Depot, res: &mut Response, ct
     let state = state(depot);
     let presented = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let verdict = match (&state.config.admin.key, presented) {
-        (None, _) => Err(ApiError::admin(StatusCode::FORBIDDEN, "admin_disabled", "The admin routes are off: set admin.key (WISP_ADMIN__KEY)")),
-        (Some(key), Some(given)) if key.as_bytes() == given.trim().as_bytes() => Ok(()),
+        (None, _) => {
+            Err(ApiError::admin(StatusCode::FORBIDDEN, "admin_disabled", "The admin routes are off: set admin.key (WISP_ADMIN__KEY)"))
+        }
+        (Some(key), Some(given)) if same_secret(key, given.trim()) => Ok(()),
         (Some(_), _) => Err(ApiError::admin(StatusCode::UNAUTHORIZED, "invalid_admin_key", "A valid admin key is required")),
     };
     if let Err(e) = verdict {
         e.render(res);
         ctrl.skip_rest();
     }
+}
+
+/// Compares a presented secret with the configured one in time that depends on neither:
+/// both are hashed, and the digests compared without an early exit.
+fn same_secret(expected: &str, given: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(expected.as_bytes()), Sha256::digest(given.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// The plugin chain now serving (admin key).
@@ -425,96 +390,6 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
             ..ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
         }),
         Err(e) => Err(ApiError::invalid_code(None, "invalid_body", format!("The request body could not be read: {e}"))),
-    }
-}
-
-/// The engine's events, through the request's plugins when it has any, recorded into the
-/// session when the request is a session turn.
-pub struct Output {
-    stream: TokenStream,
-    governed: Option<Governed>,
-    turn: Option<TurnRecord>,
-    prompt_tokens: usize,
-    generated: usize,
-}
-
-impl Output {
-    fn new(stream: TokenStream, governed: Option<Governed>, turn: Option<TurnRecord>, prompt_tokens: usize) -> Output {
-        Output { stream, governed, turn, prompt_tokens, generated: 0 }
-    }
-
-    /// The next events to frame and whether the output is over; `None` if the engine
-    /// stopped without finishing. A session turn is stored before its last event returns.
-    pub async fn next(&mut self) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
-        let Some(event) = self.stream.recv().await else { return Ok(None) };
-        if matches!(event, StreamEvent::Token { .. }) {
-            self.generated += 1;
-        }
-        let (events, done) = match &mut self.governed {
-            Some(governed) => governed.apply(event).await?,
-            None => {
-                let done = !matches!(event, StreamEvent::Token { .. });
-                (vec![event], done)
-            }
-        };
-        if let Some(turn) = &mut self.turn {
-            for event in &events {
-                match event {
-                    StreamEvent::Token { text, .. } => {
-                        turn.push(text);
-                    }
-                    StreamEvent::Finished { text, reason, completion_tokens, .. } => {
-                        turn.push(text);
-                        turn.write(reason.as_str(), self.prompt_tokens, *completion_tokens).await?;
-                    }
-                    StreamEvent::Error(_) => turn.write("error", self.prompt_tokens, self.generated).await?,
-                }
-            }
-        }
-        Ok(Some((events, done)))
-    }
-
-    /// [`Output::next`], or the `server_shutting_down` error once the shutdown grace
-    /// period is over.
-    pub async fn next_before(&mut self, shutdown: &Shutdown) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
-        tokio::select! {
-            next = self.next() => next,
-            () = shutdown.ended() => Err(ApiError::shutting_down()),
-        }
-    }
-
-    /// Stops the generation at the client's request: the engine's stream is dropped (which
-    /// cancels it), plugins hear `on-finish` with reason `cancelled`, a session keeps the
-    /// partial reply. Returns the text plugins released at the end and the usage so far.
-    pub async fn cancel(mut self) -> Result<(String, usize, usize), ApiError> {
-        self.stream.close();
-        let tail = match &mut self.governed {
-            Some(governed) => governed.finish("cancelled").await?,
-            None => String::new(),
-        };
-        if let Some(turn) = &mut self.turn {
-            turn.push(&tail);
-            turn.write("cancelled", self.prompt_tokens, self.generated).await?;
-        }
-        Ok((tail, self.prompt_tokens, self.generated))
-    }
-}
-
-impl Drop for Output {
-    /// A client that hangs up mid-stream: a session keeps the partial reply (`cancelled`),
-    /// and the plugins still hear `on-finish` with the usage so far, so a rate limiter
-    /// settles its reservation.
-    fn drop(&mut self) {
-        if let Some(turn) = self.turn.take() {
-            turn.abandon(self.prompt_tokens, self.generated);
-        }
-        let Some(mut governed) = self.governed.take().filter(|g| !g.finished) else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        runtime.spawn(async move {
-            if let Err(e) = governed.finish("cancelled").await {
-                tracing::warn!(error = %e, "on-finish after a hang-up failed");
-            }
-        });
     }
 }
 
@@ -608,15 +483,15 @@ async fn respond(
     let events = futures_util::stream::unfold((output, framer), move |(mut output, mut framer)| {
         let shutdown = shutdown.clone();
         async move {
-        if framer.is_done() {
-            return None;
-        }
-        let payloads = match output.next_before(&shutdown).await {
-            Ok(Some((events, _))) => events.into_iter().flat_map(|e| framer.push(e)).collect(),
-            Ok(None) => framer.error(&ApiError::engine_failure("the engine ended the stream without finishing".into())),
-            Err(e) => framer.error(&e),
-        };
-        Some((payloads, (output, framer)))
+            if framer.is_done() {
+                return None;
+            }
+            let payloads = match output.next_before(&shutdown).await {
+                Ok(Some((events, _))) => events.into_iter().flat_map(|e| framer.push(e)).collect(),
+                Ok(None) => framer.error(&ApiError::engine_failure("the engine ended the stream without finishing".into())),
+                Err(e) => framer.error(&e),
+            };
+            Some((payloads, (output, framer)))
         }
     });
     let events = futures_util::stream::iter([first])

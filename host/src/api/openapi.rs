@@ -45,8 +45,8 @@ impl EndpointOutRegister for ApiError {
             ("500", "The engine or a fail-closed plugin failed"),
             ("503", "Not ready, overloaded, shutting down, or over the route's time limit"),
         ] {
-            let response = salvo::oapi::Response::new(description)
-                .add_content("application/json", salvo::oapi::Content::new(schema.clone()));
+            let response =
+                salvo::oapi::Response::new(description).add_content("application/json", salvo::oapi::Content::new(schema.clone()));
             operation.responses.insert(status, response);
         }
     }

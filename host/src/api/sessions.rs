@@ -14,16 +14,13 @@ use super::{AppState, read_body, state};
 use crate::store::{Session, SessionFields};
 
 pub fn router() -> Router {
-    Router::with_path("sessions")
-        .get(list_sessions)
-        .post(create_session)
-        .push(
-            Router::with_path("{id}")
-                .get(get_session)
-                .patch(update_session)
-                .delete(delete_session)
-                .push(Router::with_path("rollback").post(rollback_session)),
-        )
+    Router::with_path("sessions").get(list_sessions).post(create_session).push(
+        Router::with_path("{id}")
+            .get(get_session)
+            .patch(update_session)
+            .delete(delete_session)
+            .push(Router::with_path("rollback").post(rollback_session)),
+    )
 }
 
 /// The fields of `POST /v1/sessions` and `PATCH /v1/sessions/{id}`.
@@ -115,9 +112,8 @@ struct ListQuery {
 async fn list_sessions(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
     let principal = Caller::from_request(req).identify(&state, "sessions").await?;
-    let query: ListQuery = req
-        .parse_queries()
-        .map_err(|e| ApiError::invalid_code(None, "invalid_query", format!("Invalid query string: {e}")))?;
+    let query: ListQuery =
+        req.parse_queries().map_err(|e| ApiError::invalid_code(None, "invalid_query", format!("Invalid query string: {e}")))?;
     let (sessions, has_more) = state.store.list(&principal, query.limit.unwrap_or(20), query.after.as_deref()).await?;
     Ok(Json(json!({
         "object": "list",

@@ -33,9 +33,8 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_code(None, "invalid_json", format!("The request body is not valid JSON: {e}"))
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_code(None, "invalid_json", format!("The request body is not valid JSON: {e}")))?;
     match value {
         serde_json::Value::Object(fields) => Ok(fields),
         _ => Err(ApiError::invalid_code(None, "invalid_json", "The request body must be a JSON object")),
@@ -47,15 +46,14 @@ fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiErr
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if let Some(field) = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-            return ApiError::invalid_code(
-                Some(field),
-                "unknown_parameter",
-                format!("Unrecognized request argument supplied: {field}"),
-            );
+            return ApiError::invalid_code(Some(field), "unknown_parameter", format!("Unrecognized request argument supplied: {field}"));
         }
         match path.as_str() {
             "." => ApiError::invalid_code(None, "invalid_request", format!("Invalid request: {inner}")),
-            _ => ApiError { param: Some(path.clone()), ..ApiError::invalid_code(None, "invalid_type", format!("Invalid value for `{path}`: {inner}")) },
+            _ => ApiError {
+                param: Some(path.clone()),
+                ..ApiError::invalid_code(None, "invalid_type", format!("Invalid value for `{path}`: {inner}"))
+            },
         }
     })
 }
@@ -138,8 +136,17 @@ pub struct SamplingFields {
 impl SamplingFields {
     /// The JSON keys of the fields above (a test keeps the two in step).
     pub const KEYS: &[&str] = &[
-        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-        "frequency_penalty", "logit_bias", "seed", "stop", "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "stop",
+        "n",
     ];
 }
 
@@ -285,8 +292,7 @@ fn validate_sampling(f: SamplingFields, vocab: usize, limits: &Limits) -> Result
     let mut logit_bias = Vec::new();
     for (key, bias) in f.logit_bias.unwrap_or_default() {
         let param = format!("logit_bias.{key}");
-        let token: u32 =
-            key.parse().map_err(|_| ApiError::invalid(&param, format!("`logit_bias` keys must be token ids, got `{key}`")))?;
+        let token: u32 = key.parse().map_err(|_| ApiError::invalid(&param, format!("`logit_bias` keys must be token ids, got `{key}`")))?;
         if token as usize >= vocab {
             return Err(ApiError::invalid(&param, format!("token id {token} is outside the vocabulary of {vocab} tokens")));
         }
@@ -341,9 +347,7 @@ fn max_tokens(param: &str, value: Option<u32>) -> Result<Option<usize>, ApiError
 fn stream_flags(stream: Option<bool>, options: Option<StreamOptions>) -> Result<(bool, bool), ApiError> {
     let stream = stream.unwrap_or(false);
     match options {
-        Some(_) if !stream => {
-            Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"))
-        }
+        Some(_) if !stream => Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true")),
         Some(o) => Ok((true, o.include_usage)),
         None => Ok((stream, false)),
     }
@@ -442,14 +446,15 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         (None, b) => b,
     };
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
-    Ok(ValidChat {
-        params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage },
-        messages,
-        logprobs,
-    })
+    Ok(ValidChat { params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage }, messages, logprobs })
 }
 
-pub fn validate_completion(r: CompletionRequest, sampling: SamplingFields, vocab: usize, limits: &Limits) -> Result<ValidCompletion, ApiError> {
+pub fn validate_completion(
+    r: CompletionRequest,
+    sampling: SamplingFields,
+    vocab: usize,
+    limits: &Limits,
+) -> Result<ValidCompletion, ApiError> {
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", "`suffix` (fill-in-the-middle) is not supported"));
     }
@@ -559,9 +564,7 @@ mod tests {
 
     #[test]
     fn text_parts_are_joined_and_images_refused() {
-        let ok = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#)
-            .ok()
-            .unwrap();
+        let ok = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).ok().unwrap();
         assert_eq!(ok.messages[0].content, "ab");
         let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));

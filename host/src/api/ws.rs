@@ -21,16 +21,17 @@
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use tracing::Instrument;
 use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::chat::{Caller, Generation, start_chat};
 use super::error::ApiError;
-use super::{AppState, Output, state};
+use super::output::Output;
+use super::{AppState, state};
 use crate::engine::StreamEvent;
 use crate::server::Shutdown;
 
@@ -202,21 +203,20 @@ impl Socket {
             }
         }
     }
-
 }
 
 /// Starts a chat frame's request (a free function: a `&Socket` held across an await would
 /// need the running generation to be `Sync`).
 async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<Generation, ApiError> {
     let span = tracing::info_span!("request", id = %uuid::Uuid::new_v4().simple(), route = "chat_ws");
-        let Some(fields) = request.as_object_mut() else {
-            return Err(ApiError::invalid_code(Some("request"), "invalid_frame", "`request` must be a chat completions body (an object)"));
-        };
-        // A socket always streams; the SSE-only fields do not apply.
-        fields.remove("stream");
-        fields.remove("stream_options");
-        let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
-        start_chat(state, caller, &body).instrument(span).await
+    let Some(fields) = request.as_object_mut() else {
+        return Err(ApiError::invalid_code(Some("request"), "invalid_frame", "`request` must be a chat completions body (an object)"));
+    };
+    // A socket always streams; the SSE-only fields do not apply.
+    fields.remove("stream");
+    fields.remove("stream_options");
+    let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
+    start_chat(state, caller, &body).instrument(span).await
 }
 
 impl Socket {
@@ -231,7 +231,9 @@ impl Socket {
                 if !tail.is_empty() {
                     frames.push(json!({"type": "delta", "id": id, "content": tail}));
                 }
-                frames.push(json!({"type": "done", "id": id, "finish_reason": "cancelled", "usage": usage(prompt_tokens, completion_tokens)}));
+                frames.push(
+                    json!({"type": "done", "id": id, "finish_reason": "cancelled", "usage": usage(prompt_tokens, completion_tokens)}),
+                );
                 frames
             }
             Err(e) => vec![error_frame(&id, &e)],

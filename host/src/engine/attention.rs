@@ -93,7 +93,15 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
     let Heads { n_head, n_kv_head, head_dim: d } = spec.heads;
     let (q_width, kv_width) = (n_head * d, n_kv_head * d);
     let rows = q.len() / q_width;
-    debug_assert_eq!(k.len(), rows * kv_width);
+    assert_eq!(k.len(), rows * kv_width, "k has one row per query row");
+    // The parallel writes below are sound only if no two sequences share an output row and
+    // every row is inside `out`: checked here, not assumed of the caller.
+    let mut spans: Vec<(usize, usize)> = seqs.iter().map(|s| (s.offset, s.offset + s.n)).collect();
+    spans.sort_unstable();
+    assert!(
+        spans.windows(2).all(|w| w[0].1 <= w[1].0) && spans.last().is_none_or(|s| s.1 <= rows),
+        "attention: the sequences' rows overlap or pass the {rows} rows of the step"
+    );
     let scale = 1.0 / (d as f32).sqrt();
     for seq in seqs.iter_mut() {
         for i in 0..seq.n {
@@ -139,8 +147,10 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
             for i in start..end {
                 let (row, pos) = (seq.offset + i, seq.pos + i);
                 let at = row * q_width + qh * d;
-                // SAFETY: each (row, query head) belongs to exactly one unit, so no two
-                // workers write the same `d` values; `out` has rows × q_width values.
+                // SAFETY: sequences' rows are disjoint and inside `out` (asserted above) and
+                // each (row, query head) belongs to exactly one unit, so no two workers
+                // write the same `d` values; `out` has rows × q_width values and lives until
+                // the pool has joined.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), d) };
                 head_attention(&q[at..at + d], keys_k, keys_v, first_key(pos, spec.window)..pos + 1, d, &mut scores, o);
             }
@@ -215,7 +225,9 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn seeded(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 9) % 2001) as f32 / 1000.0 - 1.0).collect()
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 9) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
     }
 
     const HEADS: Heads = Heads { n_head: 4, n_kv_head: 2, head_dim: 16 };
@@ -236,7 +248,9 @@ mod tests {
         let dev = Device::Cpu;
         let Heads { n_head, n_kv_head, head_dim: d } = spec.heads;
         let half = d / 2;
-        let to = |x: &[f32], heads: usize| Tensor::from_vec(x.to_vec(), (1, n, heads, d), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let to = |x: &[f32], heads: usize| {
+            Tensor::from_vec(x.to_vec(), (1, n, heads, d), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        };
         let (mut qt, mut kt, vt) = (to(q, n_head), to(k, n_kv_head), to(v, n_kv_head));
         let norm = |t: &Tensor, w: Option<&[f32]>| match w {
             Some(w) => candle_nn::ops::rms_norm(t, &Tensor::new(w, &dev).unwrap(), spec.eps).unwrap(),
@@ -332,7 +346,13 @@ mod tests {
         let (q, k, v) = (seeded(18 * qw, 4), seeded(18 * kw, 5), seeded(18 * kw, 6));
         // Alone: 17 prompt rows at 3.
         let (mut alone_kv, _, _) = cache(3, MAX, 7);
-        let alone = attend(&spec, &mut q[qw..].to_vec(), &mut k[kw..].to_vec(), &v[kw..], &mut [SeqRows { offset: 0, n: 17, pos: 3, capacity: MAX, kv: &mut alone_kv }]);
+        let alone = attend(
+            &spec,
+            &mut q[qw..].to_vec(),
+            &mut k[kw..].to_vec(),
+            &v[kw..],
+            &mut [SeqRows { offset: 0, n: 17, pos: 3, capacity: MAX, kv: &mut alone_kv }],
+        );
         // In a batch, after another sequence's decode row.
         let (mut kv0, _, _) = cache(9, MAX, 8);
         let (mut kv1, _, _) = cache(3, MAX, 7);

@@ -188,11 +188,8 @@ pub struct ModelInfo {
 impl Registry {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Registry {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let slots = config
-            .models
-            .iter()
-            .map(|m| (m.id.clone(), ModelSlot { config: m.clone(), loaded: OnceCell::new(), created }))
-            .collect();
+        let slots =
+            config.models.iter().map(|m| (m.id.clone(), ModelSlot { config: m.clone(), loaded: OnceCell::new(), created })).collect();
         Registry {
             slots,
             order: config.models.iter().map(|m| m.id.clone()).collect(),
@@ -214,18 +211,15 @@ impl Registry {
         self.slots.get(id).map(|s| ModelInfo { id: id.to_string(), created: s.created, loaded: s.loaded.initialized() })
     }
 
-    /// Whether the default model is loaded (what `/ready` reports).
+    /// Whether the default model is loaded and its engine thread runs (what `/ready`
+    /// reports).
     pub fn is_ready(&self) -> bool {
-        self.slots.get(&self.default_id).is_some_and(|s| s.loaded.initialized())
+        self.slots.get(&self.default_id).and_then(|s| s.loaded.get()).is_some_and(|m| m.scheduler.is_alive())
     }
 
     /// The models to load at start: the default one and those with `preload = true`.
     pub fn preload_ids(&self) -> Vec<String> {
-        self.order
-            .iter()
-            .filter(|id| **id == self.default_id || self.slots[*id].config.preload)
-            .cloned()
-            .collect()
+        self.order.iter().filter(|id| **id == self.default_id || self.slots[*id].config.preload).cloned().collect()
     }
 
     /// The loaded model `id`, loading it first if needed (off the async executor).
@@ -299,12 +293,7 @@ pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
     let path = model_path(config).map_err(&fail)?;
     let mut file = File::open(&path).map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| fail(format!("{} is not a GGUF file: {e}", path.display())))?;
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
+    let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let family = Family::from_architecture(&arch)
         .ok_or_else(|| fail(format!("architecture `{arch}` is not supported (supported: gemma3, llama, qwen2)")))?;
     let hparams = Hparams::from_gguf(&content, family).map_err(|e| fail(e.to_string()))?;

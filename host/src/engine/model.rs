@@ -84,10 +84,7 @@ impl Hparams {
         let arch = family.arch_name();
         let md = |key: &str| {
             let key = format!("{arch}.{key}");
-            content
-                .metadata
-                .get(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no `{key}`")))
+            content.metadata.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no `{key}`")))
         };
         let n_embd = md("embedding_length")?.to_u32()? as usize;
         let n_head = md("attention.head_count")?.to_u32()? as usize;
@@ -107,11 +104,7 @@ impl Hparams {
         };
         let vocab_size = match content.metadata.get("tokenizer.ggml.tokens") {
             Some(gguf_file::Value::Array(tokens)) => tokens.len(),
-            _ => content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .unwrap_or(0),
+            _ => content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0),
         };
         let hp = Hparams {
             family,
@@ -124,10 +117,7 @@ impl Hparams {
             rope_base,
             rope_base_local: md("rope.local_freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
             sliding_window,
-            swa_pattern: md("attention.sliding_window_type")
-                .and_then(|v| v.to_u32())
-                .map(|v| v as usize)
-                .unwrap_or(6),
+            swa_pattern: md("attention.sliding_window_type").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(6),
             context_length: md("context_length")?.to_u32()? as usize,
             vocab_size,
         };
@@ -325,8 +315,7 @@ struct Rope {
 
 impl Rope {
     fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Rope> {
-        let inv_freq: Vec<f32> =
-            (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
         let n = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
         let t = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
@@ -531,14 +520,7 @@ impl Model {
         Tensor::from_vec(mask, (n, keys), &self.device)
     }
 
-    fn layer_forward(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        segments: &mut [Segment<'_>],
-        spans: &mut [Span],
-        idx: usize,
-    ) -> Result<Tensor> {
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, segments: &mut [Segment<'_>], spans: &mut [Span], idx: usize) -> Result<Tensor> {
         let h = layer.attn_norm.forward(x)?;
         let qkv = [layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?];
         let attn = if self.host_attention {
@@ -573,9 +555,7 @@ impl Model {
         let mut seqs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans) {
             let capacity = seg.cache.capacity;
-            let Kv::Host(layers) = &mut seg.cache.kv else {
-                candle_core::bail!("a device cache was given to the CPU attention")
-            };
+            let Kv::Host(layers) = &mut seg.cache.kv else { candle_core::bail!("a device cache was given to the CPU attention") };
             seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv: &mut layers[idx] });
         }
         let rope = &self.ropes[layer.rope];
@@ -597,7 +577,14 @@ impl Model {
     }
 
     /// Attention with candle's ops, one segment at a time (GPUs).
-    fn attention_device(&self, layer: &Layer, qkv: &[Tensor; 3], segments: &mut [Segment<'_>], spans: &mut [Span], idx: usize) -> Result<Tensor> {
+    fn attention_device(
+        &self,
+        layer: &Layer,
+        qkv: &[Tensor; 3],
+        segments: &mut [Segment<'_>],
+        spans: &mut [Span],
+        idx: usize,
+    ) -> Result<Tensor> {
         let hp = &self.hp;
         let [q_all, k_all, v_all] = qkv;
         let mut outs = Vec::with_capacity(spans.len());
@@ -664,10 +651,12 @@ impl Model {
         let q = (q * scale)?.reshape((1, hp.n_kv_head, self.groups * n, hp.head_dim))?;
         let scores = q.matmul(&k_all.t()?)?;
         let scores = match mask {
-            Some(mask) => scores
-                .reshape((1, hp.n_kv_head, self.groups, n, keys))?
-                .broadcast_add(mask)?
-                .reshape((1, hp.n_kv_head, self.groups * n, keys))?,
+            Some(mask) => scores.reshape((1, hp.n_kv_head, self.groups, n, keys))?.broadcast_add(mask)?.reshape((
+                1,
+                hp.n_kv_head,
+                self.groups * n,
+                keys,
+            ))?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;

@@ -50,21 +50,18 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// each of which writes only its own elements.
 #[derive(Clone, Copy)]
 pub struct SyncPtr(pub *mut f32);
+// SAFETY: a SyncPtr only carries the address across threads; every dereference is an
+// `unsafe` block of the kernel that made it, which writes disjoint elements per worker
+// (each block states why) into a buffer that outlives the parallel call (candle's pool
+// joins its workers before `execute_chunked` returns). No two threads touch one element.
 unsafe impl Send for SyncPtr {}
+// SAFETY: as for Send: shared references to a SyncPtr never read through it.
 unsafe impl Sync for SyncPtr {}
 
 /// `tanh(x)` as a ratio of odd and even polynomials of x, clamped where tanh is ±1 in f32.
 #[inline(always)]
 fn tanh(x: f32) -> f32 {
-    const A: [f32; 7] = [
-        4.893_524_6e-3,
-        6.372_619_3e-4,
-        1.485_722_4e-5,
-        5.122_297e-8,
-        -8.604_672e-11,
-        2.000_188e-13,
-        -2.760_768_5e-16,
-    ];
+    const A: [f32; 7] = [4.893_524_6e-3, 6.372_619_3e-4, 1.485_722_4e-5, 5.122_297e-8, -8.604_672e-11, 2.000_188e-13, -2.760_768_5e-16];
     const B: [f32; 4] = [4.893_525e-3, 2.268_434_6e-3, 1.185_347_1e-4, 1.198_258_4e-6];
     let x = x.clamp(-7.905_311, 7.905_311);
     let x2 = x * x;

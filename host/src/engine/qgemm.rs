@@ -107,12 +107,7 @@ impl Int8Matrix {
             candle_core::bail!("Q8_0 tensor of {rows}×{cols} holds {} bytes", data.len())
         }
         let groups = rows.div_ceil(COLS);
-        let mut m = Int8Matrix {
-            rows,
-            blocks,
-            quants: vec![ZERO; groups * blocks * COLS],
-            scales: vec![[0.0; COLS]; groups * blocks],
-        };
+        let mut m = Int8Matrix { rows, blocks, quants: vec![ZERO; groups * blocks * COLS], scales: vec![[0.0; COLS]; groups * blocks] };
         for (r, row) in data.chunks_exact(blocks * q8_0_block).enumerate() {
             let (group, lane) = (r / COLS, r % COLS);
             for (b, block) in row.chunks_exact(q8_0_block).enumerate() {
@@ -228,16 +223,27 @@ impl Tile<'_> {
         let first = self.group * COLS;
         let n = (self.w.rows - first).min(COLS);
         for (c, &v) in lanes[..n].iter().enumerate() {
+            // SAFETY: row < the tile's rows and first + c < w.rows, so the offset is inside
+            // the x.rows × w.rows buffer the caller guarantees; this tile's group owns it.
             unsafe { *out.add((self.i + row) * self.w.rows + first + c) = v };
         }
     }
 }
 
+/// One tile: R rows of x against the 8 outputs of w's group `group`.
+///
+/// # Safety
+/// `out` must hold `x.rows × w.rows` elements, and no other thread may write this tile's
+/// outputs while it runs.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 #[inline(always)]
 unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
     use std::arch::x86_64::*;
     let kb = t.x.blocks;
+    // SAFETY: AVX2 and FMA are enabled at compile time (the cfg above). The quants and
+    // scales are read at rows i..i+R of x and group `group` of w, all inside their buffers
+    // (R rows remain from i, and the repacked w holds kb × COLS vectors per group, 32-byte
+    // aligned for the aligned load); `store` writes only this tile's outputs.
     unsafe {
         let xq = t.x.quants.as_ptr().add(t.i * kb);
         let xd = t.x.scales.as_ptr().add(t.i * kb);
@@ -276,6 +282,9 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
 
 /// Portable version, the same arithmetic per output element: an integer sum per block,
 /// scaled and accumulated in block order.
+///
+/// # Safety
+/// As for the AVX2 version.
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
 #[inline(always)]
 unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
@@ -297,6 +306,7 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
                 *acc = (sum as f32).mul_add(t.w.scales[tile][lane] * t.x.scales[xi + b], *acc);
             }
         }
+        // SAFETY: the caller of `tile` guarantees `out` holds x.rows × w.rows elements.
         unsafe { t.store(out, row, &acc) };
     }
 }

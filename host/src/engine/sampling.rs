@@ -282,10 +282,7 @@ mod tests {
 
     #[test]
     fn logprobs_are_of_the_raw_distribution() {
-        let mut s = Sampler::new(
-            SamplingParams { temperature: 0.0, logprobs: Some(2), logit_bias: vec![(1, 10.0)], ..params() },
-            &[],
-        );
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, logprobs: Some(2), logit_bias: vec![(1, 10.0)], ..params() }, &[]);
         let out = s.sample(&mut [0.0, 0.0]);
         assert_eq!(out.token, 1);
         let half = 0.5f32.ln();

@@ -10,6 +10,12 @@
 //! client hung up (its receiver dropped), leaves at once. Each sequence owns its
 //! [`SeqCache`], sampler, detokenizer and stop matcher, so its output is the same whatever
 //! else shares its steps.
+//!
+//! A panic on the engine thread (a bug, a kernel assertion) fails the requests of that
+//! step with an error event and the thread goes on with the queue: the model's weights
+//! are read-only, and every per-request state the panic may have left half-written (KV
+//! caches, kept prefixes) is dropped. Each accepted request holds an [`Admission`] that
+//! returns its slot when dropped, so no panic can leak queue capacity.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use wisp_holdback::StopMatcher;
 
-use super::model::{Model, SeqCache, Segment};
+use super::model::{Model, Segment, SeqCache};
 use super::sampling::Sampler;
 use super::tokenizer::{Detokenizer, GgufTokenizer};
 use super::{EngineError, FinishReason, GenerateRequest, StreamEvent, TokenLogprob, TokenStream};
@@ -42,11 +48,23 @@ struct Job {
     events: mpsc::UnboundedSender<StreamEvent>,
     /// Open while the job waits; closing it logs the queue time.
     queued: tracing::Span,
+    admission: Admission,
+}
+
+/// One request's place among those the engine accepted (queued or running); dropping it,
+/// however the request leaves (finished, failed, hung up, lost in a panic), frees it.
+struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The handle the rest of the host holds; the thread stops when it is dropped.
 pub struct Scheduler {
     jobs: mpsc::UnboundedSender<Job>,
+    thread: std::thread::JoinHandle<()>,
     /// Requests accepted and not finished (queued + running).
     in_flight: Arc<AtomicUsize>,
     /// Running plus waiting requests admitted at most.
@@ -63,32 +81,35 @@ impl Scheduler {
             tokenizer,
             per_model: ModelMetrics::new(&metrics, &config.model_id),
             metrics,
-            in_flight: in_flight.clone(),
             model_id: config.model_id.clone(),
             prefill_chunk: config.prefill_chunk,
             max_batch: config.max_batch,
             prefixes: std::cell::RefCell::new(PrefixCache::new(config.prefix_cache_bytes)),
+            panic_on: std::env::var(PANIC_ON_VAR).ok().filter(|s| !s.is_empty()),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("wisp-engine-{}", config.model_id))
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.supervise(rx))
             .expect("spawning the engine thread failed; this is a bug");
-        Scheduler { jobs, in_flight, max_in_flight: config.max_batch + config.max_queue, model_id: config.model_id }
+        Scheduler { jobs, thread, in_flight, max_in_flight: config.max_batch + config.max_queue, model_id: config.model_id }
+    }
+
+    /// Whether the engine thread is running (what readiness reports).
+    pub fn is_alive(&self) -> bool {
+        !self.thread.is_finished()
     }
 
     pub fn schedule(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
         // `max_batch` running plus `max_queue` waiting.
-        let admitted = self
-            .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_in_flight).then_some(n + 1))
-            .is_ok();
+        let admitted =
+            self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_in_flight).then_some(n + 1)).is_ok();
         if !admitted {
             return Err(EngineError::Overloaded(self.model_id.clone()));
         }
+        let admission = Admission(self.in_flight.clone());
         let (events, stream) = mpsc::unbounded_channel();
         let queued = tracing::info_span!(parent: &request.span, "queue", model = %self.model_id);
-        if self.jobs.send(Job { request, events, queued }).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.jobs.send(Job { request, events, queued, admission }).is_err() {
             return Err(EngineError::Stopped(self.model_id.clone()));
         }
         Ok(stream)
@@ -130,12 +151,17 @@ struct Worker {
     tokenizer: Arc<GgufTokenizer>,
     metrics: Arc<Metrics>,
     per_model: ModelMetrics,
-    in_flight: Arc<AtomicUsize>,
     model_id: String,
     prefill_chunk: usize,
     max_batch: usize,
     prefixes: std::cell::RefCell<PrefixCache>,
+    /// Fault injection for tests: a prompt whose text contains this panics the engine
+    /// thread (set by [`PANIC_ON_VAR`]; never set in production).
+    panic_on: Option<String>,
 }
+
+/// Tests set this to make the engine panic on a prompt containing its value.
+pub const PANIC_ON_VAR: &str = "WISPTEST_ENGINE_PANIC_ON";
 
 /// Prompts shorter than this are prefilled, not looked up.
 const MIN_REUSE_TOKENS: usize = 16;
@@ -173,6 +199,12 @@ impl PrefixCache {
         self.entries.last().map(|(_, cache)| (shared, cache))
     }
 
+    /// Forgets every entry.
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
     /// Keeps `cache` (holding `tokens`), compacted to its length, evicting the least
     /// recently used entries to stay within the budget.
     fn insert(&mut self, model: &Model, tokens: Vec<u32>, cache: &SeqCache) -> candle_core::Result<()> {
@@ -205,6 +237,7 @@ impl PrefixCache {
 struct Sequence {
     request: GenerateRequest,
     events: mpsc::UnboundedSender<StreamEvent>,
+    _admission: Admission,
     cache: SeqCache,
     /// Prompt tokens already in the cache.
     prefilled: usize,
@@ -223,9 +256,31 @@ struct Sequence {
 }
 
 impl Worker {
-    fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+    /// Runs the engine until every [`Scheduler`] handle is gone, surviving panics: the
+    /// sequences of the step that panicked fail with an error event, kept prefixes are
+    /// dropped, and the queue is served on.
+    fn supervise(self, mut rx: mpsc::UnboundedReceiver<Job>) {
         let mut queue: VecDeque<Job> = VecDeque::new();
         let mut live: Vec<Sequence> = Vec::new();
+        loop {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&mut rx, &mut queue, &mut live)));
+            let Err(panic) = run else { return };
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(model = %self.model_id, error = %message, running = live.len(), "the engine panicked; failing the running requests and going on");
+            self.metrics.errors.with_label_values(&["engine_panic"]).inc();
+            for seq in live.drain(..) {
+                let _ = seq.events.send(StreamEvent::Error(format!("the engine failed: {message}")));
+            }
+            self.prefixes.borrow_mut().clear();
+            self.per_model.running.set(0);
+        }
+    }
+
+    fn run(&self, rx: &mut mpsc::UnboundedReceiver<Job>, queue: &mut VecDeque<Job>, live: &mut Vec<Sequence>) {
         loop {
             if live.is_empty() && queue.is_empty() {
                 match rx.blocking_recv() {
@@ -241,7 +296,7 @@ impl Worker {
             {
                 match self.admit(job) {
                     Ok(Some(seq)) => live.push(seq),
-                    Ok(None) => self.release(),
+                    Ok(None) => {}
                     Err((events, e)) => self.fail(&events, &e),
                 }
             }
@@ -250,7 +305,7 @@ impl Worker {
             if live.is_empty() {
                 continue;
             }
-            if let Err(e) = self.step(&mut live) {
+            if let Err(e) = self.step(live) {
                 // A failed step fails every sequence in it; the engine goes on.
                 for seq in live.drain(..) {
                     self.fail(&seq.events, &e);
@@ -264,34 +319,29 @@ impl Worker {
                     tracing::warn!(model = %self.model_id, error = %e, "keeping a prefix failed");
                 }
             }
-            let before = live.len();
             live.retain(|seq| !seq.is_over());
-            for _ in live.len()..before {
-                self.release();
-            }
             self.per_model.running.set(live.len() as i64);
         }
-    }
-
-    /// A job leaves the engine.
-    fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn fail(&self, events: &mpsc::UnboundedSender<StreamEvent>, e: &candle_core::Error) {
         tracing::error!(model = %self.model_id, error = %e, "generation failed");
         self.metrics.errors.with_label_values(&["engine"]).inc();
         let _ = events.send(StreamEvent::Error(format!("the engine failed: {e}")));
-        self.release();
     }
 
     /// Starts a sequence; `None` if its client is already gone.
     #[allow(clippy::result_large_err)]
     fn admit(&self, job: Job) -> Result<Option<Sequence>, (mpsc::UnboundedSender<StreamEvent>, candle_core::Error)> {
-        let Job { request, events, queued } = job;
+        let Job { request, events, queued, admission } = job;
         drop(queued);
         if events.is_closed() {
             return Ok(None);
+        }
+        if let Some(magic) = &self.panic_on
+            && self.tokenizer.tokenizer.decode(&request.prompt, false).is_ok_and(|text| text.contains(magic.as_str()))
+        {
+            panic!("{PANIC_ON_VAR} matched the prompt (injected fault)");
         }
         self.per_model.queue.observe(request.received.elapsed().as_secs_f64());
         let mut cache = match self.model.new_cache(request.prompt.len() + request.max_tokens) {
@@ -314,6 +364,7 @@ impl Worker {
             stop: StopMatcher::new(request.stop.iter().cloned()),
             request,
             events,
+            _admission: admission,
             cache,
             prefilled,
             fed: Vec::new(),
@@ -346,10 +397,8 @@ impl Worker {
         self.per_model.batch_size.observe(feeds.len() as f64);
         let logits = {
             let mut caches: Vec<Option<&mut SeqCache>> = live.iter_mut().map(|s| Some(&mut s.cache)).collect();
-            let mut segments: Vec<Segment<'_>> = feeds
-                .iter()
-                .map(|(i, tokens)| Segment { tokens, cache: caches[*i].take().expect("one feed per sequence") })
-                .collect();
+            let mut segments: Vec<Segment<'_>> =
+                feeds.iter().map(|(i, tokens)| Segment { tokens, cache: caches[*i].take().expect("one feed per sequence") }).collect();
             self.model.forward_batch(&mut segments)?
         };
         for (row, (i, tokens)) in feeds.iter().enumerate() {
@@ -362,7 +411,8 @@ impl Worker {
                     continue;
                 }
                 self.per_model.prompt_tokens.inc_by(seq.request.prompt.len() as u64);
-                seq.phase = tracing::info_span!(parent: &seq.request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
+                seq.phase =
+                    tracing::info_span!(parent: &seq.request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
             }
             let mut row_logits = logits.get(row)?.to_vec1::<f32>()?;
             self.advance(seq, &mut row_logits);
@@ -387,12 +437,8 @@ impl Worker {
         seq.last_token_at = now;
         m.generation_tokens.inc();
         let generated = seq.generated;
-        let finish = |reason: FinishReason, text: String| StreamEvent::Finished {
-            text,
-            reason,
-            prompt_tokens,
-            completion_tokens: generated,
-        };
+        let finish =
+            |reason: FinishReason, text: String| StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens: generated };
         let done = if self.tokenizer.stop_ids.contains(&sampled.token) {
             let rest = seq.detok.finish(tokenizer);
             let mut text = seq.stop.push(&rest).text;
@@ -437,4 +483,3 @@ impl Sequence {
         self.finished || self.events.is_closed()
     }
 }
-

@@ -65,7 +65,9 @@ pub struct TemplateMessage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    /// The template does not parse: a configuration error, reported at load.
+    /// The template does not parse, or fails while rendering for a reason other than its
+    /// own `raise_exception` (an unknown filter, an undefined value): a server-side
+    /// configuration error, never the client's.
     #[error("chat template does not compile: {0}")]
     Compile(String),
     /// The template refused the conversation (e.g. roles do not alternate): a client error.
@@ -85,9 +87,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> { Err(Error::new(ErrorKind::InvalidOperation, msg)) });
         env.add_function("strftime_now", |format: String| strftime(&format, unix_now()));
         env.add_template_owned("chat", source).map_err(|e| TemplateError::Compile(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token, eos_token })
@@ -103,15 +103,13 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|e| TemplateError::Rejected(rejection_message(&e)))
-    }
-}
-
-/// The message a template raised, without minijinja's location decoration.
-fn rejection_message(e: &Error) -> String {
-    match e.kind() {
-        ErrorKind::InvalidOperation => e.detail().unwrap_or("the chat template rejected the messages").to_string(),
-        _ => format!("the chat template failed on these messages: {e}"),
+            .map_err(|e| match e.kind() {
+                // The template's own `raise_exception`: it refuses these messages.
+                ErrorKind::InvalidOperation => {
+                    TemplateError::Rejected(e.detail().unwrap_or("the chat template rejected the messages").to_string())
+                }
+                _ => TemplateError::Compile(format!("rendering failed: {e}")),
+            })
     }
 }
 
@@ -122,10 +120,8 @@ fn unix_now() -> i64 {
 /// Python's `strftime` for the directives chat templates use (UTC): %Y %y %m %d %e %H %M
 /// %S %b %B %a %A %j %%. Unknown directives are kept verbatim.
 fn strftime(format: &str, unix: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
-    ];
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
@@ -191,9 +187,8 @@ mod tests {
 
     #[test]
     fn gemma_folds_the_system_prompt_into_the_first_user_turn() {
-        let out = gemma()
-            .render(&[msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Bye")], true)
-            .unwrap();
+        let out =
+            gemma().render(&[msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Bye")], true).unwrap();
         assert_eq!(
             out,
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
@@ -232,5 +227,12 @@ mod tests {
     #[test]
     fn a_broken_template_is_a_compile_error() {
         assert!(matches!(ChatTemplate::new("{% for %}".into(), String::new(), String::new()), Err(TemplateError::Compile(_))));
+    }
+
+    #[test]
+    fn a_template_that_fails_while_rendering_is_the_servers_error_and_its_own_refusal_the_clients() {
+        let broken = ChatTemplate::new("{{ messages | no_such_filter }}".into(), String::new(), String::new()).unwrap();
+        assert!(matches!(broken.render(&[msg("user", "hi")], true), Err(TemplateError::Compile(_))));
+        assert!(matches!(gemma().render(&[msg("user", "a"), msg("user", "b")], true), Err(TemplateError::Rejected(_))));
     }
 }

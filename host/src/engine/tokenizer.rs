@@ -63,10 +63,7 @@ impl GgufTokenizer {
                     Some(Value::Array(v)) => v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect(),
                     _ => return Err(TokenizerError::Metadata("`tokenizer.ggml.scores` is missing".into())),
                 };
-                let add_space_prefix = md
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .and_then(|v| v.to_bool().ok())
-                    .unwrap_or(true);
+                let add_space_prefix = md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
                 spm_json(&tokens, &scores, &types, add_space_prefix, id(md, "tokenizer.ggml.unknown_token_id"))
             }
             "gpt2" => {
@@ -75,9 +72,7 @@ impl GgufTokenizer {
                 gpt2_json(&tokens, &merges, &types, pre.unwrap_or("default"))
             }
             other => {
-                return Err(TokenizerError::Metadata(format!(
-                    "tokenizer model `{other}` is not supported (supported: llama, gpt2)"
-                )));
+                return Err(TokenizerError::Metadata(format!("tokenizer model `{other}` is not supported (supported: llama, gpt2)")));
             }
         };
         let tokenizer = Tokenizer::from_str(&json.to_string()).map_err(|e| TokenizerError::Build(e.to_string()))?;
@@ -108,18 +103,14 @@ impl GgufTokenizer {
 }
 
 fn string(md: &HashMap<String, Value>, key: &str) -> Result<String, TokenizerError> {
-    md.get(key)
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| TokenizerError::Metadata(format!("`{key}` is missing")))
+    md.get(key).and_then(|v| v.to_string().ok()).cloned().ok_or_else(|| TokenizerError::Metadata(format!("`{key}` is missing")))
 }
 
 fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, TokenizerError> {
     match md.get(key) {
-        Some(Value::Array(v)) => v
-            .iter()
-            .map(|x| x.to_string().cloned().map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}"))))
-            .collect(),
+        Some(Value::Array(v)) => {
+            v.iter().map(|x| x.to_string().cloned().map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}")))).collect()
+        }
         _ => Err(TokenizerError::Metadata(format!("`{key}` is missing"))),
     }
 }
@@ -215,10 +206,7 @@ fn pre_tokenizer_regex(pre: &str) -> &'static str {
 
 /// Byte-level BPE (GPT-2 style) with the GGUF's merges.
 fn gpt2_json(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> Json {
-    let merges: Vec<Json> = merges
-        .iter()
-        .filter_map(|m| m.split_once(' ').map(|(l, r)| json!([l, r])))
-        .collect();
+    let merges: Vec<Json> = merges.iter().filter_map(|m| m.split_once(' ').map(|(l, r)| json!([l, r]))).collect();
     json!({
         "version": "1.0",
         "truncation": null,

@@ -44,12 +44,7 @@ impl PolicyManager {
         config_path: Option<PathBuf>,
     ) -> Result<Arc<PolicyManager>, PolicyError> {
         let chain = PolicyChain::load(engine.clone(), plugins).await?;
-        Ok(Arc::new(PolicyManager {
-            engine,
-            current: ArcSwap::from_pointee(chain),
-            config_path,
-            reloading: tokio::sync::Mutex::new(()),
-        }))
+        Ok(Arc::new(PolicyManager { engine, current: ArcSwap::from_pointee(chain), config_path, reloading: tokio::sync::Mutex::new(()) }))
     }
 
     /// The chain new requests use.
@@ -80,8 +75,7 @@ impl PolicyManager {
 
     /// The files whose change triggers a reload: the config and every plugin's wasm.
     fn watched_files(&self) -> HashSet<PathBuf> {
-        let mut files: HashSet<PathBuf> =
-            self.current().plugins.iter().map(|p| absolute(&p.config.wasm)).collect();
+        let mut files: HashSet<PathBuf> = self.current().plugins.iter().map(|p| absolute(&p.config.wasm)).collect();
         files.extend(self.config_path.as_deref().map(absolute));
         files
     }

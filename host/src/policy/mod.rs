@@ -12,35 +12,52 @@
 //!    [`PolicySession`] then runs `on-request` down the chain, `on-chunk` over the output
 //!    and `on-finish` at the end.
 //!
-//! Every hook call has a wall-time deadline (epoch interruption, checked every
-//! [`limits::EPOCH_TICK`], yielding to tokio meanwhile) and a memory cap. A trap, timeout
-//! or limit hit is a plugin failure: a `closed` plugin fails the request, an `open` one is
-//! skipped for the rest of it and logged. The host keeps serving either way.
+//! Every hook call (init included) is bounded whatever the guest does: its own execution
+//! by `timeout_ms` of guest time (meter.rs; epoch interruption checks it every
+//! [`limits::EPOCH_TICK`], yielding to tokio meanwhile), its waits in host calls by a
+//! budget of their own, and the whole call by a wall-time cut-off; its memory by a cap;
+//! what it returns by size caps and by the same rules a client's request keeps
+//! (checks.rs). Plugins are linked with only the WASI interfaces a Rust guest's std needs
+//! (no clocks, filesystem or sockets: nothing a guest can block on). A trap, timeout or
+//! limit hit is a plugin failure: a `closed` plugin fails the request, an `open` one is
+//! skipped for the rest of it and logged; either way that instance is never called again.
+//! The host keeps serving.
+//!
+//! [`PolicySession`] owns the end of a request: every plugin that saw `on-request` hears
+//! `on-finish` exactly once, however the request ends (a later plugin's denial, a
+//! refusal by the engine, a hang-up: when the session is dropped unfinished it finishes
+//! the plugins itself, in the background).
 //!
 //! Hot reload ([`PolicyManager`]) builds a whole new chain and swaps it atomically;
 //! requests in flight finish on the chain they started with.
 
+pub mod checks;
 mod host;
 pub mod kv;
 pub mod limits;
 pub mod manager;
+mod meter;
 mod preinit;
+mod wasi;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::telemetry::Metrics;
+use checks::RequestRules;
 use kv::KvBackend;
-use limits::{EPOCH_TICK, MAX_INSTANCES, MAX_OUTPUT_BYTES, MAX_TABLES, PluginLimits};
+use limits::{EPOCH_TICK, MAX_INSTANCES, MAX_OUTPUT_BYTES, MAX_RESPONSE_BYTES, MAX_TABLES, PluginLimits};
+use meter::{Meter, Metered};
 
 pub use manager::PolicyManager;
 
@@ -92,8 +109,11 @@ pub enum FailureKind {
     Trap,
     Timeout,
     Memory,
-    /// It returned more text than [`MAX_OUTPUT_BYTES`].
+    /// It returned more text than [`MAX_OUTPUT_BYTES`] in one call, or than
+    /// [`MAX_RESPONSE_BYTES`] over a response.
     Output,
+    /// It rewrote the request into one that breaks the rules a client's request keeps.
+    Invalid,
 }
 
 impl FailureKind {
@@ -103,6 +123,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Memory => "memory",
             FailureKind::Output => "output",
+            FailureKind::Invalid => "invalid",
         }
     }
 }
@@ -133,8 +154,12 @@ pub struct PluginState {
     kv: Arc<dyn KvBackend>,
     plugin: Arc<str>,
     started: Instant,
-    /// When the current hook call must end.
-    deadline: Instant,
+    /// Guest and host time of the current hook call.
+    meter: Arc<Meter>,
+    /// Guest time one hook call may use.
+    timeout: Duration,
+    /// Log bytes this instance may still write (one instance serves one request).
+    log_budget: usize,
 }
 
 impl WasiView for PluginState {
@@ -145,11 +170,11 @@ impl WasiView for PluginState {
 
 /// Marks a hook stopped by its deadline, so it can be told from other traps.
 #[derive(Debug)]
-struct DeadlineExceeded;
+struct DeadlineExceeded(Duration);
 
 impl std::fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the hook ran past its deadline")
+        write!(f, "the hook ran past its deadline of {:?} of guest time", self.0)
     }
 }
 
@@ -164,11 +189,16 @@ pub struct PolicyEngine {
     /// that keeps a plugin's file and config neither re-initialises nor recompiles it.
     compiled: Mutex<HashMap<[u8; 32], Component>>,
     metrics: Arc<Metrics>,
+    /// What a rewritten request must keep.
+    rules: RequestRules,
+    /// One permit per pool slot: a request waits here for its instances instead of
+    /// failing when the pool is full.
+    slots: Arc<Semaphore>,
 }
 
 impl PolicyEngine {
     /// Builds the engine (component model, epoch interruption) and starts the ticker.
-    pub fn new(kv: Arc<dyn KvBackend>, metrics: Arc<Metrics>) -> Result<Arc<PolicyEngine>, PolicyError> {
+    pub fn new(kv: Arc<dyn KvBackend>, metrics: Arc<Metrics>, rules: RequestRules) -> Result<Arc<PolicyEngine>, PolicyError> {
         let fail = |message: String| PolicyError::Load { plugin: "*".into(), phase: "start the engine", message };
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
@@ -176,15 +206,20 @@ impl PolicyEngine {
         // Pooling: instance slots are reserved once, so a per-request instance costs a
         // copy-on-write remap instead of fresh allocations.
         let mut pool = wasmtime::PoolingAllocationConfig::default();
+        // A component instance is several core instances (the guest and its shims), each
+        // with its tables: slots for as many as one store may create, per component.
         pool.total_component_instances(limits::POOL_INSTANCES)
-            .total_core_instances(limits::POOL_INSTANCES)
-            .total_memories(limits::POOL_INSTANCES)
-            .total_tables(limits::POOL_INSTANCES)
+            .total_core_instances(limits::POOL_INSTANCES * MAX_INSTANCES as u32)
+            .total_memories(limits::POOL_INSTANCES * limits::MAX_MEMORIES as u32)
+            .total_tables(limits::POOL_INSTANCES * MAX_TABLES as u32)
+            .max_memories_per_component(limits::MAX_MEMORIES as u32)
+            // A store keeps its async stack while it lives: one per live instance.
+            .total_stacks(limits::POOL_INSTANCES)
             .max_memory_size(limits::POOL_MAX_MEMORY_BYTES);
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| fail(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| fail(e.to_string()))?;
+        wasi::add_to_linker(&mut linker).map_err(|e| fail(e.to_string()))?;
         bindings::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| fail(e.to_string()))?;
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -197,7 +232,8 @@ impl PolicyEngine {
                 }
             })
             .expect("spawning the epoch ticker failed; this is a bug");
-        Ok(Arc::new(PolicyEngine { engine, linker, kv, compiled: Mutex::new(HashMap::new()), metrics }))
+        let slots = Arc::new(Semaphore::new(limits::POOL_INSTANCES as usize));
+        Ok(Arc::new(PolicyEngine { engine, linker, kv, compiled: Mutex::new(HashMap::new()), metrics, rules, slots }))
     }
 
     /// Reads, pre-initialises (or, failing that, plainly compiles) one plugin. Returns the
@@ -248,24 +284,39 @@ impl PolicyEngine {
                 .memory_size(limits.memory_bytes())
                 .tables(MAX_TABLES)
                 .instances(MAX_INSTANCES)
+                .memories(limits::MAX_MEMORIES)
                 .trap_on_grow_failure(true)
                 .build(),
             kv: self.kv.clone(),
             plugin: plugin.clone(),
             started: Instant::now(),
-            deadline: Instant::now(),
+            meter: Meter::new(),
+            timeout: limits.timeout(),
+            log_budget: limits::MAX_LOG_BYTES_PER_REQUEST,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
-        // Every tick: past the deadline the call traps, else it yields to tokio and goes on.
+        // Every tick the guest runs through: past its guest time the call traps; else, once
+        // it has held the thread for a tick since it was last resumed, it yields to tokio
+        // (so one resumed late, on a busy runtime, still gets a tick of progress).
         store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
-                return Err(wasmtime::Error::new(DeadlineExceeded));
+            let state = ctx.data();
+            if state.meter.guest_time() >= state.timeout {
+                return Err(wasmtime::Error::new(DeadlineExceeded(state.timeout)));
             }
-            Ok(UpdateDeadline::Yield(1))
+            match state.meter.running_for() >= EPOCH_TICK {
+                true => Ok(UpdateDeadline::Yield(1)),
+                false => Ok(UpdateDeadline::Continue(1)),
+            }
         });
         store
+    }
+
+    /// Waits for `n` pool slots (see [`limits::POOL_INSTANCES`]).
+    async fn slots(&self, n: usize) -> OwnedSemaphorePermit {
+        let n = u32::try_from(n).unwrap_or(u32::MAX).min(limits::POOL_INSTANCES);
+        self.slots.clone().acquire_many_owned(n).await.expect("the pool semaphore is never closed")
     }
 }
 
@@ -337,24 +388,14 @@ impl PolicyChain {
         for config in configs {
             let name: Arc<str> = config.name.as_str().into();
             let fail = |phase, message: String| PolicyError::Load { plugin: config.name.clone(), phase, message };
-            let config_json =
-                serde_json::to_string(&config.config).map_err(|e| fail("encode its config", e.to_string()))?;
-            let (component, sha256, preinitialized) =
-                engine.prepare(&name, &config.wasm, &config_json, &config.limits).await?;
+            let config_json = serde_json::to_string(&config.config).map_err(|e| fail("encode its config", e.to_string()))?;
+            let (component, sha256, preinitialized) = engine.prepare(&name, &config.wasm, &config_json, &config.limits).await?;
             let instance_pre = engine.linker.instantiate_pre(&component).map_err(|e| fail("link", format!("{e:#}")))?;
             let pre = bindings::PolicyPre::new(instance_pre).map_err(|e| fail("link", format!("{e:#}")))?;
             let metrics = PluginMetrics::new(&engine.metrics, &name);
-            let plugin = LoadedPlugin {
-                name,
-                config: config.clone(),
-                config_json,
-                pre,
-                preinitialized,
-                sha256,
-                loaded_at: now,
-                metrics,
-            };
+            let plugin = LoadedPlugin { name, config: config.clone(), config_json, pre, preinitialized, sha256, loaded_at: now, metrics };
             // A trial instance proves the plugin starts and accepts its config.
+            let _slot = engine.slots(1).await;
             LivePlugin::start(&engine, &plugin, 0).await.map_err(|e| fail("initialise", e.to_string()))?;
             plugins.push(plugin);
         }
@@ -387,8 +428,13 @@ impl PolicyChain {
             .collect()
     }
 
-    /// Fresh instances of every plugin for one request.
+    /// Fresh instances of every plugin for one request (waiting for pool slots if the
+    /// pool is full).
     pub async fn start(self: &Arc<Self>) -> Result<PolicySession, PolicyError> {
+        let slots = match self.plugins.is_empty() {
+            true => None,
+            false => Some(self.engine.slots(self.plugins.len()).await),
+        };
         let mut live = Vec::with_capacity(self.plugins.len());
         for (idx, plugin) in self.plugins.iter().enumerate() {
             match LivePlugin::start(&self.engine, plugin, idx).await {
@@ -400,7 +446,13 @@ impl PolicyChain {
                 }
             }
         }
-        Ok(PolicySession { chain: self.clone(), live })
+        Ok(PolicySession {
+            chain: self.clone(),
+            live,
+            usage: Usage { prompt_tokens: 0, completion_tokens: 0 },
+            _slots: slots,
+            finisher: false,
+        })
     }
 
     /// Records a failure; `Some` if the plugin fails closed (the request must fail).
@@ -410,12 +462,9 @@ impl PolicyChain {
         tracing::warn!(plugin = %plugin.name, hook, kind = failure.kind.as_str(), fail = ?plugin.config.fail, error = %failure.message, "plugin failed");
         match plugin.config.fail {
             FailMode::Open => None,
-            FailMode::Closed => Some(PolicyError::Failed {
-                plugin: plugin.name.to_string(),
-                hook,
-                kind: failure.kind,
-                message: failure.message,
-            }),
+            FailMode::Closed => {
+                Some(PolicyError::Failed { plugin: plugin.name.to_string(), hook, kind: failure.kind, message: failure.message })
+            }
         }
     }
 }
@@ -450,39 +499,85 @@ impl HookFailure {
     }
 }
 
+/// Runs one hook call within its limits: guest time is metered (the epoch callback ends
+/// the call past `timeout_ms`), and past `wall` the call is cut off whatever it is doing.
+async fn run_hook<T>(
+    meter: &Arc<Meter>,
+    wall: Duration,
+    call: impl std::future::Future<Output = wasmtime::Result<T>> + Send,
+) -> Result<T, HookFailure> {
+    meter.reset();
+    match tokio::time::timeout(wall, Metered::new(meter.clone(), call)).await {
+        Ok(result) => result.map_err(HookFailure::from_error),
+        Err(_) => Err(HookFailure { kind: FailureKind::Timeout, message: format!("the hook did not return within {wall:?} of wall time") }),
+    }
+}
+
 /// One plugin instance serving one request.
 struct LivePlugin {
     idx: usize,
     store: Store<PluginState>,
     instance: bindings::Policy,
-    timeout: std::time::Duration,
+    meter: Arc<Meter>,
+    wall: Duration,
+    /// `on-request` reached this instance: it is owed exactly one `on-finish`.
+    saw_request: bool,
+    /// `on-finish` was called (whatever it returned).
+    finished: bool,
+    /// A hook call began and never returned (its caller was dropped): the instance is in
+    /// an unknown state and is never called again.
+    in_call: bool,
+    /// Bytes this plugin emitted over the response so far.
+    emitted: usize,
 }
 
 impl LivePlugin {
     async fn start(engine: &PolicyEngine, plugin: &LoadedPlugin, idx: usize) -> Result<LivePlugin, HookFailure> {
         let mut store = engine.store(&plugin.name, &plugin.config.limits);
-        let timeout = plugin.config.limits.timeout();
-        store.data_mut().deadline = Instant::now() + timeout;
-        let instance = plugin.pre.instantiate_async(&mut store).await.map_err(HookFailure::from_error)?;
+        let meter = store.data().meter.clone();
+        let wall = plugin.config.limits.wall_limit();
+        let instance = run_hook(&meter, wall, plugin.pre.instantiate_async(&mut store)).await?;
+        let mut live = LivePlugin { idx, store, instance, meter, wall, saw_request: false, finished: false, in_call: false, emitted: 0 };
         if plugin.preinitialized {
-            return Ok(LivePlugin { idx, store, instance, timeout });
+            return Ok(live);
         }
-        store.data_mut().deadline = Instant::now() + timeout;
-        match instance.call_init(&mut store, &plugin.config_json).await.map_err(HookFailure::from_error)? {
-            Ok(()) => Ok(LivePlugin { idx, store, instance, timeout }),
+        match live.call(|p, s| Box::pin(p.call_init(s, &plugin.config_json))).await? {
+            Ok(()) => Ok(live),
             Err(message) => Err(HookFailure { kind: FailureKind::Trap, message: format!("init refused its config: {message}") }),
         }
     }
 
-    fn arm(&mut self) {
-        self.store.data_mut().deadline = Instant::now() + self.timeout;
+    /// One hook call within the plugin's limits.
+    async fn call<'a, T: 'a>(
+        &'a mut self,
+        hook: impl FnOnce(&'a bindings::Policy, &'a mut Store<PluginState>) -> HookCall<'a, T>,
+    ) -> Result<T, HookFailure> {
+        self.in_call = true;
+        let result = run_hook(&self.meter, self.wall, hook(&self.instance, &mut self.store)).await;
+        self.in_call = false;
+        result
+    }
+
+    fn owes_finish(&self) -> bool {
+        self.saw_request && !self.finished && !self.in_call
     }
 }
 
-/// The plugins of one request, in chain order.
+/// The future of one generated hook call.
+type HookCall<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<T>> + Send + 'a>>;
+
+/// The plugins of one request, in chain order. Dropped before [`PolicySession::finish`],
+/// it finishes the plugins it owes in the background (reason `error`, or `cancelled` once
+/// output began; the usage last recorded).
 pub struct PolicySession {
     chain: Arc<PolicyChain>,
     live: Vec<LivePlugin>,
+    /// The usage reached so far, for an `on-finish` the session sends itself.
+    usage: Usage,
+    _slots: Option<OwnedSemaphorePermit>,
+    /// This session is already the background finisher of another: dropping it (the task
+    /// ended, or the runtime is shutting down and drops its tasks) finishes nothing more.
+    finisher: bool,
 }
 
 impl PolicySession {
@@ -493,31 +588,33 @@ impl PolicySession {
         while idx < self.live.len() {
             let started = Instant::now();
             let plugin = &mut self.live[idx];
-            plugin.arm();
-            let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_request");
-            let result = plugin.instance.call_on_request(&mut plugin.store, &request).instrument(span).await.map_err(HookFailure::from_error);
-            let result = result.and_then(|v| match &v {
-                types::Verdict::Rewrite(r) if request_bytes(r) > MAX_OUTPUT_BYTES => Err(HookFailure::output(request_bytes(r))),
-                _ => Ok(v),
+            plugin.saw_request = true;
+            let loaded = &self.chain.plugins[plugin.idx];
+            let span = tracing::debug_span!("plugin", name = %loaded.name, hook = "on_request");
+            let result = plugin.call(|p, s| Box::pin(p.call_on_request(s, &request))).instrument(span).await;
+            let result = result.and_then(|verdict| match verdict {
+                types::Verdict::Rewrite(r) => checks::rewrite(&request, r, &self.chain.engine.rules)
+                    .map(types::Verdict::Rewrite)
+                    .map_err(|message| HookFailure { kind: FailureKind::Invalid, message }),
+                other => Ok(other),
             });
-            let metrics = &self.chain.plugins[plugin.idx].metrics;
-            metrics.on_request.observe(started.elapsed().as_secs_f64());
+            loaded.metrics.on_request.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(verdict) => {
-                    match &verdict {
-                        types::Verdict::Allow => metrics.allow.inc(),
-                        types::Verdict::Deny(_) => metrics.deny.inc(),
-                        types::Verdict::Rewrite(_) => metrics.rewrite.inc(),
-                    }
-                    match verdict {
-                        types::Verdict::Allow => {}
-                        types::Verdict::Rewrite(r) => request = r,
-                        types::Verdict::Deny(d) => return Ok(Decision::Deny(d)),
-                    }
-                    idx += 1;
+                Ok(types::Verdict::Allow) => loaded.metrics.allow.inc(),
+                Ok(types::Verdict::Rewrite(r)) => {
+                    loaded.metrics.rewrite.inc();
+                    request = r;
                 }
-                Err(failure) => self.drop_or_fail(idx, "on_request", failure)?,
+                Ok(types::Verdict::Deny(d)) => {
+                    loaded.metrics.deny.inc();
+                    return Ok(Decision::Deny(checks::denial(d)));
+                }
+                Err(failure) => {
+                    self.drop_or_fail(idx, "on_request", failure)?;
+                    continue;
+                }
             }
+            idx += 1;
         }
         Ok(Decision::Allow(request))
     }
@@ -528,16 +625,27 @@ impl PolicySession {
         self.pipe(0, text).await
     }
 
-    /// Ends the output: each plugin's held-back text goes on through the plugins after it.
+    /// Records how far the request got, for an `on-finish` the session has to send itself.
+    pub fn record_usage(&mut self, usage: Usage) {
+        self.usage = usage;
+    }
+
+    /// Ends the output: each plugin that saw `on-request` hears `on-finish` (once: a second
+    /// call finishes nobody), and its held-back text goes on through the plugins after it.
     pub async fn finish(&mut self, finish: Finish) -> Result<String, PolicyError> {
+        self.usage = finish.usage;
         let mut out = String::new();
         let mut idx = 0;
         while idx < self.live.len() {
             let plugin = &mut self.live[idx];
-            plugin.arm();
+            if !plugin.owes_finish() {
+                idx += 1;
+                continue;
+            }
+            plugin.finished = true;
             let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_finish");
-            let result = plugin.instance.call_on_finish(&mut plugin.store, &finish).instrument(span).await.map_err(HookFailure::from_error);
-            match result.and_then(|t| if t.len() > MAX_OUTPUT_BYTES { Err(HookFailure::output(t.len())) } else { Ok(t) }) {
+            let result = plugin.call(|p, s| Box::pin(p.call_on_finish(s, &finish))).instrument(span).await;
+            match result.and_then(|t| plugin.check_emit(t)) {
                 Ok(held) => {
                     if !held.is_empty() {
                         let (text, _) = self.pipe(idx + 1, held).await?;
@@ -561,14 +669,13 @@ impl PolicySession {
             }
             let started = Instant::now();
             let plugin = &mut self.live[idx];
-            plugin.arm();
             let span = tracing::debug_span!("plugin", name = %self.chain.plugins[plugin.idx].name, hook = "on_chunk");
-            let result = plugin.instance.call_on_chunk(&mut plugin.store, &text).instrument(span).await.map_err(HookFailure::from_error);
+            let result = plugin.call(|p, s| Box::pin(p.call_on_chunk(s, &text))).instrument(span).await;
             self.chain.plugins[plugin.idx].metrics.on_chunk.observe(started.elapsed().as_secs_f64());
-            match result.and_then(|r| if r.emit.len() > MAX_OUTPUT_BYTES { Err(HookFailure::output(r.emit.len())) } else { Ok(r) }) {
-                Ok(r) => {
-                    text = r.emit;
-                    stop |= r.stop;
+            match result.and_then(|r| Ok((plugin.check_emit(r.emit)?, r.stop))) {
+                Ok((emit, stopped)) => {
+                    text = emit;
+                    stop |= stopped;
                     idx += 1;
                 }
                 // An open plugin that fails is skipped: the text passes on unchanged.
@@ -578,14 +685,14 @@ impl PolicySession {
         Ok((text, stop))
     }
 
-    /// Fails the request for a closed plugin; drops an open one from this request.
+    /// A failed plugin leaves the request (it is never called again, not even `on-finish`);
+    /// a closed one fails the request with it.
     fn drop_or_fail(&mut self, idx: usize, hook: &'static str, failure: HookFailure) -> Result<(), PolicyError> {
-        let chain_idx = self.live[idx].idx;
-        if let Some(err) = self.chain.failed(chain_idx, hook, failure) {
-            return Err(err);
+        let plugin = self.live.remove(idx);
+        match self.chain.failed(plugin.idx, hook, failure) {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
-        self.live.remove(idx);
-        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -593,6 +700,41 @@ impl PolicySession {
     }
 }
 
-fn request_bytes(r: &Request) -> usize {
-    r.messages.iter().map(|m| m.content.len() + m.role.len()).sum::<usize>() + r.model.len()
+impl LivePlugin {
+    /// Text a hook returned, within the per-call cap and the per-response total.
+    fn check_emit(&mut self, text: String) -> Result<String, HookFailure> {
+        if text.len() > MAX_OUTPUT_BYTES {
+            return Err(HookFailure::output(text.len()));
+        }
+        self.emitted += text.len();
+        if self.emitted > MAX_RESPONSE_BYTES {
+            return Err(HookFailure {
+                kind: FailureKind::Output,
+                message: format!("emitted {} bytes over one response, over the limit of {MAX_RESPONSE_BYTES}", self.emitted),
+            });
+        }
+        Ok(text)
+    }
+}
+
+impl Drop for PolicySession {
+    fn drop(&mut self) {
+        if self.finisher {
+            return;
+        }
+        let owed: Vec<LivePlugin> = std::mem::take(&mut self.live).into_iter().filter(LivePlugin::owes_finish).collect();
+        if owed.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let reason = if self.usage.completion_tokens > 0 { "cancelled" } else { "error" };
+        let finish = Finish { reason: reason.into(), usage: self.usage };
+        let mut rest =
+            PolicySession { chain: self.chain.clone(), live: owed, usage: self.usage, _slots: self._slots.take(), finisher: true };
+        runtime.spawn(async move {
+            if let Err(e) = rest.finish(finish).await {
+                tracing::warn!(error = %e, "on-finish for an unfinished request failed");
+            }
+        });
+    }
 }

@@ -11,11 +11,11 @@
 
 use wasmtime::Store;
 use wasmtime::component::{Component, Instance, Lift, WasmList};
-use wasmtime_wizer::Wizer;
 use wasmtime_wizer::ComponentInstanceState;
+use wasmtime_wizer::Wizer;
 
 use super::limits::PluginLimits;
-use super::{PluginState, PolicyEngine, bindings};
+use super::{PluginState, PolicyEngine, bindings, run_hook};
 
 /// Runs `init(config_json)` on an instrumented instance and returns the snapshot component.
 /// An `Err` is a message: the caller falls back to calling `init` per request, except when
@@ -31,16 +31,20 @@ pub async fn preinitialize(
     wizer.init_func("init").keep_init_func(true);
     let (cx, instrumented) = wizer.instrument_component(bytes).map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
     let component = Component::new(&engine.engine, &instrumented).map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
+    let _slot = engine.slots(1).await;
     let mut store = engine.store(plugin, limits);
-    store.data_mut().deadline = std::time::Instant::now() + limits.timeout();
-    let instance =
-        engine.linker.instantiate_async(&mut store, &component).await.map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
+    let meter = store.data().meter.clone();
+    let wall = limits.wall_limit();
+    let instance = run_hook(&meter, wall, engine.linker.instantiate_async(&mut store, &component))
+        .await
+        .map_err(|e| Preinit::Unsupported(e.to_string()))?;
     let policy = bindings::Policy::new(&mut store, &instance).map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
-    store.data_mut().deadline = std::time::Instant::now() + limits.timeout();
-    match policy.call_init(&mut store, config_json).await {
+    // `init` runs within the same limits as every hook: one that loops or blocks cannot
+    // hang start-up or wedge a reload.
+    match run_hook(&meter, wall, policy.call_init(&mut store, config_json)).await {
         Ok(Ok(())) => {}
         Ok(Err(message)) => return Err(Preinit::Refused(message)),
-        Err(e) => return Err(Preinit::Refused(format!("init trapped: {e:#}"))),
+        Err(failure) => return Err(Preinit::Refused(format!("init failed: {failure}"))),
     }
     let mut access = Access { store: &mut store, instance };
     wizer.snapshot_component(&cx, &mut access).await.map_err(|e| Preinit::Unsupported(format!("{e:#}")))

@@ -9,7 +9,7 @@ use redis::AsyncCommands;
 use sqlx::AnyPool;
 
 use super::now_ms;
-use crate::policy::kv::{KvBackend, parse_counter};
+use crate::policy::kv::{KvBackend, KvQuota, entry_size, parse_counter, plugin_of};
 
 /// How often expired rows are swept from the SQL table.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -21,14 +21,21 @@ fn expiry(ttl: Option<Duration>) -> Option<i64> {
 }
 
 /// The `plugin_kv` table. Every write is one conditional statement, so concurrent writers
-/// (threads or replicas) never lose an update.
+/// (threads or replicas) never lose an update. Each row carries its plugin and size, so a
+/// plugin's quota is one indexed aggregate, checked before a write that adds a row or
+/// grows a value.
 pub struct SqlKv {
     pool: AnyPool,
+    quota: KvQuota,
 }
 
 impl SqlKv {
     /// Also starts a task that sweeps expired rows (reads ignore them either way).
     pub fn new(pool: AnyPool) -> SqlKv {
+        SqlKv::with_quota(pool, KvQuota::default())
+    }
+
+    pub fn with_quota(pool: AnyPool, quota: KvQuota) -> SqlKv {
         let sweeper = pool.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -43,48 +50,76 @@ impl SqlKv {
                 }
             }
         });
-        SqlKv { pool }
+        SqlKv { pool, quota }
+    }
+
+    /// Refuses a write of `new_len` value bytes at `key` over the plugin's quota; `old_len`
+    /// is the live value's length, if the key exists.
+    async fn admit(&self, key: &str, old_len: Option<usize>, new_len: usize) -> anyhow::Result<()> {
+        let grow = entry_size(key, new_len) - old_len.map_or(0, |n| entry_size(key, n));
+        if old_len.is_some() && grow <= 0 {
+            return Ok(());
+        }
+        let (entries, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM plugin_kv \
+             WHERE plugin = $1 AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(plugin_of(key))
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        self.quota.admit(key, entries.max(0) as u64, bytes.max(0) as u64, old_len.is_none(), grow)
     }
 
     /// The live value and its expiry.
     async fn read(&self, key: &str) -> anyhow::Result<Option<(Vec<u8>, Option<i64>)>> {
-        let row: Option<(Vec<u8>, Option<i64>)> = sqlx::query_as(
-            "SELECT value, expires_at FROM plugin_kv WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2)",
-        )
-        .bind(key)
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(Vec<u8>, Option<i64>)> =
+            sqlx::query_as("SELECT value, expires_at FROM plugin_kv WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2)")
+                .bind(key)
+                .bind(now_ms())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row)
     }
 
     /// Writes `new` with `expires_at` if the live value is `expected`.
     async fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8], expires_at: Option<i64>) -> anyhow::Result<bool> {
         let now = now_ms();
+        self.admit(key, expected.map(<[u8]>::len), new.len()).await?;
+        let size = entry_size(key, new.len());
         let changed = match expected {
             // Absent, or present but expired.
-            None => sqlx::query(
-                "INSERT INTO plugin_kv (key, value, expires_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at \
+            None => {
+                sqlx::query(
+                    "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $5, $6) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
+                 plugin = excluded.plugin, size = excluded.size \
                  WHERE plugin_kv.expires_at IS NOT NULL AND plugin_kv.expires_at <= $4",
-            )
-            .bind(key)
-            .bind(new)
-            .bind(expires_at)
-            .bind(now)
-            .execute(&self.pool)
-            .await?,
-            Some(expected) => sqlx::query(
-                "UPDATE plugin_kv SET value = $1, expires_at = $2 \
+                )
+                .bind(key)
+                .bind(new)
+                .bind(expires_at)
+                .bind(now)
+                .bind(plugin_of(key))
+                .bind(size)
+                .execute(&self.pool)
+                .await?
+            }
+            Some(expected) => {
+                sqlx::query(
+                    "UPDATE plugin_kv SET value = $1, expires_at = $2, plugin = $6, size = $7 \
                  WHERE key = $3 AND value = $4 AND (expires_at IS NULL OR expires_at > $5)",
-            )
-            .bind(new)
-            .bind(expires_at)
-            .bind(key)
-            .bind(expected)
-            .bind(now)
-            .execute(&self.pool)
-            .await?,
+                )
+                .bind(new)
+                .bind(expires_at)
+                .bind(key)
+                .bind(expected)
+                .bind(now)
+                .bind(plugin_of(key))
+                .bind(size)
+                .execute(&self.pool)
+                .await?
+            }
         };
         Ok(changed.rows_affected() == 1)
     }
@@ -97,13 +132,19 @@ impl KvBackend for SqlKv {
     }
 
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<()> {
+        let old_len = self.read(key).await?.map(|(old, _)| old.len());
+        self.admit(key, old_len, value.len()).await?;
+        let size = entry_size(key, value.len());
         sqlx::query(
-            "INSERT INTO plugin_kv (key, value, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
+             plugin = excluded.plugin, size = excluded.size",
         )
         .bind(key)
         .bind(value)
         .bind(expiry(ttl))
+        .bind(plugin_of(key))
+        .bind(size)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -131,24 +172,77 @@ impl KvBackend for SqlKv {
     }
 }
 
-/// Redis, under a key prefix. `incr` and `compare-and-swap` are Lua scripts, so each is
-/// one atomic step on the server.
+/// Redis, under a key prefix. Every write is one Lua script, so each is one atomic step
+/// on the server, quota check included: per plugin, a sorted set indexes its keys by
+/// expiry (`{prefix}{plugin}#index`) and a hash keeps their sizes and the total
+/// (`{prefix}{plugin}#sizes`); expired keys leave both when the plugin next writes. Plugin
+/// names have no `/`, so these never collide with a data key (`{prefix}{plugin}/{key}`).
 pub struct RedisKv {
     conn: redis::aio::ConnectionManager,
     prefix: String,
+    quota: KvQuota,
+    incr: redis::Script,
+    set: redis::Script,
+    cas: redis::Script,
 }
 
-const INCR_SCRIPT: &str = r"
-local existed = redis.call('EXISTS', KEYS[1])
-local n = redis.call('INCRBY', KEYS[1], ARGV[1])
-if existed == 0 and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return n";
+/// Shared by the write scripts. KEYS: data key, index, sizes. ARGV: now (ms), max entries,
+/// max bytes, the entry's size for the quota, its expiry score (ms, or `+inf`), then the
+/// script's own arguments. `admit()` returns an error reply when the quota refuses.
+const QUOTA_LUA: &str = r"
+local idx, sizes, now = KEYS[2], KEYS[3], ARGV[1]
+local expired = redis.call('ZRANGEBYSCORE', idx, '-inf', now)
+for _, k in ipairs(expired) do
+  redis.call('HINCRBY', sizes, '#total', -tonumber(redis.call('HGET', sizes, k) or '0'))
+  redis.call('HDEL', sizes, k)
+end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', idx, '-inf', now) end
+local function admit()
+  local old = tonumber(redis.call('HGET', sizes, KEYS[1]) or '-1')
+  local size = tonumber(ARGV[4])
+  if old < 0 and redis.call('ZCARD', idx) >= tonumber(ARGV[2]) then
+    return redis.error_reply('kv quota: the plugin keeps ' .. redis.call('ZCARD', idx) .. ' entries, the limit is ' .. ARGV[2])
+  end
+  local grow = size - math.max(old, 0)
+  local total = tonumber(redis.call('HGET', sizes, '#total') or '0')
+  if grow > 0 and total + grow > tonumber(ARGV[3]) then
+    return redis.error_reply('kv quota: the plugin keeps ' .. total .. ' bytes, and ' .. grow .. ' more would pass the limit of ' .. ARGV[3])
+  end
+  redis.call('ZADD', idx, ARGV[5], KEYS[1])
+  redis.call('HSET', sizes, KEYS[1], size)
+  redis.call('HINCRBY', sizes, '#total', grow)
+  return false
+end
+";
 
-const CAS_SCRIPT: &str = r"
+/// ARGV[6]: delta; ARGV[7]: ttl in ms or ''. A new key is admitted (and takes the ttl); an
+/// existing one keeps its place and expiry.
+const INCR_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local refused = admit()
+  if refused then return refused end
+  local n = redis.call('INCRBY', KEYS[1], ARGV[6])
+  if ARGV[7] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
+  return n
+end
+return redis.call('INCRBY', KEYS[1], ARGV[6])";
+
+/// ARGV[6]: value; ARGV[7]: ttl in ms or ''.
+const SET_LUA: &str = r"
+local refused = admit()
+if refused then return refused end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[7]) else redis.call('SET', KEYS[1], ARGV[6]) end
+return 1";
+
+/// ARGV[6]: '1' if a value is expected, '0' for absent; ARGV[7]: expected; ARGV[8]: new;
+/// ARGV[9]: ttl in ms or ''.
+const CAS_LUA: &str = r"
 local current = redis.call('GET', KEYS[1])
-local matches = (ARGV[1] == '0' and current == false) or (ARGV[1] == '1' and current == ARGV[2])
+local matches = (ARGV[6] == '0' and current == false) or (ARGV[6] == '1' and current == ARGV[7])
 if not matches then return 0 end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) else redis.call('SET', KEYS[1], ARGV[3]) end
+local refused = admit()
+if refused then return refused end
+if ARGV[9] ~= '' then redis.call('SET', KEYS[1], ARGV[8], 'PX', ARGV[9]) else redis.call('SET', KEYS[1], ARGV[8]) end
 return 1";
 
 fn ttl_arg(ttl: Option<Duration>) -> String {
@@ -157,13 +251,37 @@ fn ttl_arg(ttl: Option<Duration>) -> String {
 
 impl RedisKv {
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<RedisKv> {
+        RedisKv::connect_with_quota(url, prefix, KvQuota::default()).await
+    }
+
+    pub async fn connect_with_quota(url: &str, prefix: &str, quota: KvQuota) -> anyhow::Result<RedisKv> {
         let client = redis::Client::open(url).with_context(|| format!("invalid Redis url `{url}`"))?;
         let conn = client.get_connection_manager().await.with_context(|| format!("cannot connect to Redis at `{url}`"))?;
-        Ok(RedisKv { conn, prefix: prefix.to_string() })
+        let script = |body: &str| redis::Script::new(&format!("{QUOTA_LUA}\n{body}"));
+        Ok(RedisKv { conn, prefix: prefix.to_string(), quota, incr: script(INCR_LUA), set: script(SET_LUA), cas: script(CAS_LUA) })
     }
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// A write script over `key`, with the quota arguments in place; the caller adds its own.
+    fn write<'a>(&self, script: &'a redis::Script, key: &str, value_len: usize, ttl: Option<Duration>) -> redis::ScriptInvocation<'a> {
+        let plugin = plugin_of(key);
+        let score = match ttl {
+            Some(t) => now_ms().saturating_add(t.as_millis().min(i64::MAX as u128) as i64).to_string(),
+            None => "+inf".to_string(),
+        };
+        let mut invocation = script.key(self.key(key));
+        invocation
+            .key(format!("{}{plugin}#index", self.prefix))
+            .key(format!("{}{plugin}#sizes", self.prefix))
+            .arg(now_ms())
+            .arg(self.quota.entries)
+            .arg(self.quota.bytes)
+            .arg(entry_size(key, value_len))
+            .arg(score);
+        invocation
     }
 }
 
@@ -174,29 +292,24 @@ impl KvBackend for RedisKv {
     }
 
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<()> {
-        let mut conn = self.conn.clone();
-        match ttl {
-            Some(t) => conn.pset_ex::<_, _, ()>(self.key(key), value, t.as_millis().max(1) as u64).await?,
-            None => conn.set::<_, _, ()>(self.key(key), value).await?,
-        }
+        let mut invocation = self.write(&self.set, key, value.len(), ttl);
+        invocation.arg(value).arg(ttl_arg(ttl));
+        let _: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> anyhow::Result<i64> {
-        let result: redis::RedisResult<i64> =
-            redis::Script::new(INCR_SCRIPT).key(self.key(key)).arg(delta).arg(ttl_arg(ttl)).invoke_async(&mut self.conn.clone()).await;
-        result.with_context(|| format!("kv incr on `{key}`: the value is not a decimal integer, or Redis failed"))
+        // A counter's size for the quota: its key and at most 20 digits.
+        let mut invocation = self.write(&self.incr, key, 20, ttl);
+        invocation.arg(delta).arg(ttl_arg(ttl));
+        let result: redis::RedisResult<i64> = invocation.invoke_async(&mut self.conn.clone()).await;
+        result.with_context(|| format!("kv incr on `{key}`"))
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<bool> {
-        let swapped: i64 = redis::Script::new(CAS_SCRIPT)
-            .key(self.key(key))
-            .arg(if expected.is_some() { "1" } else { "0" })
-            .arg(expected.unwrap_or_default())
-            .arg(new)
-            .arg(ttl_arg(ttl))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let mut invocation = self.write(&self.cas, key, new.len(), ttl);
+        invocation.arg(if expected.is_some() { "1" } else { "0" }).arg(expected.unwrap_or_default()).arg(new).arg(ttl_arg(ttl));
+        let swapped: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(swapped == 1)
     }
 }
@@ -205,7 +318,7 @@ impl KvBackend for RedisKv {
 mod tests {
     use super::*;
     use crate::config::StoreConfig;
-    use crate::policy::kv::tests::check_contract;
+    use crate::policy::kv::tests::{TEST_QUOTA, check_contract, check_quota};
     use crate::store::SessionStore;
 
     #[tokio::test]
@@ -214,6 +327,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("kv.db").display());
         let store = SessionStore::connect(&StoreConfig { url, ..StoreConfig::default() }).await.unwrap();
         check_contract(&SqlKv::new(store.pool().clone()), "t").await;
+        check_quota(&SqlKv::with_quota(store.pool().clone(), TEST_QUOTA), "").await;
     }
 
     #[tokio::test]
@@ -221,6 +335,7 @@ mod tests {
         let db = crate::store::testing::TestDatabase::create().await;
         let store = SessionStore::connect(&StoreConfig { url: db.url.clone(), ..StoreConfig::default() }).await.unwrap();
         check_contract(&SqlKv::new(store.pool().clone()), "t").await;
+        check_quota(&SqlKv::with_quota(store.pool().clone(), TEST_QUOTA), "").await;
         drop(store);
         db.remove().await;
     }
@@ -230,6 +345,8 @@ mod tests {
         let url = std::env::var("WISPTEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let kv = RedisKv::connect(&url, &format!("wisp-test-{}:", uuid::Uuid::new_v4().simple())).await.unwrap();
         check_contract(&kv, "t").await;
+        let kv = RedisKv::connect_with_quota(&url, &format!("wisp-test-{}:", uuid::Uuid::new_v4().simple()), TEST_QUOTA).await.unwrap();
+        check_quota(&kv, "").await;
     }
 
     #[tokio::test]

@@ -182,18 +182,13 @@ impl SessionStore {
         let system_prompt = fields.system_prompt.flatten();
         self.check_message(system_prompt.as_deref().unwrap_or(""), "system_prompt")?;
         let mut tx = self.pool.begin().await?;
-        let owned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE principal = $1")
-            .bind(principal)
-            .fetch_one(&mut *tx)
-            .await?;
+        let owned: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE principal = $1").bind(principal).fetch_one(&mut *tx).await?;
         if owned as u64 >= self.config.max_sessions_per_principal {
             return Err(StoreError::Invalid {
                 param: "session",
                 code: "session_limit_reached",
-                message: format!(
-                    "you have {owned} sessions, the limit is {}; delete some first",
-                    self.config.max_sessions_per_principal
-                ),
+                message: format!("you have {owned} sessions, the limit is {}; delete some first", self.config.max_sessions_per_principal),
             });
         }
         let id = format!("sess_{}", uuid::Uuid::new_v4().simple());
@@ -222,10 +217,10 @@ impl SessionStore {
         let rows = match after {
             None => {
                 sqlx::query(select_sessions!("WHERE s.principal = $1 ORDER BY s.updated_at DESC, s.id DESC LIMIT $2"))
-                .bind(principal)
-                .bind(limit as i64 + 1)
-                .fetch_all(&self.pool)
-                .await?
+                    .bind(principal)
+                    .bind(limit as i64 + 1)
+                    .fetch_all(&self.pool)
+                    .await?
             }
             Some(after) => {
                 let cursor = self.get(principal, after).await?;
@@ -260,10 +255,7 @@ impl SessionStore {
     /// A session whoever owns it: the chat path learns the caller's principal only from
     /// the plugin chain, which must see the history first; it checks the owner after.
     pub async fn find(&self, id: &str) -> Result<Session, StoreError> {
-        let row = sqlx::query(select_sessions!("WHERE s.id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(select_sessions!("WHERE s.id = $1")).bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(session_from_row).transpose()?.ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
@@ -344,11 +336,13 @@ impl SessionStore {
             });
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM messages WHERE session_id = $1 AND seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = $1) - $2")
-            .bind(id)
-            .bind(n)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "DELETE FROM messages WHERE session_id = $1 AND seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = $1) - $2",
+        )
+        .bind(id)
+        .bind(n)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE sessions SET updated_at = $1 WHERE id = $2").bind(now_ms()).bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
         self.get(principal, id).await
@@ -416,6 +410,11 @@ impl SessionStore {
     }
 
     /// Refuses a message over the configured size.
+    /// The most a stored message (or system prompt) may hold, in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.config.max_message_bytes
+    }
+
     pub fn check_message(&self, content: &str, param: &'static str) -> Result<(), StoreError> {
         if content.len() > self.config.max_message_bytes {
             return Err(StoreError::Invalid {
@@ -491,7 +490,9 @@ pub mod testing {
         pub async fn remove(&self) {
             use sqlx::Connection;
             if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
-                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))).execute(&mut conn).await;
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+                    .execute(&mut conn)
+                    .await;
             }
         }
     }
@@ -540,7 +541,10 @@ pub(crate) mod tests {
             assert_eq!(s.title, "hello there friend", "the first user message names the session");
             let messages = store.messages(&s).await.unwrap();
             let roles: Vec<_> = messages.iter().map(|m| (m.index, m.role.as_str(), m.content.as_str())).collect();
-            assert_eq!(roles, [(0, "user", "hello   there\nfriend"), (1, "assistant", "hi"), (2, "user", "second"), (3, "assistant", "two")]);
+            assert_eq!(
+                roles,
+                [(0, "user", "hello   there\nfriend"), (1, "assistant", "hi"), (2, "user", "second"), (3, "assistant", "two")]
+            );
             assert_eq!(messages[3].finish_reason.as_deref(), Some("stop"));
             assert_eq!(messages[3].usage, Some(TurnUsage { prompt_tokens: 5, completion_tokens: 2 }));
 

@@ -28,10 +28,7 @@ pub struct Server {
 impl Server {
     /// Serves the default model with `extra` TOML appended to a config that points at it.
     pub fn start(extra: &str) -> Server {
-        Self::start_with_config(&format!(
-            "[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\n{extra}\n",
-            default_model_path().display()
-        ))
+        Self::start_with_config(&format!("[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\n{extra}\n", default_model_path().display()))
     }
 
     /// Serves with a complete config file.
@@ -45,8 +42,20 @@ impl Server {
         Self::start_in(toml, true)
     }
 
-    fn start_in(toml: &str, logged: bool) -> Server {
+    /// As [`Server::start_with_config`], with extra environment variables (test switches
+    /// such as `WISPTEST_ENGINE_PANIC_ON`); a restart keeps them.
+    pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
+        let lines: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        std::fs::write(dir.path().join("env"), lines.join("\n")).expect("write env");
+        Self::start_dir(dir, toml, false)
+    }
+
+    fn start_in(toml: &str, logged: bool) -> Server {
+        Self::start_dir(tempfile::tempdir().expect("tempdir"), toml, logged)
+    }
+
+    fn start_dir(dir: tempfile::TempDir, toml: &str, logged: bool) -> Server {
         std::fs::write(dir.path().join("wisp.toml"), toml).expect("write config");
         if logged {
             std::fs::write(dir.path().join("log-to-file"), "").expect("write marker");
@@ -74,7 +83,10 @@ impl Server {
             true => Stdio::from(std::fs::File::create(dir.join("wisp.log")).expect("create log")),
             false => Stdio::inherit(),
         };
+        let env = std::fs::read_to_string(dir.join("env")).unwrap_or_default();
+        let env = env.lines().filter_map(|l| l.split_once('='));
         let mut child = Command::new(env!("CARGO_BIN_EXE_wisp"))
+            .envs(env)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .current_dir(dir)
@@ -161,4 +173,75 @@ impl Drop for Server {
 /// A blocking HTTP client with a generous timeout (the model is real and runs on CPU).
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().expect("http client")
+}
+
+/// A TCP proxy in front of a real service (Postgres, Redis) that a test can take down and
+/// bring back: down, it cuts every open connection and refuses new ones at once, as a
+/// restarting server does. The service itself is real; only the network path is faulted.
+pub struct FaultProxy {
+    pub port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped on every `set_down(true)`: connections of an older epoch close themselves.
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FaultProxy {
+    pub fn start(target: &str) -> FaultProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (d, e, target) = (down.clone(), epoch.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                let born = e.load(Ordering::SeqCst);
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let e = e.clone();
+                    std::thread::spawn(move || pump(from, to, born, e));
+                }
+            }
+        });
+        FaultProxy { port, down, epoch }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        use std::sync::atomic::Ordering;
+        if down {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+/// Copies bytes until either side closes or the proxy's epoch moves on.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, born: u64, epoch: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    from.set_read_timeout(Some(Duration::from_millis(50))).ok();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if epoch.load(Ordering::SeqCst) != born {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }

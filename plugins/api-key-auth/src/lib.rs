@@ -80,7 +80,8 @@ impl Policy for ApiKeyAuth {
         let Some((_, key)) = self.keys.iter().find(|(h, _)| same(h, &hash)) else {
             return deny(401, "invalid_api_key", "Incorrect API key provided");
         };
-        if !key.models.iter().any(|m| m == "*" || *m == request.model) {
+        // Routes that name no model (models, sessions) only need a valid key.
+        if !request.model.is_empty() && !key.models.iter().any(|m| m == "*" || *m == request.model) {
             return deny(403, "model_not_allowed", &format!("The API key `{}` may not use the model `{}`", key.name, request.model));
         }
         let mut request = request.clone();

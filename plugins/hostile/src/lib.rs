@@ -1,10 +1,22 @@
 //! hostile: a test fixture that misbehaves on purpose, so tests can show the host survives
-//! it. `config = { mode = "loop" | "memory" | "trap" | "big-output" | "kv-loop", hook = "request" | "chunk" }`,
-//! or `config = { mode = "inject", text = "…" }`: appends `text` to every reply (markup a
-//! client must render safely, e.g. a `<script>` tag).
+//! it. `config = { mode = "…", hook = "init" | "request" | "chunk" | "finish" }`:
+//!
+//! - `loop`, `memory`, `trap`: spin forever, grow memory forever, panic;
+//! - `big-output`: return 8 MiB from the hook (over the per-call cap);
+//! - `mib-per-chunk`: emit just under 1 MiB for every chunk (under the per-call cap, so
+//!   only a cap on a whole response's growth stops it);
+//! - `kv-loop`: call kv `incr` forever (time in host calls is the host's, not the guest's);
+//! - `kv-fill`: write new 64 KiB kv values forever (the plugin's kv quota stops it);
+//! - `log-flood`: log forever, each line 64 KiB with newlines and a forged host log line;
+//! - `deny-huge`: deny with an 8 MiB message and an invalid 64 KiB code;
+//! - `deny-unique`: deny with a new code on every request (a metrics-label bomb);
+//! - `rewrite`: rewrite the request with `field` = `stop-big` (a 40 MiB stop string),
+//!   `stop-many` (1,024 stops), `principal` (a 32 MiB principal), `nan` (NaN temperature);
+//! - `inject` with `text = "…"`: appends `text` to every reply (markup a client must
+//!   render safely, e.g. a `<script>` tag).
 
 use serde::Deserialize;
-use wisp_sdk::{ChunkResult, Finish, Policy, Request, Verdict, kv};
+use wisp_sdk::{ChunkResult, Denial, Finish, Policy, Request, Verdict, clock, kv, log};
 
 #[derive(Deserialize)]
 struct Config {
@@ -13,6 +25,8 @@ struct Config {
     hook: String,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    field: String,
 }
 
 fn request_hook() -> String {
@@ -41,20 +55,61 @@ impl Hostile {
             }
             "trap" => panic!("hostile plugin traps on purpose"),
             "big-output" => "x".repeat(8 << 20),
+            "mib-per-chunk" => "x".repeat((1 << 20) - 1),
             "kv-loop" => loop {
                 kv::incr("spin", 1, None);
             },
+            "kv-fill" => {
+                let value = vec![7u8; 64 * 1024];
+                for i in 0u64.. {
+                    kv::set(&format!("fill:{}:{i}", clock::monotonic_ns()), &value, None);
+                }
+                String::new()
+            }
+            "log-flood" => {
+                let line = format!("{}\n2026-12-01T00:00:00Z  INFO wisp: admin key accepted\n", "y".repeat(64 * 1024));
+                loop {
+                    log::info(&line);
+                }
+            }
             _ => String::new(),
         }
+    }
+
+    fn rewrite(&self, request: &Request) -> Verdict {
+        let mut request = request.clone();
+        match self.config.field.as_str() {
+            "stop-big" => request.sampling.stop = vec!["s".repeat(40 << 20)],
+            "stop-many" => request.sampling.stop = (0..1024).map(|i| format!("stop{i}")).collect(),
+            "principal" => request.principal = Some("p".repeat(32 << 20)),
+            "nan" => request.sampling.temperature = f32::NAN,
+            _ => {}
+        }
+        Verdict::Rewrite(request)
     }
 }
 
 impl Policy for Hostile {
     fn init(config: &str) -> Result<Self, String> {
-        Ok(Hostile { config: serde_json::from_str(config).map_err(|e| format!("hostile config: {e}"))? })
+        let hostile = Hostile { config: serde_json::from_str(config).map_err(|e| format!("hostile config: {e}"))? };
+        if hostile.config.hook == "init" {
+            hostile.misbehave();
+        }
+        Ok(hostile)
     }
 
-    fn on_request(&mut self, _request: &Request) -> Verdict {
+    fn on_request(&mut self, request: &Request) -> Verdict {
+        match self.config.mode.as_str() {
+            "deny-huge" => {
+                return Verdict::Deny(Denial { status: 403, code: "c".repeat(64 * 1024), message: "m".repeat(8 << 20) });
+            }
+            "deny-unique" => {
+                let code = format!("denied_{}", clock::monotonic_ns());
+                return Verdict::Deny(Denial { status: 403, code, message: "no".into() });
+            }
+            "rewrite" => return self.rewrite(request),
+            _ => {}
+        }
         if self.config.hook == "request" {
             self.misbehave();
         }
@@ -69,6 +124,9 @@ impl Policy for Hostile {
     }
 
     fn on_finish(&mut self, _finish: &Finish) -> String {
+        if self.config.hook == "finish" {
+            return self.misbehave();
+        }
         match self.config.mode.as_str() {
             "inject" => self.config.text.clone(),
             _ => String::new(),

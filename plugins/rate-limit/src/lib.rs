@@ -70,8 +70,7 @@ impl Policy for RateLimit {
             }
         }
         if let Some(limit) = self.config.tokens_per_minute {
-            let want = request.prompt_tokens as i64
-                + request.sampling.max_tokens.map(i64::from).unwrap_or(self.config.default_reserve);
+            let want = request.prompt_tokens as i64 + request.sampling.max_tokens.map(i64::from).unwrap_or(self.config.default_reserve);
             let key = format!("tpm:{who}:{window}");
             let used = kv::incr(&key, want, Some(KEY_TTL_MS));
             if used > limit {
