@@ -115,7 +115,7 @@ fn write_tiny(tiny: &Tiny, path: &std::path::Path) {
             })
             .collect();
         let t = Tensor::from_vec(data, shape, &dev).unwrap();
-        let dtype = if shape.len() == 2 && shape[1] % 32 == 0 { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+        let dtype = if shape.len() == 2 && shape[1].is_multiple_of(32) { GgmlDType::Q8_0 } else { GgmlDType::F32 };
         QTensor::quantize(&t, dtype).unwrap()
     };
     let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev).unwrap(), GgmlDType::F32).unwrap();

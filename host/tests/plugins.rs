@@ -418,7 +418,7 @@ fn a_host_call_that_never_returns_and_host_calls_without_end_are_bounded() {
         let (engine, _) = engine_with(SlowKv::new(None));
         let limiter = chain(&engine, vec![plugin("rate_limit", table("requests_per_minute = 100"))]).await;
         let started = Instant::now();
-        let err = decide(&limiter, request("hi", &[])).await.err().expect("a kv call that never answers fails the plugin");
+        let err = decide(&limiter, request("hi", &[])).await.expect_err("a kv call that never answers fails the plugin");
         assert!(err.to_string().contains("did not answer"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 
@@ -426,7 +426,7 @@ fn a_host_call_that_never_returns_and_host_calls_without_end_are_bounded() {
         let (engine, _) = engine_with(SlowKv::new(Some(Duration::from_millis(300))));
         let chain = chain(&engine, vec![hostile("kv-loop", "request", FailMode::Closed)]).await;
         let started = Instant::now();
-        let err = decide(&chain, request("hi", &[])).await.err().expect("kv-loop was not stopped");
+        let err = decide(&chain, request("hi", &[])).await.expect_err("kv-loop was not stopped");
         assert!(err.to_string().contains("host time"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     });
@@ -455,7 +455,7 @@ fn hooks_that_loop_in_init_or_on_finish_end_within_their_limits() {
         let mut session = chain.start().await.unwrap();
         session.on_request(request("hi", &[])).await.unwrap();
         let err = session.finish(Finish { reason: "stop".into(), usage: Usage { prompt_tokens: 1, completion_tokens: 1 } }).await;
-        assert!(err.err().expect("the loop was not stopped").to_string().contains("(timeout)"));
+        assert!(err.expect_err("the loop was not stopped").to_string().contains("(timeout)"));
     });
 }
 
@@ -563,7 +563,7 @@ fn plugin_log_lines_are_escaped_and_bounded_per_request() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let chain = chain(&engine(), vec![hostile("log-flood", "request", FailMode::Closed)]).await;
-            let err = decide(&chain, request("hi", &[])).await.err().expect("log-flood was not stopped");
+            let err = decide(&chain, request("hi", &[])).await.expect_err("log-flood was not stopped");
             assert!(err.to_string().contains("(timeout)"), "{err}");
         });
     });

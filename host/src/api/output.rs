@@ -279,3 +279,65 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> StreamEvent {
+        StreamEvent::Token { id: 1, text: text.into(), logprob: None }
+    }
+
+    fn finished(text: &str, completion_tokens: usize) -> StreamEvent {
+        StreamEvent::Finished { text: text.into(), reason: FinishReason::Length, prompt_tokens: 3, completion_tokens }
+    }
+
+    #[tokio::test]
+    async fn events_pass_through_in_order_and_the_end_is_the_last() {
+        let (engine, stream) = mpsc::unbounded_channel();
+        let mut output = Output::new(stream, None, None, 3);
+        engine.send(token("a")).unwrap();
+        engine.send(token("b")).unwrap();
+        engine.send(finished("c", 2)).unwrap();
+        let mut seen = Vec::new();
+        while let Some((events, done)) = output.next().await.unwrap() {
+            seen.extend(events);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(seen, vec![token("a"), token("b"), finished("c", 2)]);
+        assert!(output.next().await.unwrap().is_none(), "nothing after the end");
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_drops_the_request_ends_the_output() {
+        let (engine, stream) = mpsc::unbounded_channel();
+        let mut output = Output::new(stream, None, None, 3);
+        engine.send(token("a")).unwrap();
+        drop(engine);
+        assert_eq!(output.next().await.unwrap(), Some((vec![token("a")], false)));
+        assert_eq!(output.next().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_stops_the_engine_and_returns_what_was_not_delivered() {
+        let (engine, stream) = mpsc::unbounded_channel();
+        let output = Output::new(stream, None, None, 3);
+        engine.send(token("x")).unwrap();
+        tokio::task::yield_now().await;
+        let (rest, prompt, _) = output.cancel().await.unwrap();
+        assert_eq!((rest.as_str(), prompt), ("x", 3));
+        // The driver dropped the engine's stream: the engine sees its client gone.
+        tokio::time::timeout(std::time::Duration::from_secs(1), engine.closed()).await.expect("the engine was not told");
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_stops_the_engine() {
+        let (engine, stream) = mpsc::unbounded_channel();
+        let output = Output::new(stream, None, None, 3);
+        engine.send(token("x")).unwrap();
+        drop(output);
+        tokio::time::timeout(std::time::Duration::from_secs(1), engine.closed()).await.expect("the engine was not told");
+    }
+}

@@ -136,7 +136,6 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
     let seqs: &[SeqRows<'_>] = seqs;
     let q: &[f32] = q;
     candle_core::utils::barrier_pool().execute_chunked(units.len(), |range| {
-        let dst = dst;
         let mut scores = Vec::new();
         for &(s, qh, start, end) in &units[range] {
             let seq = &seqs[s];
@@ -151,7 +150,7 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
                 // each (row, query head) belongs to exactly one unit, so no two workers
                 // write the same `d` values; `out` has rows × q_width values and lives until
                 // the pool has joined.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), d) };
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), d) };
                 head_attention(&q[at..at + d], keys_k, keys_v, first_key(pos, spec.window)..pos + 1, d, &mut scores, o);
             }
         }

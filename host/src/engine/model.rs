@@ -121,7 +121,7 @@ impl Hparams {
             context_length: md("context_length")?.to_u32()? as usize,
             vocab_size,
         };
-        if hp.n_head == 0 || hp.n_kv_head == 0 || hp.n_head % hp.n_kv_head != 0 {
+        if hp.n_head == 0 || hp.n_kv_head == 0 || !hp.n_head.is_multiple_of(hp.n_kv_head) {
             candle_core::bail!("bad head counts: {} query heads, {} KV heads", hp.n_head, hp.n_kv_head)
         }
         Ok(hp)
@@ -130,7 +130,7 @@ impl Hparams {
     /// Gemma 3 alternates five sliding-window layers with one global layer.
     fn layer_window(&self, layer: usize) -> Option<usize> {
         let window = self.sliding_window?;
-        ((layer + 1) % self.swa_pattern != 0).then_some(window)
+        (!(layer + 1).is_multiple_of(self.swa_pattern)).then_some(window)
     }
 }
 

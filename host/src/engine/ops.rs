@@ -58,6 +58,14 @@ unsafe impl Send for SyncPtr {}
 // SAFETY: as for Send: shared references to a SyncPtr never read through it.
 unsafe impl Sync for SyncPtr {}
 
+impl SyncPtr {
+    /// The address. A closure that calls this captures the whole `SyncPtr` (Send), not the
+    /// raw pointer field (which is not).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `tanh(x)` as a ratio of odd and even polynomials of x, clamped where tanh is ±1 in f32.
 #[inline(always)]
 fn tanh(x: f32) -> f32 {

@@ -67,7 +67,7 @@ impl Activations {
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
     /// `q = round(x / scale)`), reusing the buffers.
     fn quantize(&mut self, xs: &[f32], cols: usize) {
-        debug_assert!(cols % BLOCK == 0 && xs.len() % cols == 0);
+        debug_assert!(cols.is_multiple_of(BLOCK) && xs.len().is_multiple_of(cols));
         self.rows = xs.len() / cols;
         self.blocks = cols / BLOCK;
         let n = xs.len() / BLOCK;
@@ -184,7 +184,6 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
     let dst = super::ops::SyncPtr(out.as_mut_ptr());
     let groups = w.rows.div_ceil(COLS);
     candle_core::utils::barrier_pool().execute_chunked(groups.div_ceil(PANEL), |panels| {
-        let dst = dst;
         for group in panels.start * PANEL..(panels.end * PANEL).min(groups) {
             let mut i = 0;
             while i < x.rows {
@@ -194,10 +193,10 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
                 // `out` has x.rows × w.rows elements (asserted above).
                 unsafe {
                     match rm {
-                        4 => tile::<4>(t, dst.0),
-                        3 => tile::<3>(t, dst.0),
-                        2 => tile::<2>(t, dst.0),
-                        _ => tile::<1>(t, dst.0),
+                        4 => tile::<4>(t, dst.get()),
+                        3 => tile::<3>(t, dst.get()),
+                        2 => tile::<2>(t, dst.get()),
+                        _ => tile::<1>(t, dst.get()),
                     }
                 }
                 i += rm;

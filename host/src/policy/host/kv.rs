@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::policy::PluginState;
-use crate::policy::meter::Meter;
 use crate::policy::bindings::wisp::policy::kv::Host;
 use crate::policy::limits::{HOST_TIME_PER_HOOK, KV_CALL_TIMEOUT, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
+use crate::policy::meter::Meter;
 
 impl PluginState {
     fn kv_key(&self, key: &str) -> wasmtime::Result<String> {
