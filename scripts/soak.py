@@ -5,7 +5,7 @@ mid-stream, then a table of what happened and whether the server is still health
     .venv/bin/python scripts/soak.py --base-url http://127.0.0.1:8080 --pid PID \
         --concurrency 32 --minutes 10 --hangups 0.3 [--api-key sk-demo] [--sessions]
 
-Each client loops: a chat completion (streamed 80 %, else JSON; with --sessions a third of
+Standard library only. Each client loops: a chat completion (streamed 80 %, else JSON; with --sessions a third of
 them are turns of the client's own server-side session), hanging up after a few chunks
 with probability --hangups. Counted: statuses, streams that ended in an error event
 instead of [DONE], and the server's RSS (from /proc/PID) sampled every 5 s. Exits 1 if
@@ -13,13 +13,13 @@ any response was a 5xx or a stream ended in an error, or the server is not healt
 """
 
 import argparse
+import http.client
 import json
 import random
 import threading
 import time
+import urllib.parse
 from collections import Counter
-
-import httpx
 
 
 def rss_kb(pid):
@@ -54,14 +54,26 @@ def main():
         with lock:
             counter[key] += 1
 
+    url = urllib.parse.urlsplit(args.base_url)
+
+    def connect():
+        return http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+
+    def post(conn, path, body):
+        conn.request("POST", path, body=json.dumps(body), headers={**headers, "content-type": "application/json"})
+        return conn.getresponse()
+
     def client(i):
         rng = random.Random(i)
-        http = httpx.Client(base_url=args.base_url, headers=headers, timeout=600)
+        conn = connect()
         session = None
         if args.sessions:
-            r = http.post("/v1/sessions", json={"title": f"soak {i}"})
-            record(statuses, r.status_code)
-            session = r.json().get("id") if r.status_code == 200 else None
+            r = post(conn, "/v1/sessions", {"title": f"soak {i}"})
+            record(statuses, r.status)
+            created = json.loads(r.read())
+            session = created.get("id") if r.status == 200 else None
+            if r.status >= 500:
+                record(errors, created.get("error", {}).get("code"))
         n = 0
         while time.time() < end:
             n += 1
@@ -77,43 +89,49 @@ def main():
             body["stream"] = stream
             hang_up = stream and rng.random() < args.hangups
             try:
-                if not stream:
-                    r = http.post("/v1/chat/completions", json=body)
-                    record(statuses, r.status_code)
-                    if r.status_code >= 500:
-                        record(errors, r.json().get("error", {}).get("code"))
-                    record(outcomes, "json")
+                r = post(conn, "/v1/chat/completions", body)
+                record(statuses, r.status)
+                if r.status != 200 or not stream:
+                    payload = r.read()
+                    if r.status >= 500:
+                        record(errors, json.loads(payload).get("error", {}).get("code"))
+                    record(outcomes, "json" if r.status == 200 else f"refused {r.status}")
                     continue
-                with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                    record(statuses, r.status_code)
-                    if r.status_code != 200:
-                        r.read()
-                        if r.status_code >= 500:
-                            record(errors, json.loads(r.text).get("error", {}).get("code"))
+                chunks, last, failed = 0, None, None
+                cut = rng.randint(1, 6)
+                while True:
+                    line = r.readline()
+                    if not line:
+                        break
+                    line = line.decode().strip()
+                    if not line.startswith("data: "):
                         continue
-                    chunks, last, failed = 0, None, None
-                    cut = rng.randint(1, 6)
-                    for line in r.iter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        data = line[6:]
-                        last = data
-                        if data != "[DONE]" and '"error"' in data:
-                            failed = json.loads(data)["error"].get("code")
-                        chunks += 1
-                        if hang_up and chunks >= cut:
-                            break
+                    data = line[6:]
+                    last = data
+                    if data != "[DONE]" and '"error"' in data:
+                        failed = json.loads(data)["error"].get("code")
+                    chunks += 1
                     if hang_up and chunks >= cut:
-                        record(outcomes, "hung up")
-                    elif failed:
-                        record(outcomes, "error event")
-                        record(errors, failed)
-                    elif last == "[DONE]":
-                        record(outcomes, "finished")
-                    else:
-                        record(outcomes, "cut off")
-            except httpx.HTTPError as e:
+                        break
+                    if data == "[DONE]":
+                        break
+                if hang_up and chunks >= cut and last != "[DONE]":
+                    record(outcomes, "hung up")
+                    conn.close()
+                    conn = connect()
+                    continue
+                r.read()
+                if failed:
+                    record(outcomes, "error event")
+                    record(errors, failed)
+                elif last == "[DONE]":
+                    record(outcomes, "finished")
+                else:
+                    record(outcomes, "cut off")
+            except (OSError, http.client.HTTPException) as e:
                 record(outcomes, f"transport: {type(e).__name__}")
+                conn.close()
+                conn = connect()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
     started = time.time()
@@ -126,9 +144,15 @@ def main():
         t.join()
     elapsed = time.time() - started
     time.sleep(2)
-    health = httpx.get(f"{args.base_url}/health").status_code
-    ready = httpx.get(f"{args.base_url}/ready").status_code
-    metrics = httpx.get(f"{args.base_url}/metrics").text
+    def get(path):
+        conn = connect()
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+
+    health = get("/health")[0]
+    ready = get("/ready")[0]
+    metrics = get("/metrics")[1]
     gauges = {
         name: sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith(name + "{"))
         for name in ("wisp_requests_running", "wisp_requests_waiting")

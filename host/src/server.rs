@@ -3,10 +3,7 @@
 //! serves, and shuts down gracefully on SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use tokio::sync::watch;
 
 use anyhow::Context;
 use salvo::conn::{Acceptor, TcpListener};
@@ -19,55 +16,13 @@ use crate::policy::PolicyEngine;
 use crate::policy::PolicyManager;
 use crate::policy::checks::RequestRules;
 use crate::policy::kv::KvBackend;
+use crate::shutdown::Shutdown;
 use crate::store::SessionStore;
 use crate::store::kv::{RedisKv, SqlKv};
 use crate::telemetry::Metrics;
 
 /// After the grace period, the time streams get to send their closing error and hang up.
 const SHUTDOWN_LAST_WORDS: Duration = Duration::from_secs(5);
-
-/// Shutdown as handlers see it: `draining` from the signal on (readiness fails, new
-/// connections are refused), `ended` once the grace period is over (open streams end with
-/// a clear error instead of being cut).
-#[derive(Clone)]
-pub struct Shutdown {
-    draining: Arc<AtomicBool>,
-    ended: watch::Receiver<bool>,
-}
-
-/// The server's side of [`Shutdown`].
-pub struct ShutdownTrigger {
-    draining: Arc<AtomicBool>,
-    ended: watch::Sender<bool>,
-}
-
-impl Shutdown {
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let draining = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger { draining: draining.clone(), ended: tx }, Shutdown { draining, ended: rx })
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Resolves when the grace period is over (never, while serving normally).
-    pub async fn ended(&self) {
-        let mut ended = self.ended.clone();
-        let _ = ended.wait_for(|ended| *ended).await;
-    }
-}
-
-impl ShutdownTrigger {
-    fn drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    fn end(&self) {
-        let _ = self.ended.send(true);
-    }
-}
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = config.listen_addr()?;

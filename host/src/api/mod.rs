@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::engine::template::TemplateMessage;
 use crate::engine::{GenerateRequest, LoadedModel, Registry};
 use crate::policy::{self, Decision, PolicyManager, PolicySession};
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 use crate::store::SessionStore;
 use crate::telemetry::Metrics;
 use chat::{Caller, Generation};

@@ -13,7 +13,7 @@ use super::chat::TurnRecord;
 use super::error::ApiError;
 use crate::engine::{FinishReason, StreamEvent, TokenStream};
 use crate::policy::{self, PolicySession};
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// Steps the driver may run ahead of a slow client.
 const OUTPUT_BUFFER: usize = 64;

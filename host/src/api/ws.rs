@@ -33,7 +33,7 @@ use super::error::ApiError;
 use super::output::Output;
 use super::{AppState, state};
 use crate::engine::StreamEvent;
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// Chat over a WebSocket (upgrade with `GET`). Frames are JSON text: the client sends
 /// `chat` (a chat completions body in `request`), `cancel` and `ping`; the server answers

@@ -177,11 +177,23 @@ impl SessionStore {
         Ok(())
     }
 
+    /// A transaction that writes. On SQLite it takes the write lock at `BEGIN IMMEDIATE`: a
+    /// deferred transaction that reads first and writes later fails with
+    /// SQLITE_BUSY_SNAPSHOT when another writer commits in between (seen under 32
+    /// concurrent clients), which `busy_timeout` cannot wait out; a writer that waits for
+    /// the lock up front can.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     pub async fn create(&self, principal: &str, model: &str, fields: SessionFields) -> Result<Session, StoreError> {
         let metadata = metadata_text(fields.metadata.as_ref())?;
         let system_prompt = fields.system_prompt.flatten();
         self.check_message(system_prompt.as_deref().unwrap_or(""), "system_prompt")?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let owned: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE principal = $1").bind(principal).fetch_one(&mut *tx).await?;
         if owned as u64 >= self.config.max_sessions_per_principal {
@@ -309,7 +321,7 @@ impl SessionStore {
     }
 
     pub async fn delete(&self, principal: &str, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND principal = $2")
             .bind(id)
             .bind(principal)
@@ -335,7 +347,7 @@ impl SessionStore {
                 message: format!("`messages` must be between 1 and {} (the session's message count), got {n}", session.message_count),
             });
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "DELETE FROM messages WHERE session_id = $1 AND seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = $1) - $2",
         )
@@ -351,7 +363,7 @@ impl SessionStore {
     /// Appends a finished turn in one transaction. A session deleted meanwhile takes
     /// nothing (returns `false`).
     pub async fn append_turn(&self, session_id: &str, turn: &Turn) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let now = now_ms();
         // Touching the session first takes its row lock (Postgres) or the write lock
         // (SQLite), so two turns of one session append one after the other.
