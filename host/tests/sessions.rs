@@ -550,3 +550,50 @@ fn a_turn_outlives_a_postgres_restart_mid_stream() {
     drop(server);
     runtime().block_on(db.remove());
 }
+
+/// Makes files immutable (`chattr +i`, as root on ext4: even root cannot write them) until
+/// dropped: a SQLite store that turns read-only under a running server.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(files: Vec<std::path::PathBuf>) -> Immutable {
+        let status = std::process::Command::new("chattr").arg("+i").args(&files).status().expect("run chattr");
+        assert!(status.success(), "chattr +i failed: this test needs root on ext4");
+        Immutable(files)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").args(&self.0).status();
+    }
+}
+
+/// The SQLite file turns read-only under a running server: writes get a clear 5xx in the
+/// OpenAI shape, reads and health go on, nothing is half written, and once it is writable
+/// again the session goes on.
+#[test]
+fn a_read_only_sqlite_store_gets_clear_errors_and_the_server_stays_up() {
+    let server = Server::start_with_config(&config(&Db::Sqlite, ""));
+    let id = create_session(&server, "sk-alice", json!({}));
+    turn(&server, "sk-alice", &id, Some("Count to three."));
+    let dir = server.config_path().parent().unwrap().to_path_buf();
+    // The database and its write-ahead log; the shared-memory index stays writable, as
+    // SQLite readers need it.
+    let files: Vec<_> = ["wisp.db", "wisp.db-wal"].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
+    let frozen = Immutable::set(files);
+
+    let (status, body) = call(&server, "POST", "/v1/sessions", "sk-alice", Some(json!({})));
+    assert!(status >= 500, "{status} {body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    let body = json!({"session_id": id, "messages": [{"role": "user", "content": "Again."}], "max_tokens": 4});
+    let (status, response) = call(&server, "POST", "/v1/chat/completions", "sk-alice", Some(body));
+    assert!(status >= 500, "{status} {response}");
+    assert_eq!(response["error"]["type"], "server_error", "{response}");
+    assert_eq!(client().get(server.url("/health")).send().unwrap().status().as_u16(), 200);
+    assert_eq!(messages(&server, "sk-alice", &id).len(), 2, "reads go on, and nothing was half written");
+
+    drop(frozen);
+    turn(&server, "sk-alice", &id, Some("And now?"));
+    assert_eq!(messages(&server, "sk-alice", &id).len(), 4);
+}

@@ -122,6 +122,36 @@ pub struct SessionStore {
     config: StoreConfig,
 }
 
+/// A pooled connection for one write transaction. The transaction begins with the write
+/// lock on SQLite (`BEGIN IMMEDIATE`): a deferred one that reads first and writes later fails
+/// with SQLITE_BUSY_SNAPSHOT when another writer commits in between (seen under 32
+/// concurrent clients), which `busy_timeout` cannot wait out. Unless it committed, the
+/// connection is closed instead of returned to the pool: sqlx leaves a connection whose
+/// COMMIT failed (a disk I/O error, a read-only file) mid-transaction, and every later
+/// transaction on it would fail.
+struct WriteConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    backend: Backend,
+    committed: bool,
+}
+
+impl WriteConn {
+    async fn begin(&mut self) -> Result<sqlx::Transaction<'_, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => sqlx::Connection::begin_with(&mut *self.conn, "BEGIN IMMEDIATE").await?,
+            Backend::Postgres => sqlx::Connection::begin(&mut *self.conn).await?,
+        })
+    }
+}
+
+impl Drop for WriteConn {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// Wall-clock unix milliseconds: shared by replicas, so expiry and ordering agree across them.
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -177,23 +207,17 @@ impl SessionStore {
         Ok(())
     }
 
-    /// A transaction that writes. On SQLite it takes the write lock at `BEGIN IMMEDIATE`: a
-    /// deferred transaction that reads first and writes later fails with
-    /// SQLITE_BUSY_SNAPSHOT when another writer commits in between (seen under 32
-    /// concurrent clients), which `busy_timeout` cannot wait out; a writer that waits for
-    /// the lock up front can.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        })
+    /// A connection for one write transaction (see [`WriteConn`]).
+    async fn write_conn(&self) -> Result<WriteConn, StoreError> {
+        Ok(WriteConn { conn: self.pool.acquire().await?, backend: self.backend, committed: false })
     }
 
     pub async fn create(&self, principal: &str, model: &str, fields: SessionFields) -> Result<Session, StoreError> {
         let metadata = metadata_text(fields.metadata.as_ref())?;
         let system_prompt = fields.system_prompt.flatten();
         self.check_message(system_prompt.as_deref().unwrap_or(""), "system_prompt")?;
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.write_conn().await?;
+        let mut tx = conn.begin().await?;
         let owned: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE principal = $1").bind(principal).fetch_one(&mut *tx).await?;
         if owned as u64 >= self.config.max_sessions_per_principal {
@@ -219,6 +243,7 @@ impl SessionStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        conn.committed = true;
         self.get(principal, &id).await
     }
 
@@ -321,7 +346,8 @@ impl SessionStore {
     }
 
     pub async fn delete(&self, principal: &str, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.write_conn().await?;
+        let mut tx = conn.begin().await?;
         let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND principal = $2")
             .bind(id)
             .bind(principal)
@@ -334,6 +360,7 @@ impl SessionStore {
         // Explicit rather than ON DELETE CASCADE, which SQLite applies only with a pragma.
         sqlx::query("DELETE FROM messages WHERE session_id = $1").bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
+        conn.committed = true;
         Ok(())
     }
 
@@ -347,7 +374,8 @@ impl SessionStore {
                 message: format!("`messages` must be between 1 and {} (the session's message count), got {n}", session.message_count),
             });
         }
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.write_conn().await?;
+        let mut tx = conn.begin().await?;
         sqlx::query(
             "DELETE FROM messages WHERE session_id = $1 AND seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = $1) - $2",
         )
@@ -357,13 +385,15 @@ impl SessionStore {
         .await?;
         sqlx::query("UPDATE sessions SET updated_at = $1 WHERE id = $2").bind(now_ms()).bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
+        conn.committed = true;
         self.get(principal, id).await
     }
 
     /// Appends a finished turn in one transaction. A session deleted meanwhile takes
     /// nothing (returns `false`).
     pub async fn append_turn(&self, session_id: &str, turn: &Turn) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.write_conn().await?;
+        let mut tx = conn.begin().await?;
         let now = now_ms();
         // Touching the session first takes its row lock (Postgres) or the write lock
         // (SQLite), so two turns of one session append one after the other.
@@ -418,6 +448,7 @@ impl SessionStore {
                 .await?;
         }
         tx.commit().await?;
+        conn.committed = true;
         Ok(true)
     }
 
