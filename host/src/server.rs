@@ -9,7 +9,7 @@ use anyhow::Context;
 use salvo::conn::{Acceptor, TcpListener};
 use salvo::prelude::*;
 
-use crate::api::{self, AppState};
+use crate::api;
 use crate::config::Config;
 use crate::engine::Registry;
 use crate::policy::PolicyEngine;
@@ -17,6 +17,7 @@ use crate::policy::PolicyManager;
 use crate::policy::checks::RequestRules;
 use crate::policy::kv::KvBackend;
 use crate::shutdown::Shutdown;
+use crate::state::AppState;
 use crate::store::SessionStore;
 use crate::store::kv::{RedisKv, SqlKv};
 use crate::telemetry::Metrics;

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub plugin_hook_seconds: HistogramVec,
     pub plugin_verdicts: IntCounterVec,
     pub plugin_failures: IntCounterVec,
+    pub grammar_mask_seconds: HistogramVec,
     /// The error codes `wisp_errors_total` has a series for.
     error_codes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -111,6 +112,12 @@ impl Metrics {
             ),
             plugin_verdicts: counter("wisp_plugin_verdicts_total", "Plugin on-request verdicts", &["plugin", "verdict"]),
             plugin_failures: counter("wisp_plugin_failures_total", "Plugin failures by kind", &["plugin", "kind"]),
+            grammar_mask_seconds: histogram(
+                "wisp_grammar_mask_seconds",
+                "Time to compute one constrained token's mask (on its own thread, overlapped with the forward pass)",
+                PLUGIN_BUCKETS,
+                &["model"],
+            ),
             error_codes: Default::default(),
             registry,
         }

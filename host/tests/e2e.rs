@@ -314,7 +314,10 @@ fn config_check_names_the_bad_field() {
 }
 
 fn run_sdk(program: &str, args: &[&str]) {
-    let server = Server::start("");
+    run_sdk_against(&Server::start(""), program, args);
+}
+
+fn run_sdk_against(server: &Server, program: &str, args: &[&str]) {
     let out = Command::new(program)
         .args(args)
         .arg(&server.url)
@@ -328,6 +331,17 @@ fn run_sdk(program: &str, args: &[&str]) {
 fn the_official_python_sdk_works_unchanged() {
     let python = workspace_root().join(".venv/bin/python");
     run_sdk(python.to_str().unwrap(), &["host/tests/sdk/openai_sdk.py"]);
+}
+
+/// `response_format` through the Python SDK (json_object, json_schema, the pydantic parse
+/// helper) on the base Gemma and the instruct SmolLM2: every reply validates.
+#[test]
+fn structured_output_validates_on_both_models_through_the_python_sdk() {
+    let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(instruct.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", instruct.display());
+    let server = Server::start(&format!("[[models]]\nid = \"smollm2-135m-instruct\"\npath = \"{}\"\npreload = true\n", instruct.display()));
+    let python = workspace_root().join(".venv/bin/python");
+    run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/structured_output.py"]);
 }
 
 #[test]

@@ -597,3 +597,66 @@ fn a_read_only_sqlite_store_gets_clear_errors_and_the_server_stays_up() {
     turn(&server, "sk-alice", &id, Some("And now?"));
     assert_eq!(messages(&server, "sk-alice", &id).len(), 4);
 }
+
+/// A small tmpfs mounted for a test (as root), unmounted when dropped: a disk that can
+/// really fill up.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs failed: this test needs root");
+        Tmpfs(dir)
+    }
+
+    /// Writes a file until the disk is full; removing it frees the space.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            while file.write_all(&vec![0u8; chunk]).is_ok() {}
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// The disk under a SQLite store fills up while the server runs: writes get a clear 507
+/// `store_full` (not retried: space does not come back by waiting), reads and health go
+/// on, nothing is half written, and once there is space the session goes on.
+#[test]
+fn a_full_disk_under_sqlite_gets_clear_errors_and_the_server_stays_up() {
+    let disk = Tmpfs::mount("4m");
+    let store = format!("[store]\nurl = \"sqlite://{}\"\n", disk.0.path().join("wisp.db").display());
+    let server = Server::start_with_config(&config(&Db::Sqlite, &store));
+    let id = create_session(&server, "sk-alice", json!({}));
+    turn(&server, "sk-alice", &id, Some("Count to three."));
+    let filler = disk.fill();
+
+    // Any new transaction appends frames to the write-ahead log, which must grow.
+    let long = "Tell me more about this. ".repeat(200);
+    let body = json!({"session_id": id, "messages": [{"role": "user", "content": long}], "max_tokens": 2});
+    let (status, response) = call(&server, "POST", "/v1/chat/completions", "sk-alice", Some(body));
+    assert_eq!(status, 507, "{response}");
+    assert_eq!(response["error"]["code"], "store_full", "{response}");
+    let (status, body) = call(&server, "POST", "/v1/sessions", "sk-alice", Some(json!({"system_prompt": long})));
+    assert_eq!((status, body["error"]["code"].as_str()), (507, Some("store_full")), "{body}");
+    assert_eq!(client().get(server.url("/health")).send().unwrap().status().as_u16(), 200);
+    assert_eq!(messages(&server, "sk-alice", &id).len(), 2, "reads go on, and nothing was half written");
+
+    std::fs::remove_file(filler).unwrap();
+    turn(&server, "sk-alice", &id, Some("And now?"));
+    assert_eq!(messages(&server, "sk-alice", &id).len(), 4);
+    drop(server);
+}

@@ -16,6 +16,7 @@ const state = {
   running: null, // {id, el, text, started, firstTokenAt}
   socket: null,
   requestSeq: 0,
+  chatModel: null, // the model new chats start on
 };
 
 // ---------- markdown ----------
@@ -179,6 +180,7 @@ function newChat() {
   if (state.running) return;
   state.current = null;
   localStorage.removeItem("wisp.session");
+  if (state.chatModel) $("model").value = state.chatModel;
   notice("");
   renderMessages();
   renderSessions();
@@ -411,10 +413,14 @@ function stop() {
 
 // ---------- start ----------
 
+// New chats start on the first model with a chat template of its own (an instruct model),
+// else on the server's default (listed first).
 async function loadModels() {
   const models = await api("GET", "/v1/models");
   const select = $("model");
   select.replaceChildren(...models.data.map((m) => new Option(m.id, m.id)));
+  state.chatModel = (models.data.find((m) => m.chat_template) || models.data[0] || {}).id;
+  if (state.chatModel) select.value = state.chatModel;
 }
 
 function bind() {

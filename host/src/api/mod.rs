@@ -1,16 +1,12 @@
 //! The HTTP API: OpenAI-compatible routes, SSE streaming, health, readiness and metrics.
 //!
-//! Handlers parse and validate (types.rs), resolve the model, tokenize off the async
-//! executor, check the context, schedule, and then frame the engine's events
-//! (openai.rs). Every failure is an [`ApiError`], rendered in one place (error.rs).
+//! Handlers parse (crate::request), hand the request to the pipeline (crate::pipeline,
+//! which owns everything from the model to the session turn), and frame what comes back
+//! (openai.rs). Every failure is an [`ApiError`], rendered in one place (crate::error).
 
-pub mod chat;
-pub mod error;
 pub mod openai;
 pub mod openapi;
-pub mod output;
 pub mod sessions;
-pub mod types;
 pub mod web;
 pub mod ws;
 
@@ -28,32 +24,15 @@ use salvo::sse::{self, SseEvent};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::config::Config;
-use crate::engine::template::TemplateMessage;
-use crate::engine::{GenerateRequest, LoadedModel, Registry};
-use crate::policy::{self, Decision, PolicyManager, PolicySession};
-use crate::shutdown::Shutdown;
-use crate::store::SessionStore;
-use crate::telemetry::Metrics;
-use chat::{Caller, Generation};
-use error::ApiError;
+use crate::error::{self, ApiError};
+use crate::pipeline::{self, Caller, Generation};
+use crate::policy;
+use crate::request::{self as types, ChatCompletionRequest, CompletionRequest};
+use crate::state::AppState;
 use openai::{Collector, Endpoint, ResponseMeta, StreamFramer};
-use output::{Governed, Output};
-use types::{ValidParams, ValidPrompt};
 
-/// What every handler shares.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub policies: Arc<PolicyManager>,
-    pub store: Arc<SessionStore>,
-    pub shutdown: Shutdown,
-}
-
-/// Legacy completions default to 16 new tokens when `max_tokens` is absent (OpenAI's
-/// documented default).
-const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+/// Request headers plugins may see (an auth plugin needs the key; nothing else leaks).
+const POLICY_HEADERS: &[&str] = &["authorization", "x-api-key", "user-agent", "x-request-id", "x-forwarded-for"];
 
 /// The salvo service: routes, shared state, metrics, request ids, time limits, CORS and
 /// the OpenAI-shaped catcher.
@@ -89,7 +68,7 @@ pub fn service(state: Arc<AppState>) -> Service {
         .push(doc.into_router("openapi.json"))
         .push(salvo::oapi::swagger_ui::SwaggerUi::new("/openapi.json").into_router("docs"))
         .push(web::assets());
-    let mut service = Service::new(router).catcher(Catcher::default().hoop(error::catch_errors));
+    let mut service = Service::new(router).catcher(Catcher::default().hoop(catch_errors));
     if !server.cors_origins.is_empty() {
         service = service.hoop(cors(&server.cors_origins));
     }
@@ -220,14 +199,21 @@ async fn metrics(depot: &mut Depot, res: &mut Response) {
 }
 
 fn model_json(info: &crate::engine::ModelInfo) -> serde_json::Value {
-    json!({"id": info.id, "object": "model", "created": info.created, "owned_by": "wisp", "loaded": info.loaded})
+    json!({
+        "id": info.id,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "wisp",
+        "loaded": info.loaded,
+        "chat_template": info.chat_template,
+    })
 }
 
 /// The configured models (the plugin chain runs first, as on every API route).
 #[endpoint(tags("models"), status_codes(200, 401, 403, 429), responses((status_code = 200, description = "The models", body = openapi::ModelList)))]
 async fn list_models(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let state = state(depot);
-    Caller::from_request(req).identify(&state, "models").await?;
+    caller(req).identify(&state, "models").await?;
     let data: Vec<_> = state.registry.list().iter().map(model_json).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
@@ -236,7 +222,7 @@ async fn list_models(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_
 #[endpoint(tags("models"), status_codes(200, 401, 403, 404, 429), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "The model", body = openapi::Model)))]
 async fn get_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     let state = state(depot);
-    Caller::from_request(req).identify(&state, "models").await?;
+    caller(req).identify(&state, "models").await?;
     let id: String = req.param("id").unwrap_or_default();
     let info = state.registry.info(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(Json(model_json(&info)))
@@ -254,13 +240,13 @@ async fn get_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_js
 async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let body = read_body(req, &state).await?;
-    let generation = chat::start_chat(&state, &Caller::from_request(req), &body).await?;
+    let (request, sampling) = types::parse_request::<ChatCompletionRequest>(&body)?;
+    let generation = pipeline::start_chat(&state, &caller(req), request, sampling).await?;
     if let Some(session) = &generation.session {
         res.add_header("x-wisp-session-id", &session.id, true).ok();
         res.add_header("x-wisp-pruned-messages", session.pruned_messages.to_string(), true).ok();
     }
-    let Generation { meta, output, stream, session, .. } = generation;
-    respond(res, &state, meta, output, stream, None, session).await
+    respond(res, &state, Endpoint::Chat, generation).await
 }
 
 /// Text completion (OpenAI-compatible legacy endpoint); `stream: true` gives SSE.
@@ -273,59 +259,22 @@ async fn chat_completions(req: &mut Request, depot: &mut Depot, res: &mut Respon
 async fn completions(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
     let body = read_body(req, &state).await?;
-    let (request, sampling) = types::parse_request::<types::CompletionRequest>(&body)?;
-    let model = state.model(request.model.as_deref()).await?;
-    let mut valid = types::validate_completion(request, sampling, model.vocab_size(), &state.config.limits)?;
-    let (mut prompt, mut prompt_text) = match valid.prompt {
-        ValidPrompt::Text(text) => {
-            let model = model.clone();
-            blocking(move || (model.encode(&text, true), text)).await?
-        }
-        ValidPrompt::Tokens(ids) => {
-            let text = model.decode(&ids);
-            (ids, text)
-        }
-    };
-    let session = match state.policies.current().start().await? {
-        s if s.is_empty() => None,
-        mut session => {
-            let messages = [TemplateMessage { role: "user".into(), content: prompt_text.clone() }];
-            let request = Caller::from_request(req).policy_request("completion", &model.id, &messages, Some(&valid.params), prompt.len());
-            let allowed = decide(&mut session, request).await?;
-            let rewritten: String = allowed.messages.into_iter().map(|m| m.content).collect::<Vec<_>>().join("\n");
-            if rewritten != prompt_text {
-                let model = model.clone();
-                (prompt, prompt_text) = blocking(move || (model.encode(&rewritten, true), rewritten)).await?;
-            }
-            apply_sampling(&mut valid.params, allowed.sampling);
-            Some(session)
-        }
-    };
-    let job = generate_request(&model, prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
-    let meta = ResponseMeta::new(Endpoint::Completion, &model.id, valid.params.include_usage, valid.logprobs.is_some());
-    let prompt_tokens = job.prompt.len();
-    let governed = session.map(|session| Governed::new(session, prompt_tokens));
-    let stream = model.schedule(job)?;
-    let echo = valid.echo.then_some(prompt_text);
-    let output = Output::new(stream, governed, None, prompt_tokens);
-    respond(res, &state, meta, output, valid.params.stream, echo, None).await
+    let (request, sampling) = types::parse_request::<CompletionRequest>(&body)?;
+    let generation = pipeline::start_completion(&state, &caller(req), request, sampling).await?;
+    respond(res, &state, Endpoint::Completion, generation).await
 }
 
-/// Runs the chain's `on-request`; a denial becomes the response.
-async fn decide(session: &mut PolicySession, request: policy::Request) -> Result<policy::Request, ApiError> {
-    match session.on_request(request).await? {
-        Decision::Allow(request) => Ok(request),
-        Decision::Deny(denial) => Err(ApiError::denied(denial)),
-    }
-}
-
-/// Takes the sampling settings the plugins left (the policy runtime has checked a
-/// rewrite against the rules a client's request keeps: policy/checks.rs).
-fn apply_sampling(params: &mut ValidParams, sampling: policy::Sampling) {
-    params.sampling.temperature = sampling.temperature;
-    params.sampling.top_p = sampling.top_p;
-    params.max_tokens = sampling.max_tokens.map(|n| n as usize);
-    params.stop = sampling.stop;
+/// Who is calling, as plugins may see it: a few headers and the peer's address.
+fn caller(req: &Request) -> Caller {
+    let headers = POLICY_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(*name)?.to_str().ok()?;
+            Some(policy::Header { name: name.to_string(), value: value.to_string() })
+        })
+        .collect();
+    let client_addr = req.remote_addr().clone().into_std().map(|a| a.ip().to_string()).unwrap_or_default();
+    Caller { headers, client_addr }
 }
 
 /// `/admin/*` needs `Authorization: Bearer <admin.key>`; without a configured key the
@@ -373,14 +322,6 @@ async fn reload_plugins(depot: &mut Depot) -> Result<Json<serde_json::Value>, Ap
     }
 }
 
-impl AppState {
-    /// The model a request names, or the default one.
-    async fn model(&self, id: Option<&str>) -> Result<Arc<LoadedModel>, ApiError> {
-        let id = id.unwrap_or(self.registry.default_id());
-        Ok(self.registry.get(id).await?)
-    }
-}
-
 async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, ApiError> {
     let limit = state.config.server.max_body_bytes as usize;
     match req.payload_with_max_size(limit).await {
@@ -393,71 +334,11 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
     }
 }
 
-/// Runs CPU work (templating, tokenizing) off the async executor.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::engine_failure(format!("tokenizer task failed: {e}")))
-}
-
-/// Checks the prompt against the context and settles `max_tokens`.
-fn generate_request(
-    model: &LoadedModel,
-    prompt: Vec<u32>,
-    params: &ValidParams,
-    default_max_tokens: usize,
-    prompt_param: &str,
-) -> Result<GenerateRequest, ApiError> {
-    let context = model.context_length;
-    let n = prompt.len();
-    if n == 0 {
-        return Err(ApiError::invalid(prompt_param, "the prompt is empty after tokenization"));
-    }
-    if n >= context {
-        return Err(ApiError::invalid_code(
-            Some(prompt_param),
-            "context_length_exceeded",
-            format!(
-                "This model's maximum context length is {context} tokens. However, your {prompt_param} resulted in {n} tokens. \
-                 Please reduce the length of the {prompt_param}."
-            ),
-        ));
-    }
-    let max_tokens = match params.max_tokens {
-        Some(max) if n + max > context => {
-            return Err(ApiError::invalid_code(
-                Some("max_tokens"),
-                "context_length_exceeded",
-                format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens \
-                     ({n} in the {prompt_param}, {max} in the completion). Please reduce the length of the {prompt_param} \
-                     or the completion.",
-                    n + max
-                ),
-            ));
-        }
-        Some(max) => max,
-        None => default_max_tokens.min(context - n),
-    };
-    Ok(GenerateRequest {
-        prompt,
-        max_tokens,
-        sampling: params.sampling.clone(),
-        stop: params.stop.clone(),
-        received: Instant::now(),
-        span: tracing::Span::current(),
-    })
-}
-
 /// Sends the generation as SSE or as one JSON response.
-async fn respond(
-    res: &mut Response,
-    state: &AppState,
-    meta: ResponseMeta,
-    mut output: Output,
-    streaming: bool,
-    echo: Option<String>,
-    session: Option<chat::SessionTurnInfo>,
-) -> Result<(), ApiError> {
-    if !streaming {
+async fn respond(res: &mut Response, state: &AppState, endpoint: Endpoint, generation: Generation) -> Result<(), ApiError> {
+    let Generation { model, mut output, stream, include_usage, logprobs, echo, session } = generation;
+    let meta = ResponseMeta::new(endpoint, &model, include_usage, logprobs);
+    if !stream {
         let mut collector = Collector::new(meta, echo.as_deref());
         while let Some((events, done)) = output.next_before(&state.shutdown).await? {
             for event in events {
@@ -499,4 +380,15 @@ async fn respond(
         .flat_map(|payloads| futures_util::stream::iter(payloads.into_iter().map(|p| Ok::<_, Infallible>(SseEvent::default().text(p)))));
     sse::stream(res, events);
     Ok(())
+}
+
+/// Catcher hoop: any error status without a body (unmatched route, wrong method, salvo's
+/// own limits) gets the OpenAI shape too.
+#[handler]
+pub async fn catch_errors(res: &mut Response, ctrl: &mut FlowCtrl) {
+    let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
+    if status.is_client_error() || status.is_server_error() {
+        ApiError::from_status(status).render(res);
+        ctrl.skip_rest();
+    }
 }

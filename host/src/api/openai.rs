@@ -9,8 +9,8 @@
 
 use serde_json::{Value, json};
 
-use super::error::ApiError;
 use crate::engine::{FinishReason, StreamEvent, TokenLogprob};
+use crate::error::ApiError;
 
 /// Which API shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use salvo::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::error::ApiError;
-use super::types::SamplingFields;
+use crate::error::ApiError;
+use crate::request::SamplingFields;
 
 /// `{"error": {…}}`, the one error shape of every route.
 #[derive(Serialize, ToSchema)]
@@ -67,6 +67,9 @@ pub struct Model {
     owned_by: String,
     /// wisp: whether the model is in memory now.
     loaded: bool,
+    /// wisp: the model carries a chat template of its own (an instruct model); null until
+    /// it is loaded.
+    chat_template: Option<bool>,
 }
 
 #[derive(Serialize, ToSchema)]

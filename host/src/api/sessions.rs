@@ -8,9 +8,9 @@ use salvo::prelude::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::chat::Caller;
-use super::error::ApiError;
-use super::{AppState, read_body, state};
+use super::{caller, read_body, state};
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::{Session, SessionFields};
 
 pub fn router() -> Router {
@@ -55,7 +55,7 @@ async fn parse<T: serde::de::DeserializeOwned + Default>(req: &mut Request, stat
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    super::types::parse_body(&body)
+    crate::request::parse_body(&body)
 }
 
 impl Default for RollbackBody {
@@ -91,7 +91,7 @@ async fn with_messages(state: &AppState, session: Session) -> Result<Value, ApiE
 #[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), request_body(content = SessionBody, description = "All fields optional"), responses((status_code = 200, description = "The new session", body = super::openapi::SessionWithMessages)))]
 async fn create_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let body: SessionBody = parse(req, &state).await?;
     let session = state.store.create(&principal, state.registry.default_id(), fields(body, &state)?).await?;
     Ok(Json(with_messages(&state, session).await?))
@@ -111,7 +111,7 @@ struct ListQuery {
 #[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 429, 503), parameters(ListQuery), responses((status_code = 200, description = "A page of sessions", body = super::openapi::SessionList)))]
 async fn list_sessions(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let query: ListQuery =
         req.parse_queries().map_err(|e| ApiError::invalid_code(None, "invalid_query", format!("Invalid query string: {e}")))?;
     let (sessions, has_more) = state.store.list(&principal, query.limit.unwrap_or(20), query.after.as_deref()).await?;
@@ -128,7 +128,7 @@ async fn list_sessions(req: &mut Request, depot: &mut Depot) -> Result<Json<Valu
 #[endpoint(tags("sessions"), status_codes(200, 401, 403, 404, 429, 503), parameters(("id" = String, Path, description = "The session id")), responses((status_code = 200, description = "The session", body = super::openapi::SessionWithMessages)))]
 async fn get_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let session = state.store.get(&principal, &id(req)).await?;
     Ok(Json(with_messages(&state, session).await?))
 }
@@ -137,7 +137,7 @@ async fn get_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>
 #[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), parameters(("id" = String, Path, description = "The session id")), request_body(content = SessionBody, description = "The fields to change; `system_prompt: null` clears it"), responses((status_code = 200, description = "The session", body = super::openapi::SessionWithMessages)))]
 async fn update_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let body: SessionBody = parse(req, &state).await?;
     let session = state.store.update(&principal, &id(req), fields(body, &state)?).await?;
     Ok(Json(with_messages(&state, session).await?))
@@ -147,7 +147,7 @@ async fn update_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Val
 #[endpoint(tags("sessions"), status_codes(200, 401, 403, 404, 429, 503), parameters(("id" = String, Path, description = "The session id")), responses((status_code = 200, description = "Deleted", body = super::openapi::SessionDeleted)))]
 async fn delete_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let id = id(req);
     state.store.delete(&principal, &id).await?;
     Ok(Json(json!({"id": id, "object": "session.deleted", "deleted": true})))
@@ -159,7 +159,7 @@ async fn delete_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Val
 #[endpoint(tags("sessions"), status_codes(200, 400, 401, 403, 404, 413, 429, 503), parameters(("id" = String, Path, description = "The session id")), request_body(content = RollbackBody, description = "`messages`: how many to remove (default 1)"), responses((status_code = 200, description = "The session after the rollback", body = super::openapi::SessionWithMessages)))]
 async fn rollback_session(req: &mut Request, depot: &mut Depot) -> Result<Json<Value>, ApiError> {
     let state = state(depot);
-    let principal = Caller::from_request(req).identify(&state, "sessions").await?;
+    let principal = caller(req).identify(&state, "sessions").await?;
     let body: RollbackBody = parse(req, &state).await?;
     let session = state.store.rollback(&principal, &id(req), body.messages).await?;
     Ok(Json(with_messages(&state, session).await?))

@@ -7,7 +7,7 @@ use salvo::oapi::endpoint;
 use salvo::prelude::*;
 use salvo_serve_static::{render_embedded_file, static_embed};
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 #[derive(RustEmbed)]
 #[folder = "../web/dist"]

@@ -28,12 +28,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::chat::{Caller, Generation, start_chat};
-use super::error::ApiError;
-use super::output::Output;
-use super::{AppState, state};
+use super::{caller, state};
 use crate::engine::StreamEvent;
+use crate::error::ApiError;
+use crate::pipeline::{Caller, Generation, Output, start_chat};
+use crate::request::{ChatCompletionRequest, parse_request};
 use crate::shutdown::Shutdown;
+use crate::state::AppState;
 
 /// Chat over a WebSocket (upgrade with `GET`). Frames are JSON text: the client sends
 /// `chat` (a chat completions body in `request`), `cancel` and `ping`; the server answers
@@ -45,7 +46,7 @@ use crate::shutdown::Shutdown;
 )]
 pub async fn chat_socket(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
-    let caller = Caller::from_request(req);
+    let caller = caller(req);
     let max = state.config.server.max_body_bytes as usize;
     WebSocketUpgrade::new()
         .max_message_size(max)
@@ -216,7 +217,8 @@ async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<
     fields.remove("stream");
     fields.remove("stream_options");
     let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
-    start_chat(state, caller, &body).instrument(span).await
+    let (request, sampling) = parse_request::<ChatCompletionRequest>(&body)?;
+    start_chat(state, caller, request, sampling).instrument(span).await
 }
 
 impl Socket {

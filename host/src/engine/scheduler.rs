@@ -22,9 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use llguidance::toktrie::SimpleVob;
 use tokio::sync::mpsc;
 use wisp_holdback::StopMatcher;
 
+use super::grammar::{self, Grammar};
 use super::model::{Model, Segment, SeqCache};
 use super::sampling::Sampler;
 use super::tokenizer::{Detokenizer, GgufTokenizer};
@@ -45,6 +47,7 @@ pub struct SchedulerConfig {
 
 struct Job {
     request: GenerateRequest,
+    grammar: Option<Grammar>,
     events: mpsc::UnboundedSender<StreamEvent>,
     /// Open while the job waits; closing it logs the queue time.
     queued: tracing::Span,
@@ -99,7 +102,8 @@ impl Scheduler {
         !self.thread.is_finished()
     }
 
-    pub fn schedule(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+    /// Queues a request (with its compiled constraint, if any).
+    pub fn schedule(&self, request: GenerateRequest, grammar: Option<Grammar>) -> Result<TokenStream, EngineError> {
         // `max_batch` running plus `max_queue` waiting.
         let admitted =
             self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_in_flight).then_some(n + 1)).is_ok();
@@ -109,7 +113,7 @@ impl Scheduler {
         let admission = Admission(self.in_flight.clone());
         let (events, stream) = mpsc::unbounded_channel();
         let queued = tracing::info_span!(parent: &request.span, "queue", model = %self.model_id);
-        if self.jobs.send(Job { request, events, queued, admission }).is_err() {
+        if self.jobs.send(Job { request, grammar, events, queued, admission }).is_err() {
             return Err(EngineError::Stopped(self.model_id.clone()));
         }
         Ok(stream)
@@ -127,6 +131,7 @@ struct ModelMetrics {
     batch_size: prometheus::Histogram,
     running: prometheus::IntGauge,
     waiting: prometheus::IntGauge,
+    grammar_mask: prometheus::Histogram,
 }
 
 impl ModelMetrics {
@@ -142,6 +147,7 @@ impl ModelMetrics {
             prefix_hit_tokens: metrics.prefix_hit_tokens.with_label_values(&label),
             running: metrics.requests_running.with_label_values(&label),
             waiting: metrics.requests_waiting.with_label_values(&label),
+            grammar_mask: metrics.grammar_mask_seconds.with_label_values(&label),
         }
     }
 }
@@ -246,6 +252,8 @@ struct Sequence {
     /// The token to feed next, once the prompt is in.
     next: Option<u32>,
     sampler: Sampler,
+    /// The response format's grammar: masks the logits before each sample.
+    grammar: Option<Grammar>,
     detok: Detokenizer,
     stop: StopMatcher,
     generated: usize,
@@ -333,7 +341,7 @@ impl Worker {
     /// Starts a sequence; `None` if its client is already gone.
     #[allow(clippy::result_large_err)]
     fn admit(&self, job: Job) -> Result<Option<Sequence>, (mpsc::UnboundedSender<StreamEvent>, candle_core::Error)> {
-        let Job { request, events, queued, admission } = job;
+        let Job { request, grammar, events, queued, admission } = job;
         drop(queued);
         if events.is_closed() {
             return Ok(None);
@@ -361,6 +369,7 @@ impl Worker {
         let phase = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens = request.prompt.len());
         Ok(Some(Sequence {
             sampler: Sampler::new(request.sampling.clone(), &request.prompt),
+            grammar,
             stop: StopMatcher::new(request.stop.iter().cloned()),
             request,
             events,
@@ -395,12 +404,49 @@ impl Worker {
             }
         }
         self.per_model.batch_size.observe(feeds.len() as f64);
-        let logits = {
+        // The grammars of the sequences that sample after this pass compute their masks on
+        // a thread of their own while the forward pass runs.
+        let mut grammars: Vec<(usize, Grammar)> = Vec::new();
+        for (i, tokens) in &feeds {
+            let seq = &mut live[*i];
+            if (seq.next.is_some() || seq.prefilled + tokens.len() >= seq.request.prompt.len())
+                && let Some(grammar) = seq.grammar.take()
+            {
+                grammars.push((*i, grammar));
+            }
+        }
+        let (logits, masks) = std::thread::scope(|scope| {
+            let timer = &self.per_model.grammar_mask;
+            let masking = (!grammars.is_empty()).then(|| {
+                scope.spawn(|| {
+                    let masks: Vec<_> = grammars
+                        .iter_mut()
+                        .map(|(_, g)| {
+                            let started = Instant::now();
+                            let mask = g.mask();
+                            timer.observe(started.elapsed().as_secs_f64());
+                            mask
+                        })
+                        .collect();
+                    masks
+                })
+            });
             let mut caches: Vec<Option<&mut SeqCache>> = live.iter_mut().map(|s| Some(&mut s.cache)).collect();
             let mut segments: Vec<Segment<'_>> =
                 feeds.iter().map(|(i, tokens)| Segment { tokens, cache: caches[*i].take().expect("one feed per sequence") }).collect();
-            self.model.forward_batch(&mut segments)?
+            let logits = self.model.forward_batch(&mut segments);
+            let masks = masking.map(|m| m.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).unwrap_or_default();
+            (logits, masks)
+        });
+        let mut masks: Vec<Option<Result<SimpleVob, String>>> = {
+            let mut by_seq: Vec<Option<Result<SimpleVob, String>>> = (0..live.len()).map(|_| None).collect();
+            for ((i, grammar), mask) in grammars.into_iter().zip(masks) {
+                live[i].grammar = Some(grammar);
+                by_seq[i] = Some(mask);
+            }
+            by_seq
         };
+        let logits = logits?;
         for (row, (i, tokens)) in feeds.iter().enumerate() {
             let seq = &mut live[*i];
             if seq.next.is_some() {
@@ -415,18 +461,36 @@ impl Worker {
                     tracing::info_span!(parent: &seq.request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
             }
             let mut row_logits = logits.get(row)?.to_vec1::<f32>()?;
-            self.advance(seq, &mut row_logits);
+            self.advance(seq, &mut row_logits, masks[*i].take());
         }
         Ok(())
     }
 
-    /// Samples one token from `logits` and sends what it releases; sets `next` to feed it,
-    /// or closes the sequence.
-    fn advance(&self, seq: &mut Sequence, logits: &mut [f32]) {
+    /// Samples one token from `logits` (within the grammar's `mask`, if constrained) and
+    /// sends what it releases; sets `next` to feed it, or closes the sequence.
+    fn advance(&self, seq: &mut Sequence, logits: &mut [f32], mask: Option<Result<SimpleVob, String>>) {
         let m = &self.per_model;
         let tokenizer = &self.tokenizer.tokenizer;
         let prompt_tokens = seq.request.prompt.len();
+        if let Some(mask) = mask {
+            let eos = self.tokenizer.eos.unwrap_or(u32::MAX);
+            match mask {
+                Ok(mask) => grammar::apply_mask(logits, &mask, eos, &self.tokenizer.stop_ids),
+                Err(e) => return self.end_constrained(seq, &e),
+            }
+            if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+                return self.end_constrained(seq, "the grammar allows no token here");
+            }
+        }
         let sampled = seq.sampler.sample(logits);
+        // Past a stop token nothing is consumed: the grammar allowed it only when complete.
+        let grammar_done = match &mut seq.grammar {
+            Some(g) if !self.tokenizer.stop_ids.contains(&sampled.token) => match g.consume(sampled.token) {
+                Ok(()) => g.is_finished(),
+                Err(e) => return self.end_constrained(seq, &e),
+            },
+            _ => false,
+        };
         seq.generated += 1;
         let now = Instant::now();
         if seq.generated == 1 {
@@ -458,10 +522,10 @@ impl Worker {
             if stopped {
                 let _ = seq.events.send(finish(FinishReason::Stop, String::new()));
                 true
-            } else if generated >= seq.request.max_tokens || seq.cache.len() + 1 > seq.cache.capacity() {
+            } else if grammar_done || generated >= seq.request.max_tokens || seq.cache.len() + 1 > seq.cache.capacity() {
                 let rest = seq.detok.finish(tokenizer);
                 let mut text = seq.stop.push(&rest).text;
-                let reason = if seq.stop.is_stopped() { FinishReason::Stop } else { FinishReason::Length };
+                let reason = if grammar_done || seq.stop.is_stopped() { FinishReason::Stop } else { FinishReason::Length };
                 text.push_str(&seq.stop.finish());
                 let _ = seq.events.send(finish(reason, text));
                 true
@@ -474,6 +538,17 @@ impl Worker {
             seq.phase.record("tokens", generated);
             seq.finished = true;
         }
+    }
+}
+
+impl Worker {
+    /// Ends a constrained sequence whose grammar failed (a bug in it, or an internal limit
+    /// reached): an error, never unconstrained output.
+    fn end_constrained(&self, seq: &mut Sequence, error: &str) {
+        tracing::error!(model = %self.model_id, error, "constrained decoding failed");
+        self.metrics.errors.with_label_values(&["grammar"]).inc();
+        let _ = seq.events.send(StreamEvent::Error(format!("constrained decoding failed: {error}")));
+        seq.finished = true;
     }
 }
 

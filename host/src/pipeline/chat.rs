@@ -1,26 +1,23 @@
-//! A chat request from any transport (HTTP, SSE, WebSocket) to a scheduled generation:
-//! parse, resolve the model, load and prune the session's history, tokenize, run the
-//! plugin chain, check the session's owner, schedule. The transports only frame what
+//! A chat request, from any transport (HTTP, SSE, WebSocket), to a started generation:
+//! resolve the model, load and prune the session's history, tokenize, run the plugin
+//! chain, check the session's owner, start. The transports only frame what
 //! [`start_chat`] returns, so governance and sessions are the same on all of them.
 
 use std::sync::Arc;
 
-use salvo::prelude::*;
-
-use super::error::ApiError;
-use super::openai::{Endpoint, ResponseMeta};
 use super::output::{Governed, Output};
-use super::types::{self, ValidParams};
-use super::{AppState, apply_sampling, blocking, decide, generate_request};
-use crate::engine::LoadedModel;
+use super::turn::TurnRecord;
+use super::{Generation, SessionTurnInfo, apply_sampling, blocking, decide, generate_request};
+use crate::engine::Backend;
 use crate::engine::template::TemplateMessage;
+use crate::error::ApiError;
 use crate::policy;
-use crate::store::{ANONYMOUS, Session, SessionStore, Turn, TurnUsage};
+use crate::request::{self, ChatCompletionRequest, SamplingFields, ValidParams};
+use crate::state::AppState;
+use crate::store::{ANONYMOUS, Session, SessionStore};
 
-/// Request headers plugins may see (an auth plugin needs the key; nothing else leaks).
-const POLICY_HEADERS: &[&str] = &["authorization", "x-api-key", "user-agent", "x-request-id", "x-forwarded-for"];
-
-/// Who is calling, as the transport knows it: what plugins may see of the request.
+/// Who is calling, as the transport knows it: what plugins may see of the request (the
+/// api fills it from the request's headers and peer address).
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
     pub headers: Vec<policy::Header>,
@@ -28,18 +25,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn from_request(req: &Request) -> Caller {
-        let headers = POLICY_HEADERS
-            .iter()
-            .filter_map(|name| {
-                let value = req.headers().get(*name)?.to_str().ok()?;
-                Some(policy::Header { name: name.to_string(), value: value.to_string() })
-            })
-            .collect();
-        let client_addr = req.remote_addr().clone().into_std().map(|a| a.ip().to_string()).unwrap_or_default();
-        Caller { headers, client_addr }
-    }
-
     /// The same caller presenting `key` as a bearer token (WebSocket frames carry the key,
     /// since browsers cannot set headers on a WebSocket).
     pub fn with_api_key(&self, key: &str) -> Caller {
@@ -97,23 +82,6 @@ fn principal_of(request: &policy::Request) -> String {
     request.principal.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| ANONYMOUS.to_string())
 }
 
-/// A scheduled chat generation, for a transport to frame.
-pub struct Generation {
-    pub meta: ResponseMeta,
-    pub output: Output,
-    pub stream: bool,
-    pub model: String,
-    /// Set for a session turn.
-    pub session: Option<SessionTurnInfo>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SessionTurnInfo {
-    pub id: String,
-    /// History messages left out to fit the context.
-    pub pruned_messages: usize,
-}
-
 /// A session's history with the new messages, pruned to fit.
 struct Conversation {
     messages: Vec<TemplateMessage>,
@@ -121,15 +89,19 @@ struct Conversation {
     pruned: usize,
 }
 
-pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Result<Generation, ApiError> {
-    let (request, sampling) = types::parse_request::<types::ChatCompletionRequest>(body)?;
+pub async fn start_chat(
+    state: &AppState,
+    caller: &Caller,
+    request: ChatCompletionRequest,
+    sampling: SamplingFields,
+) -> Result<Generation, ApiError> {
     let session = match &request.session_id {
         Some(id) => Some(state.store.find(id).await.map_err(ApiError::from)?),
         None => None,
     };
     let model_id = request.model.clone().or_else(|| session.as_ref().map(|s| s.model.clone()));
-    let model = state.model(model_id.as_deref()).await?;
-    let mut valid = types::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let model = state.backend(model_id.as_deref()).await?;
+    let mut valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
     let new_messages = valid.messages.clone();
     let conversation = match &session {
         Some(session) => {
@@ -153,7 +125,7 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     let governed = match state.policies.current().start().await? {
         s if s.is_empty() => None,
         mut policies => {
-            let request = caller.policy_request("chat", &model.id, &valid.messages, Some(&valid.params), prompt.len());
+            let request = caller.policy_request("chat", model.id(), &valid.messages, Some(&valid.params), prompt.len());
             let allowed = decide(&mut policies, request).await?;
             principal = principal_of(&allowed);
             if allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(valid.messages.iter().map(|m| (&m.role, &m.content))) {
@@ -171,26 +143,31 @@ pub async fn start_chat(state: &AppState, caller: &Caller, body: &[u8]) -> Resul
     {
         return Err(crate::store::StoreError::NotFound(session.id.clone()).into());
     }
-    let job = generate_request(&model, prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
+    let job = generate_request(model.as_ref(), prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
     let prompt_tokens = job.prompt.len();
-    let meta = ResponseMeta::new(Endpoint::Chat, &model.id, valid.params.include_usage, valid.logprobs);
     let governed = governed.map(|session| Governed::new(session, prompt_tokens));
     let turn = session.as_ref().map(|s| {
         let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
         TurnRecord::new(state.store.clone(), s.id.clone(), new_messages)
     });
-    let stream = model.schedule(job)?;
+    // Compiling a response format (and, the first time, the vocabulary's trie) is CPU work.
+    let stream = {
+        let model = model.clone();
+        blocking(move || model.generate(job)).await??
+    };
     Ok(Generation {
-        meta,
+        model: model.id().to_string(),
         output: Output::new(stream, governed, turn, prompt_tokens),
         stream: valid.params.stream,
-        model: model.id.clone(),
+        include_usage: valid.params.include_usage,
+        logprobs: valid.logprobs,
+        echo: None,
         session: session.map(|s| SessionTurnInfo { id: s.id, pruned_messages: conversation.pruned }),
     })
 }
 
 /// Renders and tokenizes a conversation off the async executor.
-pub async fn encode_chat(model: &Arc<LoadedModel>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+pub async fn encode_chat(model: &Arc<dyn Backend>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
     let model = model.clone();
     blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await?
 }
@@ -200,7 +177,7 @@ pub async fn encode_chat(model: &Arc<LoadedModel>, messages: Vec<TemplateMessage
 /// prompt and the new messages are always kept.
 async fn session_conversation(
     store: &SessionStore,
-    model: &Arc<LoadedModel>,
+    model: &Arc<dyn Backend>,
     session: &Session,
     new_messages: Vec<TemplateMessage>,
     reserve: usize,
@@ -221,7 +198,7 @@ async fn session_conversation(
     }
     let system: Vec<TemplateMessage> =
         session.system_prompt.iter().map(|p| TemplateMessage { role: "system".into(), content: p.clone() }).collect();
-    let context = model.context_length;
+    let context = model.context_length();
     let budget = context.saturating_sub(reserve.min(context / 2));
     let model = model.clone();
     blocking(move || -> Result<Conversation, ApiError> {
@@ -267,69 +244,4 @@ async fn session_conversation(
         }
     })
     .await?
-}
-
-/// How long a turn's write keeps retrying while the store is unreachable (a Postgres
-/// restart, a locked SQLite file) before the client is told it failed.
-const TURN_WRITE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// The reply of a session turn as it streams; written to the store, whole, when the reply
-/// ends (finished, stopped, failed or cancelled). The reply kept is capped at the store's
-/// `max_message_bytes`, whatever plugins emitted.
-pub struct TurnRecord {
-    store: Arc<SessionStore>,
-    session_id: String,
-    new_messages: Vec<(String, String)>,
-    reply: String,
-    /// The reply outgrew the cap and was cut.
-    cut: bool,
-    written: bool,
-}
-
-impl TurnRecord {
-    fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>) -> TurnRecord {
-        TurnRecord { store, session_id, new_messages, reply: String::new(), cut: false, written: false }
-    }
-
-    pub fn push(&mut self, text: &str) {
-        let room = self.store.max_message_bytes().saturating_sub(self.reply.len());
-        if text.len() > room && !self.cut {
-            self.cut = true;
-            tracing::warn!(session = %self.session_id, limit = self.store.max_message_bytes(), "the reply outgrew the session's message limit; the stored reply is cut");
-        }
-        self.reply.push_str(crate::policy::checks::truncated(text, room));
-    }
-
-    /// Writes the turn, once: a second call does nothing. The write runs in a task of its
-    /// own, so it commits (or fails) whole even if the caller is dropped; it retries while
-    /// the store is unreachable, for up to [`TURN_WRITE_RETRY_FOR`]. The client hears the
-    /// end only after it is stored.
-    pub async fn write(&mut self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Result<(), ApiError> {
-        if std::mem::replace(&mut self.written, true) {
-            return Ok(());
-        }
-        let turn = Turn {
-            new_messages: std::mem::take(&mut self.new_messages),
-            reply: std::mem::take(&mut self.reply),
-            finish_reason: finish_reason.to_string(),
-            usage: TurnUsage { prompt_tokens: prompt_tokens as i64, completion_tokens: completion_tokens as i64 },
-        };
-        let (store, id) = (self.store.clone(), self.session_id.clone());
-        let write = tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            loop {
-                match store.append_turn(&id, &turn).await {
-                    Err(crate::store::StoreError::Db(e)) if started.elapsed() < TURN_WRITE_RETRY_FOR => {
-                        tracing::warn!(session = %id, error = %e, "storing the turn failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                    }
-                    result => return result,
-                }
-            }
-        });
-        match write.await {
-            Ok(result) => result.map(|_| ()).map_err(ApiError::from),
-            Err(e) => Err(ApiError::engine_failure(format!("storing the turn failed: {e}"))),
-        }
-    }
 }

@@ -7,6 +7,7 @@ use salvo::prelude::*;
 use serde_json::{Value, json};
 
 use crate::engine::EngineError;
+use crate::engine::grammar::GrammarError;
 use crate::engine::template::TemplateError;
 use crate::store::StoreError;
 
@@ -141,6 +142,15 @@ impl From<StoreError> for ApiError {
                 ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("session_not_found"), format!("No session `{id}`"))
             },
             StoreError::Invalid { param, code, message } => ApiError::invalid_code(Some(param), code, message),
+            e if e.is_out_of_space() => {
+                tracing::error!(error = %e, "the session store is out of space");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "server_error",
+                    Some("store_full"),
+                    "The session store is out of disk space; nothing was stored",
+                )
+            }
             e @ (StoreError::Db(_) | StoreError::Migrate(_)) => {
                 tracing::error!(error = %e, "session store failed");
                 ApiError::new(
@@ -168,6 +178,18 @@ impl From<EngineError> for ApiError {
             EngineError::Stopped(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_stopped"), message),
             // A template that does not compile is the server's fault, never the messages'.
             EngineError::Template(t) => ApiError::from(t),
+            EngineError::Grammar(GrammarError::Unsupported(message)) => ApiError {
+                param: Some("response_format".into()),
+                ..ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("unsupported_schema"),
+                    format!("The response format cannot be enforced: {message}"),
+                )
+            },
+            EngineError::Grammar(GrammarError::Unavailable(_)) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("grammar_unavailable"), message)
+            }
         }
     }
 }
@@ -201,17 +223,6 @@ impl Scribe for ApiError {
         res.extensions.insert(ErrorLabel(self.metric_type().to_string()));
         res.status_code(self.status);
         res.render(Json(self.body()));
-    }
-}
-
-/// Catcher hoop: any error status without a body (unmatched route, wrong method, salvo's
-/// own limits) gets the OpenAI shape too.
-#[handler]
-pub async fn catch_errors(res: &mut Response, ctrl: &mut FlowCtrl) {
-    let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
-    if status.is_client_error() || status.is_server_error() {
-        ApiError::from_status(status).render(res);
-        ctrl.skip_rest();
     }
 }
 

@@ -9,9 +9,9 @@
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::chat::TurnRecord;
-use super::error::ApiError;
+use super::turn::TurnRecord;
 use crate::engine::{FinishReason, StreamEvent, TokenStream};
+use crate::error::ApiError;
 use crate::policy::{self, PolicySession};
 use crate::shutdown::Shutdown;
 

@@ -10,10 +10,11 @@ use salvo::oapi::ToSchema;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
 use crate::config::Limits;
+use crate::engine::grammar::Constraint;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::template::TemplateMessage;
+use crate::error::ApiError;
 
 /// Parses a request body into the endpoint's fields and the shared sampling fields.
 /// The sampling keys are split off first so each part is parsed with exact field paths:
@@ -64,6 +65,56 @@ fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiErr
 pub enum StopField {
     One(String),
     Many(Vec<String>),
+}
+
+/// `response_format`: what the reply must be. `json_object` and `json_schema` are enforced
+/// by grammar on every sampled token.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value valid against `json_schema.schema`.
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// `[a-zA-Z0-9_-]`, at most 64 characters.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema (an object); absent means any JSON value.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted for compatibility: wisp enforces every schema strictly.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// The constraint a `response_format` asks for, checked.
+fn constraint(format: Option<ResponseFormat>) -> Result<Option<Constraint>, ApiError> {
+    Ok(match format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(Constraint::JsonObject),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let name = &json_schema.name;
+            if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema.name",
+                    "`name` must be 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`",
+                ));
+            }
+            match json_schema.schema {
+                None => Some(Constraint::JsonSchema(serde_json::json!({}))),
+                Some(schema @ serde_json::Value::Object(_)) => Some(Constraint::JsonSchema(schema)),
+                Some(_) => return Err(ApiError::invalid("response_format.json_schema.schema", "`schema` must be a JSON schema object")),
+            }
+        }
+    })
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -181,7 +232,7 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
-    pub response_format: Option<serde_json::Value>,
+    pub response_format: Option<ResponseFormat>,
     #[serde(default)]
     pub store: Option<bool>,
     #[serde(default)]
@@ -236,6 +287,8 @@ pub struct ValidParams {
     pub max_tokens: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// What the reply must be (`response_format`).
+    pub constraint: Option<Constraint>,
 }
 
 pub struct ValidChat {
@@ -390,11 +443,6 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
     {
         return Err(ApiError::unsupported("tool_choice", "tool calling is not supported; `tool_choice` may only be \"none\""));
     }
-    if let Some(format) = &r.response_format
-        && format.get("type").and_then(|t| t.as_str()) != Some("text")
-    {
-        return Err(ApiError::unsupported("response_format", "only `{\"type\": \"text\"}` is supported"));
-    }
     if r.messages.is_empty() && r.session_id.is_none() {
         return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
     }
@@ -446,7 +494,12 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         (None, b) => b,
     };
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
-    Ok(ValidChat { params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage }, messages, logprobs })
+    let constraint = constraint(r.response_format)?;
+    Ok(ValidChat {
+        params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage, constraint },
+        messages,
+        logprobs,
+    })
 }
 
 pub fn validate_completion(
@@ -492,7 +545,15 @@ pub fn validate_completion(
     sampling.logprobs = logprobs;
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
     Ok(ValidCompletion {
-        params: ValidParams { model: r.model, sampling, stop, max_tokens: max_tokens("max_tokens", r.max_tokens)?, stream, include_usage },
+        params: ValidParams {
+            model: r.model,
+            sampling,
+            stop,
+            max_tokens: max_tokens("max_tokens", r.max_tokens)?,
+            stream,
+            include_usage,
+            constraint: None,
+        },
         prompt,
         echo,
         logprobs,
