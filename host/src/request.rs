@@ -15,6 +15,7 @@ use crate::engine::grammar::Constraint;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::template::TemplateMessage;
 use crate::error::ApiError;
+use crate::pipeline::tools::{self, Choice, Function, Tools};
 
 /// Parses a request body into the endpoint's fields and the shared sampling fields.
 /// The sampling keys are split off first so each part is parsed with exact field paths:
@@ -95,6 +96,144 @@ pub struct JsonSchemaFormat {
     pub strict: Option<bool>,
 }
 
+/// `tools[]`: a function the model may call.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: FunctionKind,
+    pub function: FunctionDef,
+}
+
+/// The only kind of tool: `function`.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionKind {
+    Function,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDef {
+    /// `[a-zA-Z0-9_-]`, at most 64 characters.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// JSON schema of the arguments; absent means no arguments.
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted for compatibility: wisp enforces every schema strictly.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `none`, `auto`, `required`, or `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named(NamedTool),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTool {
+    #[serde(rename = "type")]
+    pub kind: FunctionKind,
+    pub function: ToolName,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolName {
+    pub name: String,
+}
+
+/// An assistant message's earlier call.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: FunctionKind,
+    pub function: CalledFunction,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CalledFunction {
+    pub name: String,
+    /// The arguments as a JSON text.
+    pub arguments: String,
+}
+
+/// At most this many tools in one request.
+const MAX_TOOLS: usize = 128;
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The tools a request offers and what the model must do with them, checked; `None` when
+/// there are none or `tool_choice` is `none`.
+fn tools(list: Option<Vec<Tool>>, choice: Option<ToolChoice>, parallel: Option<bool>) -> Result<Option<Tools>, ApiError> {
+    let list = list.unwrap_or_default();
+    if list.len() > MAX_TOOLS {
+        return Err(ApiError::invalid("tools", format!("at most {MAX_TOOLS} tools are allowed, got {}", list.len())));
+    }
+    let mut functions: Vec<Function> = Vec::with_capacity(list.len());
+    for (i, tool) in list.into_iter().enumerate() {
+        let f = tool.function;
+        if !valid_name(&f.name) {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].function.name"),
+                "a function name must be 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`",
+            ));
+        }
+        if functions.iter().any(|g| g.name == f.name) {
+            return Err(ApiError::invalid(format!("tools[{i}].function.name"), format!("the function `{}` is listed twice", f.name)));
+        }
+        let parameters = match f.parameters {
+            None => serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            Some(p @ serde_json::Value::Object(_)) => p,
+            Some(_) => {
+                return Err(ApiError::invalid(format!("tools[{i}].function.parameters"), "`parameters` must be a JSON schema object"));
+            }
+        };
+        functions.push(Function { name: f.name, description: f.description, parameters });
+    }
+    let choice = match choice {
+        None => Choice::Auto,
+        Some(ToolChoice::Mode(mode)) => match mode.as_str() {
+            "none" => return Ok(None),
+            "auto" => Choice::Auto,
+            "required" => Choice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("`tool_choice` must be none, auto, required or a named function, got `{other}`"),
+                ));
+            }
+        },
+        Some(ToolChoice::Named(named)) => {
+            if !functions.iter().any(|f| f.name == named.function.name) {
+                return Err(ApiError::invalid(
+                    "tool_choice.function.name",
+                    format!("`{}` is not one of the request's tools", named.function.name),
+                ));
+            }
+            Choice::Named(named.function.name)
+        }
+    };
+    if functions.is_empty() {
+        return match choice {
+            Choice::Auto => Ok(None),
+            _ => Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`")),
+        };
+    }
+    Ok(Some(Tools { functions, choice, parallel: parallel.unwrap_or(true) }))
+}
+
 /// The constraint a `response_format` asks for, checked.
 fn constraint(format: Option<ResponseFormat>) -> Result<Option<Constraint>, ApiError> {
     Ok(match format {
@@ -145,14 +284,14 @@ pub struct ContentPart {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
-    #[salvo(schema(pattern = "^(system|developer|user|assistant)$"))]
+    #[salvo(schema(pattern = "^(system|developer|user|assistant|tool)$"))]
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
-    pub tool_calls: Option<serde_json::Value>,
+    pub tool_calls: Option<Vec<MessageToolCall>>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
     #[serde(default)]
@@ -226,9 +365,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
-    pub tools: Option<Vec<serde_json::Value>>,
+    pub tools: Option<Vec<Tool>>,
     #[serde(default)]
-    pub tool_choice: Option<serde_json::Value>,
+    pub tool_choice: Option<ToolChoice>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
@@ -293,8 +432,11 @@ pub struct ValidParams {
 
 pub struct ValidChat {
     pub params: ValidParams,
+    /// With the tool prompt, when there are tools.
     pub messages: Vec<TemplateMessage>,
     pub logprobs: bool,
+    /// The tools the reply may call (not `tool_choice: none`).
+    pub tools: Option<Tools>,
 }
 
 pub enum ValidPrompt {
@@ -433,16 +575,6 @@ fn message_text(idx: usize, content: Option<Content>) -> Result<String, ApiError
 }
 
 pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: usize, limits: &Limits) -> Result<ValidChat, ApiError> {
-    if let Some(tools) = &r.tools
-        && !tools.is_empty()
-    {
-        return Err(ApiError::unsupported("tools", "tool calling is not supported"));
-    }
-    if let Some(choice) = &r.tool_choice
-        && choice != "none"
-    {
-        return Err(ApiError::unsupported("tool_choice", "tool calling is not supported; `tool_choice` may only be \"none\""));
-    }
     if r.messages.is_empty() && r.session_id.is_none() {
         return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
     }
@@ -452,29 +584,49 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
             format!("at most {} messages are allowed, got {}", limits.max_messages, r.messages.len()),
         ));
     }
-    let mut messages = Vec::with_capacity(r.messages.len());
+    let mut messages: Vec<TemplateMessage> = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            "tool" | "function" => {
-                return Err(ApiError::unsupported(&format!("messages[{i}].role"), "tool messages are not supported"));
-            }
+            "tool" => "tool",
             other => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!("unknown role `{other}`; expected system, developer, user or assistant"),
+                    format!("unknown role `{other}`; expected system, developer, user, assistant or tool"),
                 ));
             }
         };
-        if m.tool_calls.is_some() || m.tool_call_id.is_some() {
-            return Err(ApiError::unsupported(&format!("messages[{i}].tool_calls"), "tool calling is not supported"));
-        }
         if m.content.is_none() && role != "assistant" {
             return Err(ApiError::invalid(format!("messages[{i}].content"), "`content` is required"));
         }
-        messages.push(TemplateMessage { role: role.to_string(), content: message_text(i, m.content)? });
+        if m.tool_calls.is_some() && role != "assistant" {
+            return Err(ApiError::invalid(format!("messages[{i}].tool_calls"), "only assistant messages carry `tool_calls`"));
+        }
+        let text = message_text(i, m.content)?;
+        // Templates know user and assistant turns: earlier calls become the JSON the model
+        // replies with, results a user turn (consecutive results one turn).
+        let (role, content) = match (role, m.tool_calls) {
+            ("tool", _) => {
+                let Some(id) = m.tool_call_id else {
+                    return Err(ApiError::invalid(format!("messages[{i}].tool_call_id"), "a tool message needs `tool_call_id`"));
+                };
+                let result = tools::result_as_text(&id, &text);
+                if let Some(last) = messages.last_mut().filter(|l| l.role == "user" && l.content.starts_with(tools::RESULT_PREFIX)) {
+                    last.content.push_str("\n\n");
+                    last.content.push_str(&result);
+                    continue;
+                }
+                ("user", result)
+            }
+            ("assistant", Some(calls)) if !calls.is_empty() => {
+                let calls: Vec<(String, String)> = calls.into_iter().map(|c| (c.function.name, c.function.arguments)).collect();
+                ("assistant", tools::calls_as_text(&calls))
+            }
+            (role, _) => (role, text),
+        };
+        messages.push(TemplateMessage { role: role.to_string(), content });
     }
     let logprobs = r.logprobs.unwrap_or(false);
     let top = match (logprobs, r.top_logprobs) {
@@ -494,11 +646,20 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         (None, b) => b,
     };
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
-    let constraint = constraint(r.response_format)?;
+    let tools = tools(r.tools, r.tool_choice, r.parallel_tool_calls)?;
+    let mut constraint = constraint(r.response_format)?;
+    if let Some(tools) = &tools {
+        if constraint.is_some() {
+            return Err(ApiError::invalid("response_format", "`response_format` and `tools` cannot be used together"));
+        }
+        constraint = Some(tools.constraint());
+        messages = tools.with_prompt(messages);
+    }
     Ok(ValidChat {
         params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage, constraint },
         messages,
         logprobs,
+        tools,
     })
 }
 
@@ -608,11 +769,45 @@ mod tests {
     }
 
     #[test]
-    fn n_above_one_and_tools_are_refused_not_ignored() {
+    fn n_above_one_is_refused_and_malformed_tools_name_the_field() {
         let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#).err().unwrap();
         assert_eq!(e.code.as_deref(), Some("unsupported_parameter"));
         let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#).err().unwrap();
-        assert_eq!(e.param.as_deref(), Some("tools"));
+        assert!(e.param.as_deref().is_some_and(|p| p.starts_with("tools")), "{e:?}");
+    }
+
+    const WEATHER: &str =
+        r#"{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}"#;
+
+    #[test]
+    fn tools_are_checked_and_none_drops_them() {
+        let with = |rest: &str| chat(&format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{WEATHER}]{rest}}}"#));
+        let ok = with("").ok().unwrap();
+        assert_eq!(ok.tools.as_ref().map(|t| t.choice.clone()), Some(Choice::Auto));
+        assert!(ok.params.constraint.is_some() && ok.messages[0].role == "system", "the tool prompt and grammar are in");
+        let none = with(r#","tool_choice":"none""#).ok().unwrap();
+        assert!(none.tools.is_none() && none.params.constraint.is_none() && none.messages.len() == 1);
+        let e = with(r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("tool_choice.function.name"));
+        let e = with(r#","response_format":{"type":"json_object"}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("response_format"));
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"tool_choice":"required"}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn earlier_calls_and_their_results_become_turns_the_template_knows() {
+        let body = r#"{"messages":[{"role":"user","content":"Weather in Paris?"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"18 C"},{"role":"tool","tool_call_id":"call_2","content":"sunny"}]}"#;
+        let ok = chat(body).ok().unwrap();
+        let roles: Vec<&str> = ok.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "user"]);
+        let call: serde_json::Value = serde_json::from_str(&ok.messages[1].content).unwrap();
+        assert_eq!(call, serde_json::json!({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}));
+        assert!(ok.messages[2].content.contains("call_1:\n18 C") && ok.messages[2].content.contains("call_2:\nsunny"));
+        let e = chat(r#"{"messages":[{"role":"tool","content":"x"}]}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_call_id"));
     }
 
     #[test]

@@ -333,15 +333,17 @@ fn the_official_python_sdk_works_unchanged() {
     run_sdk(python.to_str().unwrap(), &["host/tests/sdk/openai_sdk.py"]);
 }
 
-/// `response_format` through the Python SDK (json_object, json_schema, the pydantic parse
-/// helper) on the base Gemma and the instruct SmolLM2: every reply validates.
+/// `response_format` (json_object, json_schema, the pydantic parse helper) and tools (each
+/// `tool_choice`, streamed calls, a result in the next turn) through the Python SDK on the
+/// base Gemma and the instruct SmolLM2: every reply validates.
 #[test]
-fn structured_output_validates_on_both_models_through_the_python_sdk() {
+fn structured_output_and_tools_validate_on_both_models_through_the_python_sdk() {
     let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(instruct.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", instruct.display());
     let server = Server::start(&format!("[[models]]\nid = \"smollm2-135m-instruct\"\npath = \"{}\"\npreload = true\n", instruct.display()));
     let python = workspace_root().join(".venv/bin/python");
     run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/structured_output.py"]);
+    run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/tools.py"]);
 }
 
 #[test]

@@ -336,8 +336,8 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
 
 /// Sends the generation as SSE or as one JSON response.
 async fn respond(res: &mut Response, state: &AppState, endpoint: Endpoint, generation: Generation) -> Result<(), ApiError> {
-    let Generation { model, mut output, stream, include_usage, logprobs, echo, session } = generation;
-    let meta = ResponseMeta::new(endpoint, &model, include_usage, logprobs);
+    let Generation { model, mut output, stream, include_usage, logprobs, tools, echo, session } = generation;
+    let meta = ResponseMeta::new(endpoint, &model, include_usage, logprobs, tools);
     if !stream {
         let mut collector = Collector::new(meta, echo.as_deref());
         while let Some((events, done)) = output.next_before(&state.shutdown).await? {

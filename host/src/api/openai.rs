@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::engine::{FinishReason, StreamEvent, TokenLogprob};
 use crate::error::ApiError;
+use crate::pipeline::tools::{self, Reply};
 
 /// Which API shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +30,15 @@ pub struct ResponseMeta {
     pub include_usage: bool,
     /// Chat: `logprobs: true`. Completion: `logprobs: N` given.
     pub logprobs: bool,
+    /// Chat with tools: the reply is the tool grammar's JSON, read back into `tool_calls`
+    /// (streamed at the end, when it is complete).
+    pub tools: bool,
 }
 
 pub const SYSTEM_FINGERPRINT: &str = concat!("wisp-", env!("CARGO_PKG_VERSION"));
 
 impl ResponseMeta {
-    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool) -> ResponseMeta {
+    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool, tools: bool) -> ResponseMeta {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
@@ -46,6 +50,7 @@ impl ResponseMeta {
             endpoint,
             include_usage,
             logprobs,
+            tools,
         }
     }
 
@@ -106,17 +111,35 @@ fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
     })
 }
 
+/// The chat message and finish reason of a reply with tools: calls become `tool_calls`
+/// (finish `tool_calls`), an answer its text; a reply cut short stays as it came.
+fn tool_message(text: &str, reason: FinishReason) -> (Value, &'static str) {
+    match (reason, tools::read_reply(text)) {
+        (FinishReason::Stop, Some(Reply::Calls(calls))) => {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+            (json!({"role": "assistant", "content": null, "tool_calls": calls, "refusal": null}), "tool_calls")
+        }
+        (FinishReason::Stop, Some(Reply::Text(answer))) => (json!({"role": "assistant", "content": answer, "refusal": null}), "stop"),
+        _ => (json!({"role": "assistant", "content": text, "refusal": null}), reason.as_str()),
+    }
+}
+
 /// Streaming: turns events into SSE `data:` payloads.
 pub struct StreamFramer {
     meta: ResponseMeta,
     /// Characters emitted so far (completion `text_offset`).
     offset: usize,
+    /// With tools: the reply so far, framed once complete.
+    held: String,
     done: bool,
 }
 
 impl StreamFramer {
     pub fn new(meta: ResponseMeta) -> StreamFramer {
-        StreamFramer { meta, offset: 0, done: false }
+        StreamFramer { meta, offset: 0, held: String::new(), done: false }
     }
 
     pub fn is_done(&self) -> bool {
@@ -141,6 +164,31 @@ impl StreamFramer {
             return Vec::new();
         }
         match event {
+            StreamEvent::Token { text, .. } if self.meta.tools => {
+                self.held.push_str(&text);
+                Vec::new()
+            }
+            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } if self.meta.tools => {
+                self.held.push_str(&text);
+                let (message, finish) = tool_message(&self.held, reason);
+                let mut out = Vec::new();
+                match message.get("tool_calls").and_then(Value::as_array) {
+                    // As OpenAI streams them: each call's id and name, then its arguments.
+                    Some(calls) => {
+                        for (index, call) in calls.iter().enumerate() {
+                            let mut head = call.clone();
+                            head["function"]["arguments"] = json!("");
+                            head["index"] = json!(index);
+                            out.push(self.choice(json!({"tool_calls": [head]}), None, None));
+                            let arguments = json!({"index": index, "function": {"arguments": call["function"]["arguments"]}});
+                            out.push(self.choice(json!({"tool_calls": [arguments]}), None, None));
+                        }
+                    }
+                    None => out.push(self.choice(json!({"content": message["content"]}), None, None)),
+                }
+                out.extend(self.end(finish, prompt_tokens, completion_tokens));
+                out
+            }
             StreamEvent::Token { text, logprob, .. } => {
                 let logprob = logprob.filter(|_| self.meta.logprobs);
                 if text.is_empty() && logprob.is_none() {
@@ -157,17 +205,7 @@ impl StreamFramer {
                     let content = self.content(&text);
                     out.push(self.delta(content, None, None));
                 }
-                let empty = match self.meta.endpoint {
-                    Endpoint::Chat => json!({}),
-                    Endpoint::Completion => json!(""),
-                };
-                out.push(self.delta(empty, None, Some(reason)));
-                if self.meta.include_usage {
-                    let usage = usage_json(prompt_tokens, completion_tokens);
-                    out.push(self.meta.chunk(json!([]), Some(usage)).to_string());
-                }
-                out.push("[DONE]".to_string());
-                self.done = true;
+                out.extend(self.end(reason.as_str(), prompt_tokens, completion_tokens));
                 out
             }
             StreamEvent::Error(message) => self.error(&ApiError::engine_failure(message)),
@@ -194,8 +232,27 @@ impl StreamFramer {
         }
     }
 
+    /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
+    fn end(&mut self, reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Vec<String> {
+        let empty = match self.meta.endpoint {
+            Endpoint::Chat => json!({}),
+            Endpoint::Completion => json!(""),
+        };
+        let mut out = vec![self.choice(empty, None, Some(reason))];
+        if self.meta.include_usage {
+            let usage = usage_json(prompt_tokens, completion_tokens);
+            out.push(self.meta.chunk(json!([]), Some(usage)).to_string());
+        }
+        out.push("[DONE]".to_string());
+        self.done = true;
+        out
+    }
+
     fn delta(&self, content: Value, logprobs: Option<Value>, finish: Option<FinishReason>) -> String {
-        let finish_reason = finish.map(FinishReason::as_str);
+        self.choice(content, logprobs, finish.map(FinishReason::as_str))
+    }
+
+    fn choice(&self, content: Value, logprobs: Option<Value>, finish_reason: Option<&str>) -> String {
         let choice = match self.meta.endpoint {
             Endpoint::Chat => json!({"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}),
             Endpoint::Completion => json!({"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish_reason}),
@@ -248,6 +305,10 @@ impl Collector {
             (true, Endpoint::Completion) => completion_logprobs(&self.logprobs, self.echo_len),
         };
         let choice = match self.meta.endpoint {
+            Endpoint::Chat if self.meta.tools => {
+                let (message, finish) = tool_message(&self.text, reason);
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": self.text, "refusal": null},
@@ -288,7 +349,7 @@ mod tests {
 
     #[test]
     fn chat_stream_is_role_then_deltas_then_finish_then_done() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, false));
         let mut out = f.start(None);
         out.extend(f.push(token("Hel")));
         out.extend(f.push(token("")));
@@ -306,7 +367,7 @@ mod tests {
 
     #[test]
     fn include_usage_adds_a_final_usage_chunk_and_nulls_before() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", true, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", true, false, false));
         let mut out = f.start(None);
         out.extend(f.push(token("a")));
         out.extend(f.push(finished("")));
@@ -319,7 +380,7 @@ mod tests {
 
     #[test]
     fn an_engine_error_mid_stream_is_an_error_event_then_done() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Completion, "m", false, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Completion, "m", false, false, false));
         let out = f.push(StreamEvent::Error("boom".into()));
         assert_eq!(out[1], "[DONE]");
         let e: Value = serde_json::from_str(&out[0]).unwrap();
@@ -329,7 +390,7 @@ mod tests {
 
     #[test]
     fn collector_builds_a_chat_completion_with_exact_usage() {
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false), None);
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, false), None);
         c.push(token("Hi")).unwrap();
         c.push(finished(" there")).unwrap();
         let r = c.finish().unwrap();
@@ -341,7 +402,7 @@ mod tests {
     #[test]
     fn completion_logprobs_have_offsets_after_the_echo() {
         let lp = |t: &str| TokenLogprob { token: t.into(), logprob: -0.5, top: vec![(t.into(), -0.5)] };
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Completion, "m", false, true), Some("ab"));
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Completion, "m", false, true, false), Some("ab"));
         c.push(StreamEvent::Token { id: 1, text: "x".into(), logprob: Some(lp("x")) }).unwrap();
         c.push(StreamEvent::Token { id: 2, text: "yz".into(), logprob: Some(lp("yz")) }).unwrap();
         c.push(finished("")).unwrap();
@@ -349,5 +410,55 @@ mod tests {
         assert_eq!(r["choices"][0]["text"], "abxyz");
         assert_eq!(r["choices"][0]["logprobs"]["text_offset"], json!([2, 3]));
         assert_eq!(r["choices"][0]["logprobs"]["top_logprobs"][1], json!({"yz": -0.5}));
+    }
+
+    #[test]
+    fn a_tool_reply_streams_as_tool_call_deltas_and_collects_as_tool_calls() {
+        let reply = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}"#;
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true));
+        f.start(None);
+        assert!(f.push(StreamEvent::Token { id: 1, text: reply[..10].into(), logprob: None }).is_empty(), "held until complete");
+        let end = StreamEvent::Finished { text: reply[10..].into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 };
+        let chunks: Vec<Value> = f.push(end).iter().filter(|p| *p != "[DONE]").map(|p| serde_json::from_str(p).unwrap()).collect();
+        let head = &chunks[0]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(
+            (head["index"].clone(), head["type"].clone(), head["function"]["name"].clone()),
+            (json!(0), json!("function"), json!("get_weather"))
+        );
+        assert!(head["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"], r#"{"city":"Paris"}"#);
+        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        c.push(StreamEvent::Finished { text: reply.into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 }).unwrap();
+        let r = c.finish().unwrap();
+        assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(r["choices"][0]["message"]["content"], Value::Null);
+        assert_eq!(r["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+    }
+
+    #[test]
+    fn a_tool_grammar_answer_is_plain_content_and_a_cut_reply_stays_as_it_came() {
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        c.push(StreamEvent::Finished {
+            text: r#"{"response": "Hi."}"#.into(),
+            reason: FinishReason::Stop,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        })
+        .unwrap();
+        let r = c.finish().unwrap();
+        assert_eq!(
+            (r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()),
+            (json!("Hi."), json!("stop"))
+        );
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        c.push(StreamEvent::Finished { text: r#"{"tool_ca"#.into(), reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 1 })
+            .unwrap();
+        let r = c.finish().unwrap();
+        assert_eq!(
+            (r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()),
+            (json!(r#"{"tool_ca"#), json!("length"))
+        );
     }
 }

@@ -218,6 +218,10 @@ async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<
     fields.remove("stream_options");
     let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
     let (request, sampling) = parse_request::<ChatCompletionRequest>(&body)?;
+    // The socket streams text deltas; tool calls are framed by the HTTP routes only.
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::unsupported("request.tools", "tools are supported on POST /v1/chat/completions, not on the WebSocket"));
+    }
     start_chat(state, caller, request, sampling).instrument(span).await
 }
 

@@ -102,6 +102,10 @@ pub async fn start_chat(
     let model_id = request.model.clone().or_else(|| session.as_ref().map(|s| s.model.clone()));
     let model = state.backend(model_id.as_deref()).await?;
     let mut valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let tools = valid.tools.take();
+    if tools.is_some() && session.is_some() {
+        return Err(ApiError::unsupported("tools", "tools in a session turn are not supported yet; send the conversation whole"));
+    }
     let new_messages = valid.messages.clone();
     let conversation = match &session {
         Some(session) => {
@@ -161,6 +165,7 @@ pub async fn start_chat(
         stream: valid.params.stream,
         include_usage: valid.params.include_usage,
         logprobs: valid.logprobs,
+        tools: tools.is_some(),
         echo: None,
         session: session.map(|s| SessionTurnInfo { id: s.id, pruned_messages: conversation.pruned }),
     })

@@ -11,6 +11,7 @@
 pub mod chat;
 pub mod completion;
 pub mod output;
+pub mod tools;
 pub mod turn;
 
 use std::time::Instant;
@@ -32,6 +33,8 @@ pub struct Generation {
     /// The client asked for usage on the stream (`stream_options.include_usage`).
     pub include_usage: bool,
     pub logprobs: bool,
+    /// The reply is the tool grammar's JSON, to be read back into `tool_calls`.
+    pub tools: bool,
     /// The prompt text to echo before the completion (legacy completions' `echo`).
     pub echo: Option<String>,
     /// Set for a session turn.
