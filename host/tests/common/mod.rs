@@ -234,7 +234,9 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, born: u64, e
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
+                // Bytes that arrive after the cut are dropped, not forwarded: a request sent
+                // right after `set_down(true)` must not slip through within the read timeout.
+                if epoch.load(Ordering::SeqCst) != born || to.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }
