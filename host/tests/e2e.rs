@@ -163,13 +163,19 @@ fn bad_inputs_get_clean_4xx_in_the_openai_shape() {
         ("bad tool name", chat_body("hi", json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]})), 400, None),
         (
             "tool_choice naming no tool",
-            chat_body("hi", json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}})),
+            chat_body(
+                "hi",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
             400,
             None,
         ),
         (
             "unenforceable tool schema",
-            chat_body("hi", json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "http://example.com/s.json"}}}]})),
+            chat_body(
+                "hi",
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "http://example.com/s.json"}}}]}),
+            ),
             400,
             Some("unsupported_schema"),
         ),
