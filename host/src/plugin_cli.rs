@@ -10,10 +10,15 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::pipeline::shape::Shape;
 use crate::policy::checks::RequestRules;
 use crate::policy::kv::MemoryKv;
 use crate::policy::limits::PluginLimits;
-use crate::policy::{Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, Request, Sampling, Usage};
+use crate::policy::{
+    Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, Request, ResponseFormat, Sampling, ToolChoice,
+    Usage,
+};
+use crate::request;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, clap::Subcommand)]
@@ -172,6 +177,14 @@ struct TestRequest {
     principal: Option<String>,
     #[serde(default)]
     output: Vec<String>,
+    #[serde(default)]
+    tools: Option<Vec<request::Tool>>,
+    #[serde(default)]
+    tool_choice: Option<request::ToolChoice>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    response_format: Option<request::ResponseFormat>,
 }
 
 #[derive(Deserialize)]
@@ -194,7 +207,8 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
     let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()), RequestRules::default())?;
     let chain = Arc::new(PolicyChain::load(engine, &[plugin]).await?);
     let prompt_chars: usize = t.messages.iter().map(|m| m.content.len()).sum();
-    let request = Request {
+    let shape = Shape::new(request::tools(t.tools, t.tool_choice, t.parallel_tool_calls)?, request::format(t.response_format)?)?;
+    let mut request = Request {
         route: "chat".into(),
         model: t.model,
         messages: t.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
@@ -203,7 +217,12 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
         headers: t.headers.into_iter().map(|(name, value)| Header { name: name.to_lowercase(), value }).collect(),
         client_addr: "127.0.0.1".into(),
         prompt_tokens: (prompt_chars / 4).max(1) as u32,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
+        parallel_tool_calls: true,
+        response_format: ResponseFormat::Text,
     };
+    shape.to_policy(&mut request);
     let mut session = chain.start().await?;
     match session.on_request(request).await? {
         Decision::Deny(d) => {
@@ -213,6 +232,13 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
         Decision::Allow(r) => {
             let principal = r.principal.as_deref().unwrap_or("anonymous");
             println!("verdict: allow (principal: {principal}, {} messages)", r.messages.len());
+            if !r.tools.is_empty() || r.tool_choice != ToolChoice::None {
+                let names: Vec<&str> = r.tools.iter().map(|t| t.name.as_str()).collect();
+                println!("tools: {names:?}, tool_choice: {:?}", r.tool_choice);
+            }
+            if r.response_format != ResponseFormat::Text {
+                println!("response_format: {:?}", r.response_format);
+            }
         }
     }
     let mut generated = 0u32;
@@ -249,6 +275,10 @@ async fn bench(config: &Path, requests: usize, decode_ms: f64) -> anyhow::Result
         headers: vec![Header { name: "authorization".into(), value: "Bearer sk-demo".into() }],
         client_addr: "127.0.0.1".into(),
         prompt_tokens: 12,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
+        parallel_tool_calls: true,
+        response_format: ResponseFormat::Text,
     };
     let chunk = " the sea".to_string();
     let (mut start_us, mut request_us, mut chunk_us) = (Vec::new(), Vec::new(), Vec::new());

@@ -13,9 +13,10 @@ use serde::de::DeserializeOwned;
 use crate::config::Limits;
 use crate::engine::grammar::Constraint;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::template::TemplateMessage;
 use crate::error::ApiError;
-use crate::pipeline::tools::{self, Choice, Function, Tools};
+use crate::pipeline::shape::{Format, Shape};
+use crate::pipeline::tools::{Choice, Function, ToolCall, Tools};
+use crate::store::TurnMessage;
 
 /// Parses a request body into the endpoint's fields and the shared sampling fields.
 /// The sampling keys are split off first so each part is parsed with exact field paths:
@@ -175,8 +176,8 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// The tools a request offers and what the model must do with them, checked; `None` when
-/// there are none or `tool_choice` is `none`.
-fn tools(list: Option<Vec<Tool>>, choice: Option<ToolChoice>, parallel: Option<bool>) -> Result<Option<Tools>, ApiError> {
+/// there are none.
+pub(crate) fn tools(list: Option<Vec<Tool>>, choice: Option<ToolChoice>, parallel: Option<bool>) -> Result<Option<Tools>, ApiError> {
     let list = list.unwrap_or_default();
     if list.len() > MAX_TOOLS {
         return Err(ApiError::invalid("tools", format!("at most {MAX_TOOLS} tools are allowed, got {}", list.len())));
@@ -205,7 +206,7 @@ fn tools(list: Option<Vec<Tool>>, choice: Option<ToolChoice>, parallel: Option<b
     let choice = match choice {
         None => Choice::Auto,
         Some(ToolChoice::Mode(mode)) => match mode.as_str() {
-            "none" => return Ok(None),
+            "none" => Choice::None,
             "auto" => Choice::Auto,
             "required" => Choice::Required,
             other => {
@@ -227,31 +228,31 @@ fn tools(list: Option<Vec<Tool>>, choice: Option<ToolChoice>, parallel: Option<b
     };
     if functions.is_empty() {
         return match choice {
-            Choice::Auto => Ok(None),
+            Choice::Auto | Choice::None => Ok(None),
             _ => Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`")),
         };
     }
     Ok(Some(Tools { functions, choice, parallel: parallel.unwrap_or(true) }))
 }
 
-/// The constraint a `response_format` asks for, checked.
-fn constraint(format: Option<ResponseFormat>) -> Result<Option<Constraint>, ApiError> {
+/// The JSON a `response_format` asks for, checked; `None` for free text.
+pub(crate) fn format(format: Option<ResponseFormat>) -> Result<Option<Format>, ApiError> {
     Ok(match format {
         None | Some(ResponseFormat::Text) => None,
-        Some(ResponseFormat::JsonObject) => Some(Constraint::JsonObject),
+        Some(ResponseFormat::JsonObject) => Some(Format::JsonObject),
         Some(ResponseFormat::JsonSchema { json_schema }) => {
-            let name = &json_schema.name;
-            if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            if !valid_name(&json_schema.name) {
                 return Err(ApiError::invalid(
                     "response_format.json_schema.name",
                     "`name` must be 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`",
                 ));
             }
-            match json_schema.schema {
-                None => Some(Constraint::JsonSchema(serde_json::json!({}))),
-                Some(schema @ serde_json::Value::Object(_)) => Some(Constraint::JsonSchema(schema)),
+            let schema = match json_schema.schema {
+                None => serde_json::json!({}),
+                Some(schema @ serde_json::Value::Object(_)) => schema,
                 Some(_) => return Err(ApiError::invalid("response_format.json_schema.schema", "`schema` must be a JSON schema object")),
-            }
+            };
+            Some(Format::JsonSchema { name: json_schema.name, schema })
         }
     })
 }
@@ -431,12 +432,14 @@ pub struct ValidParams {
 }
 
 pub struct ValidChat {
+    /// `constraint` is left to the pipeline: it follows the shape plugins leave.
     pub params: ValidParams,
-    /// With the tool prompt, when there are tools.
-    pub messages: Vec<TemplateMessage>,
+    /// The conversation as the client sent it, in OpenAI's roles (rendered for the
+    /// template by [`tools::template_messages`]; the tool prompt is added from `shape`).
+    pub messages: Vec<TurnMessage>,
     pub logprobs: bool,
-    /// The tools the reply may call (not `tool_choice: none`).
-    pub tools: Option<Tools>,
+    /// The tools and response format.
+    pub shape: Shape,
 }
 
 pub enum ValidPrompt {
@@ -584,7 +587,7 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
             format!("at most {} messages are allowed, got {}", limits.max_messages, r.messages.len()),
         ));
     }
-    let mut messages: Vec<TemplateMessage> = Vec::with_capacity(r.messages.len());
+    let mut messages: Vec<TurnMessage> = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
@@ -604,29 +607,15 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         if m.tool_calls.is_some() && role != "assistant" {
             return Err(ApiError::invalid(format!("messages[{i}].tool_calls"), "only assistant messages carry `tool_calls`"));
         }
-        let text = message_text(i, m.content)?;
-        // Templates know user and assistant turns: earlier calls become the JSON the model
-        // replies with, results a user turn (consecutive results one turn).
-        let (role, content) = match (role, m.tool_calls) {
-            ("tool", _) => {
-                let Some(id) = m.tool_call_id else {
-                    return Err(ApiError::invalid(format!("messages[{i}].tool_call_id"), "a tool message needs `tool_call_id`"));
-                };
-                let result = tools::result_as_text(&id, &text);
-                if let Some(last) = messages.last_mut().filter(|l| l.role == "user" && l.content.starts_with(tools::RESULT_PREFIX)) {
-                    last.content.push_str("\n\n");
-                    last.content.push_str(&result);
-                    continue;
-                }
-                ("user", result)
-            }
-            ("assistant", Some(calls)) if !calls.is_empty() => {
-                let calls: Vec<(String, String)> = calls.into_iter().map(|c| (c.function.name, c.function.arguments)).collect();
-                ("assistant", tools::calls_as_text(&calls))
-            }
-            (role, _) => (role, text),
-        };
-        messages.push(TemplateMessage { role: role.to_string(), content });
+        if role == "tool" && m.tool_call_id.is_none() {
+            return Err(ApiError::invalid(format!("messages[{i}].tool_call_id"), "a tool message needs `tool_call_id`"));
+        }
+        let tool_calls = m.tool_calls.filter(|calls| !calls.is_empty()).map(|calls| {
+            calls.into_iter().map(|c| ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments }.to_openai()).collect()
+        });
+        let content = message_text(i, m.content)?;
+        let tool_call_id = m.tool_call_id.filter(|_| role == "tool");
+        messages.push(TurnMessage { role: role.to_string(), content, tool_calls, tool_call_id });
     }
     let logprobs = r.logprobs.unwrap_or(false);
     let top = match (logprobs, r.top_logprobs) {
@@ -646,20 +635,12 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         (None, b) => b,
     };
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
-    let tools = tools(r.tools, r.tool_choice, r.parallel_tool_calls)?;
-    let mut constraint = constraint(r.response_format)?;
-    if let Some(tools) = &tools {
-        if constraint.is_some() {
-            return Err(ApiError::invalid("response_format", "`response_format` and `tools` cannot be used together"));
-        }
-        constraint = Some(tools.constraint());
-        messages = tools.with_prompt(messages);
-    }
+    let shape = Shape::new(tools(r.tools, r.tool_choice, r.parallel_tool_calls)?, format(r.response_format)?)?;
     Ok(ValidChat {
-        params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage, constraint },
+        params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage, constraint: None },
         messages,
         logprobs,
-        tools,
+        shape,
     })
 }
 
@@ -783,10 +764,10 @@ mod tests {
     fn tools_are_checked_and_none_drops_them() {
         let with = |rest: &str| chat(&format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{WEATHER}]{rest}}}"#));
         let ok = with("").ok().unwrap();
-        assert_eq!(ok.tools.as_ref().map(|t| t.choice.clone()), Some(Choice::Auto));
-        assert!(ok.params.constraint.is_some() && ok.messages[0].role == "system", "the tool prompt and grammar are in");
+        assert_eq!(ok.shape.tools.as_ref().map(|t| t.choice.clone()), Some(Choice::Auto));
+        assert!(ok.shape.calls_tools() && ok.messages.len() == 1, "the tool prompt is the pipeline's to add");
         let none = with(r#","tool_choice":"none""#).ok().unwrap();
-        assert!(none.tools.is_none() && none.params.constraint.is_none() && none.messages.len() == 1);
+        assert!(!none.shape.calls_tools() && none.shape.tools.is_some() && none.messages.len() == 1);
         let e = with(r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("tool_choice.function.name"));
         let e = with(r#","response_format":{"type":"json_object"}"#).err().unwrap();
@@ -801,11 +782,14 @@ mod tests {
             {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
             {"role":"tool","tool_call_id":"call_1","content":"18 C"},{"role":"tool","tool_call_id":"call_2","content":"sunny"}]}"#;
         let ok = chat(body).ok().unwrap();
-        let roles: Vec<&str> = ok.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(ok.messages[1].tool_calls.as_ref().unwrap()[0]["id"], "call_1", "kept in OpenAI's shape, for a session");
+        assert_eq!(ok.messages[2].tool_call_id.as_deref(), Some("call_1"));
+        let rendered = crate::pipeline::tools::template_messages(&ok.messages);
+        let roles: Vec<&str> = rendered.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["user", "assistant", "user"]);
-        let call: serde_json::Value = serde_json::from_str(&ok.messages[1].content).unwrap();
+        let call: serde_json::Value = serde_json::from_str(&rendered[1].content).unwrap();
         assert_eq!(call, serde_json::json!({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}));
-        assert!(ok.messages[2].content.contains("call_1:\n18 C") && ok.messages[2].content.contains("call_2:\nsunny"));
+        assert!(rendered[2].content.contains("call_1:\n18 C") && rendered[2].content.contains("call_2:\nsunny"));
         let e = chat(r#"{"messages":[{"role":"tool","content":"x"}]}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("messages[0].tool_call_id"));
     }

@@ -349,3 +349,66 @@ fn redis_down_under_a_plugin_is_decided_by_its_fail_mode() {
     assert_eq!(chat(&open, None, "hi", json!({})).status().as_u16(), 200, "an open plugin is skipped when Redis is down");
     proxy.set_down(false);
 }
+
+/// Tools governed per key on the instruct model, with the auth plugin a component built
+/// for `wisp:policy@0.1.0` (tests/fixtures) in front of the 0.2.0 tool-allowlist: alice may
+/// call `get_*` tools, bob any. What the allowlist removes the grammar cannot call.
+#[test]
+fn tool_allowlist_governs_tools_per_key_behind_a_policy_0_1_0_auth_plugin() {
+    let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let auth = workspace_root().join("host/tests/fixtures/api_key_auth-policy-0.1.0.wasm");
+    let sha = |key: &str| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let config = format!(
+        "[[models]]\nid = \"smollm2-135m-instruct\"\npath = \"{}\"\npreload = true\n[admin]\nkey = \"{ADMIN_KEY}\"\n\
+         [[plugins]]\nname = \"auth\"\nwasm = \"{}\"\nconfig = {{ keys = [{{ name = \"alice\", sha256 = \"{}\" }}, {{ name = \"bob\", sha256 = \"{}\" }}] }}\n\
+         [[plugins]]\nname = \"tools\"\nwasm = \"{}\"\nconfig = {{ principals = {{ alice = [\"get_*\"], bob = [\"*\"] }} }}\n",
+        instruct.display(),
+        auth.display(),
+        sha("sk-alice"),
+        sha("sk-bob"),
+        workspace_root().join("plugins/dist/tool_allowlist.wasm").display(),
+    );
+    let server = Server::start_with_config(&config);
+    let contracts: Vec<Value> = plugins_listing(&server)["plugins"].as_array().unwrap().iter().map(|p| p["contract"].clone()).collect();
+    assert_eq!(contracts, [json!("0.1.0"), json!("0.2.0")]);
+
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}}, "required": ["name"], "additionalProperties": false}}});
+    let ask = |key: &str, tools: &[&str], choice: Value| {
+        let body = json!({
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Delete the repository named wisp."}],
+            "tools": tools.iter().map(|t| tool(t)).collect::<Vec<_>>(),
+            "tool_choice": choice,
+            "parallel_tool_calls": false,
+            "max_tokens": 64,
+            "temperature": 0,
+        });
+        client().post(server.url("/v1/chat/completions")).bearer_auth(key).json(&body).send().unwrap()
+    };
+    let called = |r: reqwest::blocking::Response| -> Vec<String> {
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().unwrap();
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{body}");
+        body["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["function"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let both = ["get_weather", "delete_repo"];
+    // bob may delete; alice, asked the same, can only call what is left to her.
+    assert_eq!(called(ask("sk-bob", &both, json!({"type": "function", "function": {"name": "delete_repo"}}))), ["delete_repo"]);
+    assert_eq!(called(ask("sk-alice", &both, json!("required"))), ["get_weather"]);
+    let r = ask("sk-alice", &both, json!({"type": "function", "function": {"name": "delete_repo"}}));
+    assert_eq!(error_code(r), (403, "tool_not_allowed".into()));
+    // With nothing left to call, alice's `auto` request is answered in text.
+    let r = ask("sk-alice", &["delete_repo"], json!("auto"));
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().unwrap();
+    assert!(body["choices"][0]["message"]["tool_calls"].is_null() && body["choices"][0]["finish_reason"] != "tool_calls", "{body}");
+    assert_eq!(error_code(ask("sk-eve", &both, json!("auto"))), (401, "invalid_api_key".into()));
+}

@@ -11,7 +11,8 @@ use wisp::policy::checks::RequestRules;
 use wisp::policy::kv::{KvBackend, MemoryKv};
 use wisp::policy::limits::PluginLimits;
 use wisp::policy::{
-    Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, PolicyError, Request, Sampling, Usage,
+    Decision, FailMode, Finish, Header, Message, PluginConfig, PolicyChain, PolicyEngine, PolicyError, Request, ResponseFormat, Sampling,
+    Tool, ToolChoice, Usage,
 };
 use wisp::telemetry::Metrics;
 
@@ -57,6 +58,10 @@ fn request(content: &str, headers: &[(&str, &str)]) -> Request {
         headers: headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect(),
         client_addr: "10.0.0.7".into(),
         prompt_tokens: 20,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
+        parallel_tool_calls: true,
+        response_format: ResponseFormat::Text,
     }
 }
 
@@ -118,6 +123,98 @@ fn api_key_auth_checks_keys_and_models_and_names_the_principal() {
             Decision::Allow(r) => assert_eq!(r.principal.as_deref(), Some("alice")),
             Decision::Deny(d) => panic!("{d:?}"),
         }
+    });
+}
+
+/// A request offering `tools`, with this choice, from the caller with `key`.
+fn tool_request(key: &str, tools: &[&str], choice: ToolChoice) -> Request {
+    let mut r = request("Delete the repo wisp.", &[("authorization", &format!("Bearer {key}"))]);
+    r.tools = tools.iter().map(|name| Tool { name: name.to_string(), description: String::new(), parameters: "{}".into() }).collect();
+    r.tool_choice = choice;
+    r
+}
+
+fn allowed(decision: Decision) -> Request {
+    match decision {
+        Decision::Allow(r) => r,
+        Decision::Deny(d) => panic!("{d:?}"),
+    }
+}
+
+fn tool_names(r: &Request) -> Vec<&str> {
+    r.tools.iter().map(|t| t.name.as_str()).collect()
+}
+
+/// api-key-auth naming alice and bob, then tool-allowlist: alice may use `get_*`, bob any.
+fn auth_then_tools(auth_wasm: std::path::PathBuf) -> Vec<PluginConfig> {
+    let keys = table(&format!(
+        "keys = [{{ name = \"alice\", sha256 = \"{}\" }}, {{ name = \"bob\", sha256 = \"{}\" }}]",
+        sha256_hex("sk-alice"),
+        sha256_hex("sk-bob")
+    ));
+    let auth = PluginConfig { name: "auth".into(), wasm: auth_wasm, config: keys, fail: FailMode::Closed, limits: PluginLimits::default() };
+    vec![auth, plugin("tool_allowlist", table("principals = { alice = [\"get_*\"], bob = [\"*\"] }"))]
+}
+
+#[test]
+fn tool_allowlist_removes_a_tool_for_one_key_and_not_another() {
+    runtime().block_on(async {
+        let engine = engine();
+        let chain = chain(&engine, auth_then_tools(wasm("api_key_auth"))).await;
+        let both = ["get_weather", "delete_repo"];
+        let alice = allowed(decide(&chain, tool_request("sk-alice", &both, ToolChoice::Auto)).await.unwrap());
+        assert_eq!((tool_names(&alice), &alice.tool_choice), (vec!["get_weather"], &ToolChoice::Auto));
+        let bob = allowed(decide(&chain, tool_request("sk-bob", &both, ToolChoice::Auto)).await.unwrap());
+        assert_eq!(tool_names(&bob), both);
+        // Naming a removed tool, or requiring a call when none is left, is refused.
+        let named = ToolChoice::Function("delete_repo".into());
+        let (status, code, message) = denial(decide(&chain, tool_request("sk-alice", &both, named.clone())).await.unwrap());
+        assert_eq!((status, code.as_str()), (403, "tool_not_allowed"), "{message}");
+        assert!(message.contains("delete_repo"), "{message}");
+        assert_eq!(allowed(decide(&chain, tool_request("sk-bob", &both, named)).await.unwrap()).tools.len(), 2);
+        let (status, ..) = denial(decide(&chain, tool_request("sk-alice", &["delete_repo"], ToolChoice::Required)).await.unwrap());
+        assert_eq!(status, 403);
+        // With nothing left to call, `auto` becomes a plain answer.
+        let plain = allowed(decide(&chain, tool_request("sk-alice", &["delete_repo"], ToolChoice::Auto)).await.unwrap());
+        assert_eq!((plain.tools.len(), &plain.tool_choice), (0, &ToolChoice::None));
+        // A request without tools passes as it came.
+        assert_eq!(
+            allowed(decide(&chain, tool_request("sk-alice", &[], ToolChoice::None)).await.unwrap()).principal.as_deref(),
+            Some("alice")
+        );
+    });
+}
+
+/// Components built for `wisp:policy@0.1.0` (committed in tests/fixtures, built from this
+/// tree before 0.2.0) load unchanged next to current ones: the old auth plugin's rewrite
+/// names the principal and leaves the tools it cannot see; the old stop-sequences plugin
+/// still holds back and cuts the stream.
+#[test]
+fn plugins_built_for_policy_0_1_0_keep_working() {
+    let fixture = |name: &str| common::workspace_root().join(format!("host/tests/fixtures/{name}-policy-0.1.0.wasm"));
+    runtime().block_on(async {
+        let engine = engine();
+        let tools = chain(&engine, auth_then_tools(fixture("api_key_auth"))).await;
+        let contracts: Vec<&str> = tools.info().iter().map(|p| p.contract).collect();
+        assert_eq!(contracts, ["0.1.0", "0.2.0"]);
+        let both = ["get_weather", "delete_repo"];
+        let alice = allowed(decide(&tools, tool_request("sk-alice", &both, ToolChoice::Required)).await.unwrap());
+        assert_eq!((alice.principal.as_deref(), tool_names(&alice)), (Some("alice"), vec!["get_weather"]));
+        let bob = allowed(decide(&tools, tool_request("sk-bob", &both, ToolChoice::Required)).await.unwrap());
+        assert_eq!((tool_names(&bob), &bob.tool_choice), (both.to_vec(), &ToolChoice::Required));
+        let (status, code, _) = denial(decide(&tools, tool_request("sk-eve", &both, ToolChoice::Auto)).await.unwrap());
+        assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
+
+        let stops = PluginConfig {
+            name: "stops".into(),
+            wasm: fixture("stop_sequences"),
+            config: table("stop = [\"END\"]"),
+            fail: FailMode::Closed,
+            limits: PluginLimits::default(),
+        };
+        let stops = chain(&engine, vec![stops]).await;
+        assert_eq!(stream(&stops, &["alpha E", "N", "D beta"]).await, ("alpha ".into(), true));
+        assert_eq!(stream(&stops, &["no E", "nd here"]).await, ("no End here".into(), false));
     });
 }
 

@@ -453,6 +453,22 @@ fn websocket_protocol() {
     send(&mut ws, json!({"type": "cancel"}));
     assert_eq!(recv(&mut ws)["error"]["code"], "nothing_to_cancel");
 
+    // Tools: a named call comes as one `tool_calls` frame (OpenAI's shape), then `done`.
+    let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"], "additionalProperties": false}}});
+    let ask = json!({"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": false, "max_tokens": 48, "temperature": 0});
+    send(&mut ws, json!({"type": "chat", "id": "tool", "api_key": "sk-alice", "request": ask}));
+    assert_eq!(recv(&mut ws)["type"], "start");
+    let calls = recv(&mut ws);
+    assert_eq!((calls["type"].as_str(), calls["id"].as_str()), (Some("tool_calls"), Some("tool")), "{calls}");
+    let call = &calls["tool_calls"][0];
+    assert_eq!((call["type"].as_str(), call["function"]["name"].as_str()), (Some("function"), Some("get_weather")), "{calls}");
+    let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(["Paris", "Oslo"].contains(&arguments["city"].as_str().unwrap()), "{arguments}");
+    let done = recv(&mut ws);
+    assert_eq!((done["type"].as_str(), done["finish_reason"].as_str()), (Some("done"), Some("tool_calls")), "{done}");
+
     // The socket still serves after all of that.
     send(&mut ws, json!({"type": "chat", "id": "e", "api_key": "sk-alice", "request": hello}));
     let (_, done) = ws_reply(&mut ws);

@@ -9,6 +9,12 @@
 //! then `on_finish`. Fields of your policy therefore live for exactly one request; state
 //! that must last longer belongs in [`kv`].
 //!
+//! A request carries what its reply must be: the [`Tool`]s offered, the [`ToolChoice`] and
+//! the [`ResponseFormat`]. A policy may rewrite them (remove tools a caller may not use,
+//! force a schema); the host holds a rewrite to the rules a client's request keeps and
+//! enforces the result by grammar. This SDK builds `wisp:policy@0.2.0` components; the host
+//! still loads components built for 0.1.0, which do not see these fields.
+//!
 //! ```no_run
 //! use wisp_sdk::{ChunkResult, Denial, Policy, Request, Verdict};
 //!
@@ -49,10 +55,13 @@ pub mod bindings {
         world: "policy",
         pub_export_macro: true,
         default_bindings_module: "wisp_sdk::bindings",
+        additional_derives: [PartialEq],
     });
 }
 
-pub use bindings::wisp::policy::types::{ChunkResult, Denial, Finish, Header, Message, Request, Sampling, Usage, Verdict};
+pub use bindings::wisp::policy::types::{
+    ChunkResult, Denial, Finish, Header, JsonSchema, Message, Request, ResponseFormat, Sampling, Tool, ToolChoice, Usage, Verdict,
+};
 pub use wisp_holdback::{StopMatcher, held_suffix_len};
 
 /// The host's key-value space, private to this plugin (shared by all requests and replicas).

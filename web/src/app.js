@@ -221,8 +221,11 @@ function renderMessages() {
       bubble.textContent = m.content;
       const edit = button("Edit", "edit", () => startEdit(el, m, i));
       meta.append(edit);
+    } else if (m.role === "tool") {
+      bubble.append(collapsible("tool-result", `Result of ${m.tool_call_id}`, m.content));
     } else {
       renderMarkdown(bubble, m.content);
+      for (const call of m.tool_calls || []) bubble.append(toolCall(call));
       if (m.finish_reason === "cancelled") meta.append(text("stopped"));
       if (m.finish_reason === "length") meta.append(text("cut at max tokens"));
       if (i === lastAssistant && i === messages.length - 1) meta.append(button("Regenerate", "regenerate", regenerate));
@@ -230,6 +233,31 @@ function renderMessages() {
     box.append(el);
   });
   box.scrollTop = box.scrollHeight;
+}
+
+/** A collapsed block: a one-line summary, and the full text when opened. */
+function collapsible(cls, summary, body) {
+  const details = document.createElement("details");
+  details.className = cls;
+  const head = document.createElement("summary");
+  head.textContent = summary;
+  const pre = document.createElement("pre");
+  pre.textContent = body;
+  details.append(head, pre);
+  return details;
+}
+
+/** An assistant's tool call: its name, and its arguments (pretty JSON) when opened. */
+function toolCall(call) {
+  let args = call.function?.arguments ?? "";
+  try {
+    args = JSON.stringify(JSON.parse(args), null, 2);
+  } catch {
+    // Shown as it came.
+  }
+  const details = collapsible("tool-call", `Called ${call.function?.name}`, args);
+  details.dataset.callId = call.id;
+  return details;
 }
 
 function button(label, cls, onClick, tooltip) {

@@ -138,6 +138,44 @@ describe("without auth", () => {
     await context.close();
   });
 
+  test("shows a session's tool calls and results, collapsed until opened", async () => {
+    // An API client chats in a session with a tool; the model (bound by grammar) calls it.
+    const post = (path, body) =>
+      fetch(`${server.url}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }).then(async (r) => {
+        assert.equal(r.status, 200, await r.clone().text());
+        return r.json();
+      });
+    const session = await post("/v1/sessions", { title: "Weather with a tool" });
+    const weather = { type: "function", function: { name: "get_weather", parameters: { type: "object", properties: { city: { enum: ["Paris", "Oslo"] } }, required: ["city"], additionalProperties: false } } };
+    const asked = await post("/v1/chat/completions", {
+      session_id: session.id,
+      messages: [{ role: "user", content: "What is the weather in Paris?" }],
+      tools: [weather],
+      tool_choice: { type: "function", function: { name: "get_weather" } },
+      parallel_tool_calls: false,
+      max_tokens: 48,
+      temperature: 0,
+    });
+    const call = asked.choices[0].message.tool_calls[0];
+    await post("/v1/chat/completions", { session_id: session.id, messages: [{ role: "tool", tool_call_id: call.id, content: "18 C and sunny" }], max_tokens: 4 });
+
+    const { page, context, problems } = await openChat(browser, server.url);
+    await page.locator("#sessions .title", { hasText: "Weather with a tool" }).click();
+    const tool = page.locator(".message.assistant details.tool-call").first();
+    await tool.waitFor();
+    assert.equal(await tool.locator("summary").textContent(), "Called get_weather");
+    assert.equal(await tool.getAttribute("data-call-id"), call.id);
+    assert.equal(await tool.locator("pre").isVisible(), false, "collapsed at first");
+    await tool.locator("summary").click();
+    assert.deepEqual(JSON.parse(await tool.locator("pre").textContent()), JSON.parse(call.function.arguments));
+    const result = page.locator(".message.tool details.tool-result");
+    assert.equal(await result.locator("summary").textContent(), `Result of ${call.id}`);
+    await result.locator("summary").click();
+    assert.equal(await result.locator("pre").textContent(), "18 C and sunny");
+    assert.deepEqual(problems, []);
+    await context.close();
+  });
+
   test("works on a phone-sized screen", async () => {
     const { page } = await openChat(browser, server.url, { viewport: { width: 390, height: 800 } });
     assert.equal(await page.isVisible("#toggle-sidebar"), true);

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::engine::{FinishReason, StreamEvent, TokenLogprob};
 use crate::error::ApiError;
-use crate::pipeline::tools::{self, Reply};
+use crate::pipeline::tools::{self, CallIds, CallStream, Piece, ToolCall};
 
 /// Which API shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +31,14 @@ pub struct ResponseMeta {
     /// Chat: `logprobs: true`. Completion: `logprobs: N` given.
     pub logprobs: bool,
     /// Chat with tools: the reply is the tool grammar's JSON, read back into `tool_calls`
-    /// (streamed at the end, when it is complete).
-    pub tools: bool,
+    /// with these ids (streamed at the end, when it is complete).
+    pub tools: Option<CallIds>,
 }
 
 pub const SYSTEM_FINGERPRINT: &str = concat!("wisp-", env!("CARGO_PKG_VERSION"));
 
 impl ResponseMeta {
-    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool, tools: bool) -> ResponseMeta {
+    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool, tools: Option<CallIds>) -> ResponseMeta {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
@@ -111,20 +111,14 @@ fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
     })
 }
 
-/// The chat message and finish reason of a reply with tools: calls become `tool_calls`
-/// (finish `tool_calls`), an answer its text; a reply cut short stays as it came.
-fn tool_message(text: &str, reason: FinishReason) -> (Value, &'static str) {
-    match (reason, tools::read_reply(text)) {
-        (FinishReason::Stop, Some(Reply::Calls(calls))) => {
-            let calls: Vec<Value> = calls
-                .into_iter()
-                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                .collect();
-            (json!({"role": "assistant", "content": null, "tool_calls": calls, "refusal": null}), "tool_calls")
-        }
-        (FinishReason::Stop, Some(Reply::Text(answer))) => (json!({"role": "assistant", "content": answer, "refusal": null}), "stop"),
-        _ => (json!({"role": "assistant", "content": text, "refusal": null}), reason.as_str()),
+/// The chat message and finish reason of a reply with tools (see [`tools::answer`]).
+fn tool_message(text: &str, reason: FinishReason, ids: &CallIds) -> (Value, &'static str) {
+    let answer = tools::answer(text, reason == FinishReason::Stop, ids);
+    let mut message = json!({"role": "assistant", "content": answer.content, "refusal": null});
+    if !answer.calls.is_empty() {
+        message["tool_calls"] = answer.calls.iter().map(ToolCall::to_openai).collect();
     }
+    (message, answer.finish_reason(reason.as_str()))
 }
 
 /// Streaming: turns events into SSE `data:` payloads.
@@ -132,14 +126,35 @@ pub struct StreamFramer {
     meta: ResponseMeta,
     /// Characters emitted so far (completion `text_offset`).
     offset: usize,
-    /// With tools: the reply so far, framed once complete.
+    /// With tools: the reply so far (framed as calls while it grows, or whole at the end)
+    /// and the calls read from it.
     held: String,
+    calls: Option<CallStream>,
     done: bool,
 }
 
 impl StreamFramer {
     pub fn new(meta: ResponseMeta) -> StreamFramer {
-        StreamFramer { meta, offset: 0, held: String::new(), done: false }
+        let calls = meta.tools.clone().map(CallStream::new);
+        StreamFramer { meta, offset: 0, held: String::new(), calls, done: false }
+    }
+
+    /// OpenAI's `tool_calls` deltas for the pieces a reply's new text completed.
+    fn call_deltas(&mut self, text: &str) -> Vec<String> {
+        let Some(calls) = &mut self.calls else { return Vec::new() };
+        let pieces = calls.push(text);
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let delta = match piece {
+                    Piece::Head { index, id, name } => {
+                        json!({"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}})
+                    }
+                    Piece::Arguments { index, text } => json!({"index": index, "function": {"arguments": text}}),
+                };
+                self.choice(json!({"tool_calls": [delta]}), None, None)
+            })
+            .collect()
     }
 
     pub fn is_done(&self) -> bool {
@@ -164,27 +179,20 @@ impl StreamFramer {
             return Vec::new();
         }
         match event {
-            StreamEvent::Token { text, .. } if self.meta.tools => {
+            // As OpenAI streams calls: each call's id and name, then its arguments in pieces.
+            StreamEvent::Token { text, .. } if self.meta.tools.is_some() => {
                 self.held.push_str(&text);
-                Vec::new()
+                self.call_deltas(&text)
             }
-            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } if self.meta.tools => {
+            StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } if let Some(ids) = self.meta.tools.clone() => {
                 self.held.push_str(&text);
-                let (message, finish) = tool_message(&self.held, reason);
-                let mut out = Vec::new();
-                match message.get("tool_calls").and_then(Value::as_array) {
-                    // As OpenAI streams them: each call's id and name, then its arguments.
-                    Some(calls) => {
-                        for (index, call) in calls.iter().enumerate() {
-                            let mut head = call.clone();
-                            head["function"]["arguments"] = json!("");
-                            head["index"] = json!(index);
-                            out.push(self.choice(json!({"tool_calls": [head]}), None, None));
-                            let arguments = json!({"index": index, "function": {"arguments": call["function"]["arguments"]}});
-                            out.push(self.choice(json!({"tool_calls": [arguments]}), None, None));
-                        }
-                    }
-                    None => out.push(self.choice(json!({"content": message["content"]}), None, None)),
+                let mut out = self.call_deltas(&text);
+                let streamed = self.calls.as_ref().map_or(0, CallStream::heads);
+                let (message, finish) = tool_message(&self.held, reason, &ids);
+                // Calls went out as they grew; an answer, or a reply cut short before any
+                // call began, goes out whole.
+                if streamed == 0 && message["content"].is_string() {
+                    out.push(self.choice(json!({"content": message["content"]}), None, None));
                 }
                 out.extend(self.end(finish, prompt_tokens, completion_tokens));
                 out
@@ -305,8 +313,8 @@ impl Collector {
             (true, Endpoint::Completion) => completion_logprobs(&self.logprobs, self.echo_len),
         };
         let choice = match self.meta.endpoint {
-            Endpoint::Chat if self.meta.tools => {
-                let (message, finish) = tool_message(&self.text, reason);
+            Endpoint::Chat if let Some(ids) = &self.meta.tools => {
+                let (message, finish) = tool_message(&self.text, reason, ids);
                 json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Chat => json!({
@@ -349,7 +357,7 @@ mod tests {
 
     #[test]
     fn chat_stream_is_role_then_deltas_then_finish_then_done() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, None));
         let mut out = f.start(None);
         out.extend(f.push(token("Hel")));
         out.extend(f.push(token("")));
@@ -367,7 +375,7 @@ mod tests {
 
     #[test]
     fn include_usage_adds_a_final_usage_chunk_and_nulls_before() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", true, false, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", true, false, None));
         let mut out = f.start(None);
         out.extend(f.push(token("a")));
         out.extend(f.push(finished("")));
@@ -380,7 +388,7 @@ mod tests {
 
     #[test]
     fn an_engine_error_mid_stream_is_an_error_event_then_done() {
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Completion, "m", false, false, false));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Completion, "m", false, false, None));
         let out = f.push(StreamEvent::Error("boom".into()));
         assert_eq!(out[1], "[DONE]");
         let e: Value = serde_json::from_str(&out[0]).unwrap();
@@ -390,7 +398,7 @@ mod tests {
 
     #[test]
     fn collector_builds_a_chat_completion_with_exact_usage() {
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, false), None);
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, None), None);
         c.push(token("Hi")).unwrap();
         c.push(finished(" there")).unwrap();
         let r = c.finish().unwrap();
@@ -402,7 +410,7 @@ mod tests {
     #[test]
     fn completion_logprobs_have_offsets_after_the_echo() {
         let lp = |t: &str| TokenLogprob { token: t.into(), logprob: -0.5, top: vec![(t.into(), -0.5)] };
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Completion, "m", false, true, false), Some("ab"));
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Completion, "m", false, true, None), Some("ab"));
         c.push(StreamEvent::Token { id: 1, text: "x".into(), logprob: Some(lp("x")) }).unwrap();
         c.push(StreamEvent::Token { id: 2, text: "yz".into(), logprob: Some(lp("yz")) }).unwrap();
         c.push(finished("")).unwrap();
@@ -415,21 +423,32 @@ mod tests {
     #[test]
     fn a_tool_reply_streams_as_tool_call_deltas_and_collects_as_tool_calls() {
         let reply = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}"#;
-        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true));
+        let mut f = StreamFramer::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())));
         f.start(None);
-        assert!(f.push(StreamEvent::Token { id: 1, text: reply[..10].into(), logprob: None }).is_empty(), "held until complete");
-        let end = StreamEvent::Finished { text: reply[10..].into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 };
-        let chunks: Vec<Value> = f.push(end).iter().filter(|p| *p != "[DONE]").map(|p| serde_json::from_str(p).unwrap()).collect();
+        let parse = |payloads: Vec<String>| -> Vec<Value> {
+            payloads.iter().filter(|p| *p != "[DONE]").map(|p| serde_json::from_str(p).unwrap()).collect()
+        };
+        assert!(f.push(StreamEvent::Token { id: 1, text: reply[..20].into(), logprob: None }).is_empty(), "no call known yet");
+        // The head goes out once the name is known, the arguments as they grow.
+        let mut chunks = parse(f.push(StreamEvent::Token { id: 2, text: reply[20..62].into(), logprob: None }));
+        chunks.extend(parse(f.push(StreamEvent::Token { id: 3, text: reply[62..70].into(), logprob: None })));
+        let end = StreamEvent::Finished { text: reply[70..].into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 };
+        chunks.extend(parse(f.push(end)));
         let head = &chunks[0]["choices"][0]["delta"]["tool_calls"][0];
         assert_eq!(
-            (head["index"].clone(), head["type"].clone(), head["function"]["name"].clone()),
-            (json!(0), json!("function"), json!("get_weather"))
+            (head["index"].clone(), head["type"].clone(), head["function"]["name"].clone(), head["function"]["arguments"].clone()),
+            (json!(0), json!("function"), json!("get_weather"), json!(""))
         );
         assert!(head["id"].as_str().unwrap().starts_with("call_"));
-        assert_eq!(chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"], r#"{"city":"Paris"}"#);
-        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+        let arguments: Vec<&str> = chunks[1..chunks.len() - 1]
+            .iter()
+            .map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert!(arguments.len() >= 2, "{arguments:?}");
+        assert_eq!(arguments.concat(), r#"{"city": "Paris"}"#);
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
 
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
         c.push(StreamEvent::Finished { text: reply.into(), reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 2 }).unwrap();
         let r = c.finish().unwrap();
         assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
@@ -439,7 +458,7 @@ mod tests {
 
     #[test]
     fn a_tool_grammar_answer_is_plain_content_and_a_cut_reply_stays_as_it_came() {
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
         c.push(StreamEvent::Finished {
             text: r#"{"response": "Hi."}"#.into(),
             reason: FinishReason::Stop,
@@ -452,7 +471,7 @@ mod tests {
             (r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()),
             (json!("Hi."), json!("stop"))
         );
-        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, true), None);
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
         c.push(StreamEvent::Finished { text: r#"{"tool_ca"#.into(), reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 1 })
             .unwrap();
         let r = c.finish().unwrap();

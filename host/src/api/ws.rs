@@ -13,6 +13,9 @@
 //! Server to client:
 //! - `{"type":"start","id","model","session_id","pruned_messages"}` when generation begins,
 //! - `{"type":"delta","id","content"}` for each piece of text,
+//! - `{"type":"tool_calls","id","tool_calls":[…]}` once, before `done`, when a request with
+//!   `tools` is answered with calls (OpenAI's `tool_calls` shape; `finish_reason` is then
+//!   `tool_calls`; with tools the reply is framed when complete, as calls or one delta),
 //! - `{"type":"done","id","finish_reason","usage":{prompt_tokens,completion_tokens,total_tokens}}`
 //!   at the end (`finish_reason` is `cancelled` after a cancel frame),
 //! - `{"type":"error","id","error":{message,type,param,code}}` (the OpenAI error shape) for
@@ -29,8 +32,9 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::{caller, state};
-use crate::engine::StreamEvent;
+use crate::engine::{FinishReason, StreamEvent};
 use crate::error::ApiError;
+use crate::pipeline::tools::{self, CallIds, ToolCall};
 use crate::pipeline::{Caller, Generation, Output, start_chat};
 use crate::request::{ChatCompletionRequest, parse_request};
 use crate::shutdown::Shutdown;
@@ -77,6 +81,9 @@ enum Frame {
 struct Running {
     id: Value,
     output: Output,
+    /// With tools: the reply is held and framed once complete (as calls or text).
+    tools: Option<CallIds>,
+    held: String,
 }
 
 struct Socket {
@@ -129,16 +136,31 @@ impl Socket {
                 let mut over = false;
                 for event in events {
                     match event {
+                        StreamEvent::Token { text, .. } if run.tools.is_some() => run.held.push_str(&text),
                         StreamEvent::Token { text, .. } => {
                             if !text.is_empty() {
                                 frames.push(json!({"type": "delta", "id": id, "content": text}));
                             }
                         }
                         StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                            let mut finish_reason = reason.as_str();
+                            let text = match &run.tools {
+                                Some(ids) => {
+                                    run.held.push_str(&text);
+                                    let answer = tools::answer(&run.held, reason == FinishReason::Stop, ids);
+                                    finish_reason = answer.finish_reason(finish_reason);
+                                    if !answer.calls.is_empty() {
+                                        let calls: Vec<Value> = answer.calls.iter().map(ToolCall::to_openai).collect();
+                                        frames.push(json!({"type": "tool_calls", "id": id, "tool_calls": calls}));
+                                    }
+                                    answer.content.unwrap_or_default()
+                                }
+                                None => text,
+                            };
                             if !text.is_empty() {
                                 frames.push(json!({"type": "delta", "id": id, "content": text}));
                             }
-                            frames.push(json!({"type": "done", "id": id, "finish_reason": reason.as_str(), "usage": usage(prompt_tokens, completion_tokens)}));
+                            frames.push(json!({"type": "done", "id": id, "finish_reason": finish_reason, "usage": usage(prompt_tokens, completion_tokens)}));
                             over = true;
                         }
                         StreamEvent::Error(message) => {
@@ -196,7 +218,7 @@ impl Socket {
                             "session_id": generation.session.as_ref().map(|s| s.id.clone()),
                             "pruned_messages": generation.session.as_ref().map(|s| s.pruned_messages).unwrap_or(0),
                         });
-                        self.running = Some(Running { id, output: generation.output });
+                        self.running = Some(Running { id, output: generation.output, tools: generation.tools, held: String::new() });
                         vec![start]
                     }
                     Err(e) => vec![error_frame(&id, &e)],
@@ -218,10 +240,6 @@ async fn start(state: &AppState, caller: &Caller, mut request: Value) -> Result<
     fields.remove("stream_options");
     let body = serde_json::to_vec(&request).map_err(|e| ApiError::engine_failure(e.to_string()))?;
     let (request, sampling) = parse_request::<ChatCompletionRequest>(&body)?;
-    // The socket streams text deltas; tool calls are framed by the HTTP routes only.
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("request.tools", "tools are supported on POST /v1/chat/completions, not on the WebSocket"));
-    }
     start_chat(state, caller, request, sampling).instrument(span).await
 }
 
@@ -230,9 +248,10 @@ impl Socket {
         let Some(running) = self.running.take() else {
             return vec![error_frame(&id, &ApiError::invalid_code(None, "nothing_to_cancel", "No request is running"))];
         };
-        let Running { id, output } = running;
+        let Running { id, output, held, .. } = running;
         match output.cancel().await {
             Ok((tail, prompt_tokens, completion_tokens)) => {
+                let tail = held + &tail;
                 let mut frames = Vec::new();
                 if !tail.is_empty() {
                     frames.push(json!({"type": "delta", "id": id, "content": tail}));

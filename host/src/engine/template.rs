@@ -57,7 +57,7 @@ pub fn builtin_template(family: Family) -> &'static str {
 }
 
 /// One message as templates see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: String,

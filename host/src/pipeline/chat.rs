@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use super::output::{Governed, Output};
+use super::shape::Shape;
+use super::tools::{self, CallIds};
 use super::turn::TurnRecord;
 use super::{Generation, SessionTurnInfo, apply_sampling, blocking, decide, generate_request};
 use crate::engine::Backend;
@@ -14,7 +16,7 @@ use crate::error::ApiError;
 use crate::policy;
 use crate::request::{self, ChatCompletionRequest, SamplingFields, ValidParams};
 use crate::state::AppState;
-use crate::store::{ANONYMOUS, Session, SessionStore};
+use crate::store::{ANONYMOUS, Session, SessionStore, TurnMessage};
 
 /// Who is calling, as the transport knows it: what plugins may see of the request (the
 /// api fills it from the request's headers and peer address).
@@ -60,6 +62,10 @@ impl Caller {
             headers: self.headers.clone(),
             client_addr: self.client_addr.clone(),
             prompt_tokens: prompt_tokens.min(u32::MAX as usize) as u32,
+            tools: Vec::new(),
+            tool_choice: policy::ToolChoice::None,
+            parallel_tool_calls: true,
+            response_format: policy::ResponseFormat::Text,
         }
     }
 
@@ -102,39 +108,46 @@ pub async fn start_chat(
     let model_id = request.model.clone().or_else(|| session.as_ref().map(|s| s.model.clone()));
     let model = state.backend(model_id.as_deref()).await?;
     let mut valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
-    let tools = valid.tools.take();
-    if tools.is_some() && session.is_some() {
-        return Err(ApiError::unsupported("tools", "tools in a session turn are not supported yet; send the conversation whole"));
-    }
-    let new_messages = valid.messages.clone();
+    let mut shape = std::mem::take(&mut valid.shape);
+    let new_messages = std::mem::take(&mut valid.messages);
     let conversation = match &session {
         Some(session) => {
             for (i, m) in new_messages.iter().enumerate() {
+                let calls = m.tool_calls.as_ref().map(|c| c.to_string()).unwrap_or_default();
                 state
                     .store
                     .check_message(&m.content, "messages")
-                    .map_err(|e| ApiError::from(e).with_param(format!("messages[{i}].content")))?;
+                    .and_then(|()| state.store.check_message(&calls, "messages"))
+                    .map_err(|e| ApiError::from(e).with_param(format!("messages[{i}]")))?;
             }
             let reserve = valid.params.max_tokens.unwrap_or(state.config.limits.default_max_tokens);
-            session_conversation(&state.store, &model, session, new_messages.clone(), reserve).await?
+            session_conversation(&state.store, &model, session, tools::template_messages(&new_messages), &shape, reserve).await?
         }
         None => {
-            let prompt = encode_chat(&model, valid.messages.clone()).await?;
-            Conversation { messages: valid.messages.clone(), prompt, pruned: 0 }
+            let messages = tools::template_messages(&new_messages);
+            let prompt = encode_chat(&model, &shape, messages.clone()).await?;
+            Conversation { messages, prompt, pruned: 0 }
         }
     };
-    valid.messages = conversation.messages;
+    let mut messages = conversation.messages;
     let mut prompt = conversation.prompt;
     let mut principal = ANONYMOUS.to_string();
     let governed = match state.policies.current().start().await? {
         s if s.is_empty() => None,
         mut policies => {
-            let request = caller.policy_request("chat", model.id(), &valid.messages, Some(&valid.params), prompt.len());
+            let mut request = caller.policy_request("chat", model.id(), &messages, Some(&valid.params), prompt.len());
+            shape.to_policy(&mut request);
             let allowed = decide(&mut policies, request).await?;
             principal = principal_of(&allowed);
-            if allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(valid.messages.iter().map(|m| (&m.role, &m.content))) {
-                valid.messages = allowed.messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
-                prompt = encode_chat(&model, valid.messages.clone()).await?;
+            // The chain has checked a rewrite by the rules a client's request keeps.
+            let before = shape.clone();
+            shape = shape.after_policy(&allowed).map_err(ApiError::engine_failure)?;
+            let rewrote = allowed.messages.iter().map(|m| (&m.role, &m.content)).ne(messages.iter().map(|m| (&m.role, &m.content)));
+            if rewrote {
+                messages = allowed.messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
+            }
+            if rewrote || shape != before {
+                prompt = encode_chat(&model, &shape, messages.clone()).await?;
             }
             apply_sampling(&mut valid.params, allowed.sampling);
             Some(policies)
@@ -147,13 +160,12 @@ pub async fn start_chat(
     {
         return Err(crate::store::StoreError::NotFound(session.id.clone()).into());
     }
+    valid.params.constraint = shape.constraint();
     let job = generate_request(model.as_ref(), prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
     let prompt_tokens = job.prompt.len();
     let governed = governed.map(|session| Governed::new(session, prompt_tokens));
-    let turn = session.as_ref().map(|s| {
-        let new_messages = new_messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-        TurnRecord::new(state.store.clone(), s.id.clone(), new_messages)
-    });
+    let call_ids = shape.calls_tools().then(CallIds::new);
+    let turn = session.as_ref().map(|s| TurnRecord::new(state.store.clone(), s.id.clone(), new_messages, call_ids.clone()));
     // Compiling a response format (and, the first time, the vocabulary's trie) is CPU work.
     let stream = {
         let model = model.clone();
@@ -165,16 +177,21 @@ pub async fn start_chat(
         stream: valid.params.stream,
         include_usage: valid.params.include_usage,
         logprobs: valid.logprobs,
-        tools: tools.is_some(),
+        tools: call_ids,
         echo: None,
         session: session.map(|s| SessionTurnInfo { id: s.id, pruned_messages: conversation.pruned }),
     })
 }
 
-/// Renders and tokenizes a conversation off the async executor.
-pub async fn encode_chat(model: &Arc<dyn Backend>, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
-    let model = model.clone();
-    blocking(move || -> Result<Vec<u32>, ApiError> { Ok(model.encode(&model.render_chat(&messages)?, false)) }).await?
+/// Renders (with the tool prompt the shape adds) and tokenizes a conversation off the
+/// async executor.
+pub async fn encode_chat(model: &Arc<dyn Backend>, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+    let (model, shape) = (model.clone(), shape.clone());
+    blocking(move || render(model.as_ref(), &shape, messages)).await?
+}
+
+fn render(model: &dyn Backend, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+    Ok(model.encode(&model.render_chat(&shape.prompt_messages(messages))?, false))
 }
 
 /// The session's system prompt, its history and the new messages, leaving out the oldest
@@ -185,6 +202,7 @@ async fn session_conversation(
     model: &Arc<dyn Backend>,
     session: &Session,
     new_messages: Vec<TemplateMessage>,
+    shape: &Shape,
     reserve: usize,
 ) -> Result<Conversation, ApiError> {
     if let Some(i) = new_messages.iter().position(|m| m.role == "system") {
@@ -193,8 +211,8 @@ async fn session_conversation(
             "a session keeps its system prompt on the session; set it with PATCH /v1/sessions/{id}",
         ));
     }
-    let history: Vec<TemplateMessage> =
-        store.messages(session).await?.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content }).collect();
+    let history: Vec<TurnMessage> = store.messages(session).await?.into_iter().map(TurnMessage::from).collect();
+    let history = tools::template_messages(&history);
     if new_messages.is_empty() && history.last().is_none_or(|m| m.role != "user") {
         return Err(ApiError::invalid(
             "messages",
@@ -205,14 +223,14 @@ async fn session_conversation(
         session.system_prompt.iter().map(|p| TemplateMessage { role: "system".into(), content: p.clone() }).collect();
     let context = model.context_length();
     let budget = context.saturating_sub(reserve.min(context / 2));
-    let model = model.clone();
+    let (model, shape) = (model.clone(), shape.clone());
     blocking(move || -> Result<Conversation, ApiError> {
         // Cut points: drop everything before a user message (Gemma-style templates need the
         // roles to alternate from a user turn), or all of the history.
         let cuts: Vec<usize> = (0..history.len()).filter(|&i| history[i].role == "user").chain(std::iter::once(history.len())).collect();
         let build = |cut: usize| -> Result<(Vec<TemplateMessage>, Vec<u32>), ApiError> {
             let messages: Vec<TemplateMessage> = system.iter().chain(&history[cut..]).chain(&new_messages).cloned().collect();
-            let prompt = model.encode(&model.render_chat(&messages)?, false);
+            let prompt = render(model.as_ref(), &shape, messages.clone())?;
             Ok((messages, prompt))
         };
         // Fewer messages never make more tokens: binary search for the first cut that fits.

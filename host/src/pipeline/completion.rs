@@ -53,7 +53,7 @@ pub async fn start_completion(
         stream: valid.params.stream,
         include_usage: valid.params.include_usage,
         logprobs: valid.logprobs.is_some(),
-        tools: false,
+        tools: None,
         echo: valid.echo.then_some(prompt_text),
         session: None,
     })

@@ -11,6 +11,7 @@
 pub mod chat;
 pub mod completion;
 pub mod output;
+pub mod shape;
 pub mod tools;
 pub mod turn;
 
@@ -33,8 +34,9 @@ pub struct Generation {
     /// The client asked for usage on the stream (`stream_options.include_usage`).
     pub include_usage: bool,
     pub logprobs: bool,
-    /// The reply is the tool grammar's JSON, to be read back into `tool_calls`.
-    pub tools: bool,
+    /// The reply is the tool grammar's JSON, to be read back into `tool_calls` with these
+    /// ids.
+    pub tools: Option<tools::CallIds>,
     /// The prompt text to echo before the completion (legacy completions' `echo`).
     pub echo: Option<String>,
     /// Set for a session turn.

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use super::tools::{self, CallIds, ToolCall};
 use crate::error::ApiError;
-use crate::store::{SessionStore, Turn, TurnUsage};
+use crate::store::{SessionStore, Turn, TurnMessage, TurnUsage};
 
 /// How long a turn's write keeps retrying while the store is unreachable (a Postgres
 /// restart, a locked SQLite file) before the client is told it failed.
@@ -15,7 +16,9 @@ const TURN_WRITE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs
 pub struct TurnRecord {
     store: Arc<SessionStore>,
     session_id: String,
-    new_messages: Vec<(String, String)>,
+    new_messages: Vec<TurnMessage>,
+    /// A reply with tools: read back into calls with these ids (the ones the client got).
+    tools: Option<CallIds>,
     reply: String,
     /// The reply outgrew the cap and was cut.
     cut: bool,
@@ -23,8 +26,8 @@ pub struct TurnRecord {
 }
 
 impl TurnRecord {
-    pub fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<(String, String)>) -> TurnRecord {
-        TurnRecord { store, session_id, new_messages, reply: String::new(), cut: false, written: false }
+    pub fn new(store: Arc<SessionStore>, session_id: String, new_messages: Vec<TurnMessage>, tools: Option<CallIds>) -> TurnRecord {
+        TurnRecord { store, session_id, new_messages, tools, reply: String::new(), cut: false, written: false }
     }
 
     pub fn push(&mut self, text: &str) {
@@ -44,9 +47,21 @@ impl TurnRecord {
         if std::mem::replace(&mut self.written, true) {
             return Ok(());
         }
+        let reply = std::mem::take(&mut self.reply);
+        let (reply, reply_tool_calls, finish_reason) = match &self.tools {
+            // Stored as the client got it: calls as `tool_calls`, an answer as its text.
+            Some(ids) if !self.cut => {
+                let answer = tools::answer(&reply, finish_reason == "stop", ids);
+                let calls = (!answer.calls.is_empty()).then(|| answer.calls.iter().map(ToolCall::to_openai).collect());
+                let finish_reason = answer.finish_reason(finish_reason);
+                (answer.content.unwrap_or_default(), calls, finish_reason)
+            }
+            _ => (reply, None, finish_reason),
+        };
         let turn = Turn {
             new_messages: std::mem::take(&mut self.new_messages),
-            reply: std::mem::take(&mut self.reply),
+            reply,
+            reply_tool_calls,
             finish_reason: finish_reason.to_string(),
             usage: TurnUsage { prompt_tokens: prompt_tokens as i64, completion_tokens: completion_tokens as i64 },
         };

@@ -1,10 +1,12 @@
 //! What a plugin returns is untrusted input. A rewritten request is held to the rules a
-//! client's request is held to (the same limits from the config), plus bounds on the
-//! fields only plugins set (the principal); a denial is made safe to send and to count.
+//! client's request is held to (the same limits from the config, the same checks of
+//! tools and response formats), plus bounds on the fields only plugins set (the
+//! principal); a denial is made safe to send and to count.
 
 use super::limits::{MAX_DENIAL_CODE_BYTES, MAX_DENIAL_MESSAGE_BYTES, MAX_OUTPUT_BYTES, MAX_PRINCIPAL_BYTES};
-use super::{Denial, Request};
+use super::{Denial, Request, ResponseFormat};
 use crate::config::Config;
+use crate::pipeline::shape::Shape;
 
 /// The limits a rewritten request must keep: those of `[limits]` and `[store]` that a
 /// client's request keeps.
@@ -73,6 +75,18 @@ pub fn rewrite(before: &Request, mut after: Request, rules: &RequestRules) -> Re
     if let Some(principal) = &after.principal {
         check_principal(principal)?;
     }
+    let tool_bytes: usize = after.tools.iter().map(|t| t.name.len() + t.description.len() + t.parameters.len()).sum();
+    let format_bytes = match &after.response_format {
+        ResponseFormat::JsonSchema(s) => s.name.len() + s.schema.len(),
+        _ => 0,
+    };
+    if tool_bytes + format_bytes > MAX_OUTPUT_BYTES {
+        return Err(format!(
+            "rewrote tools and response format of {} bytes, over the limit of {MAX_OUTPUT_BYTES}",
+            tool_bytes + format_bytes
+        ));
+    }
+    Shape::from_policy(&after)?;
     Ok(after)
 }
 
@@ -115,10 +129,14 @@ pub fn truncated(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Header, Message, Sampling};
+    use crate::policy::{Header, Message, Sampling, Tool, ToolChoice};
 
     fn request() -> Request {
         Request {
+            tools: vec![Tool { name: "get_time".into(), description: String::new(), parameters: "{}".into() }],
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: true,
+            response_format: ResponseFormat::Text,
             route: "chat".into(),
             model: "m".into(),
             messages: vec![Message { role: "user".into(), content: "hi".into() }],
@@ -151,6 +169,10 @@ mod tests {
         assert!(check(|r| r.principal = Some("alice@example.com".into())).is_ok());
         assert!(check(|r| r.messages[0].role = "tool\u{0}".into()).unwrap_err().contains("role"));
         assert!(check(|r| r.messages = vec![r.messages[0].clone(); 1025]).is_err());
+        assert!(check(|r| r.tools[0].name = "rm -rf".into()).unwrap_err().contains("tools[0].function.name"));
+        assert!(check(|r| r.tools[0].parameters = "x".repeat(MAX_OUTPUT_BYTES)).unwrap_err().contains("bytes"));
+        assert!(check(|r| r.tool_choice = ToolChoice::Function("nope".into())).is_err());
+        assert!(check(|r| r.tool_choice = ToolChoice::Required).is_ok());
     }
 
     #[test]

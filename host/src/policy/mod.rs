@@ -1,5 +1,6 @@
 //! The policy runtime: governance plugins (WebAssembly components of the `wisp:policy`
-//! world, wit/policy.wit) run in a wasmtime sandbox around every request.
+//! world, wit/policy.wit; components of older versions load through compat.rs) run in a
+//! wasmtime sandbox around every request.
 //!
 //! Phases, each with its own error context:
 //! 1. **load** — link the host imports and WASI (no preopens, no network), run `init` once
@@ -32,6 +33,7 @@
 //! requests in flight finish on the chain they started with.
 
 pub mod checks;
+mod compat;
 mod host;
 pub mod kv;
 pub mod limits;
@@ -49,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -62,17 +64,18 @@ use meter::{Meter, Metered};
 pub use manager::PolicyManager;
 
 pub mod bindings {
-    //! Host bindings generated from wit/policy.wit.
+    //! Host bindings generated from wit/policy.wit (the current version).
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "policy",
         imports: { default: async | trappable },
         exports: { default: async },
+        additional_derives: [PartialEq],
     });
 }
 
 use bindings::wisp::policy::types;
-pub use types::{Denial, Finish, Header, Message, Request, Sampling, Usage};
+pub use types::{Denial, Finish, Header, JsonSchema, Message, Request, ResponseFormat, Sampling, Tool, ToolChoice, Usage};
 
 /// What a plugin does when it fails.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -138,8 +141,9 @@ pub enum PolicyError {
     Failed { plugin: String, hook: &'static str, kind: FailureKind, message: String },
 }
 
-/// A request as the chain decided it.
+/// A request as the chain decided it (one per request: not worth a box).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Decision {
     /// Go on, with this (possibly rewritten) request.
     Allow(Request),
@@ -220,7 +224,7 @@ impl PolicyEngine {
         let engine = Engine::new(&config).map_err(|e| fail(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker).map_err(|e| fail(e.to_string()))?;
-        bindings::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| fail(e.to_string()))?;
+        compat::add_to_linker(&mut linker).map_err(|e| fail(e.to_string()))?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("wisp-epoch".into())
@@ -325,7 +329,7 @@ struct LoadedPlugin {
     name: Arc<str>,
     config: PluginConfig,
     config_json: String,
-    pre: bindings::PolicyPre<PluginState>,
+    pre: compat::PolicyPre,
     /// The component is a snapshot taken after `init`: requests skip it.
     preinitialized: bool,
     sha256: String,
@@ -366,6 +370,8 @@ pub struct PluginInfo {
     pub limits: PluginLimits,
     /// Whether requests start from a snapshot taken after `init`.
     pub preinitialized: bool,
+    /// The `wisp:policy` version the component implements.
+    pub contract: &'static str,
 }
 
 /// An ordered set of loaded plugins; immutable once built.
@@ -391,7 +397,7 @@ impl PolicyChain {
             let config_json = serde_json::to_string(&config.config).map_err(|e| fail("encode its config", e.to_string()))?;
             let (component, sha256, preinitialized) = engine.prepare(&name, &config.wasm, &config_json, &config.limits).await?;
             let instance_pre = engine.linker.instantiate_pre(&component).map_err(|e| fail("link", format!("{e:#}")))?;
-            let pre = bindings::PolicyPre::new(instance_pre).map_err(|e| fail("link", format!("{e:#}")))?;
+            let pre = compat::PolicyPre::new(instance_pre).map_err(|e| fail("link", e))?;
             let metrics = PluginMetrics::new(&engine.metrics, &name);
             let plugin = LoadedPlugin { name, config: config.clone(), config_json, pre, preinitialized, sha256, loaded_at: now, metrics };
             // A trial instance proves the plugin starts and accepts its config.
@@ -424,6 +430,7 @@ impl PolicyChain {
                 loaded_at: p.loaded_at,
                 limits: p.config.limits.clone(),
                 preinitialized: p.preinitialized,
+                contract: p.pre.version(),
             })
             .collect()
     }
@@ -517,7 +524,7 @@ async fn run_hook<T>(
 struct LivePlugin {
     idx: usize,
     store: Store<PluginState>,
-    instance: bindings::Policy,
+    instance: compat::Policy,
     meter: Arc<Meter>,
     wall: Duration,
     /// `on-request` reached this instance: it is owed exactly one `on-finish`.
@@ -550,7 +557,7 @@ impl LivePlugin {
     /// One hook call within the plugin's limits.
     async fn call<'a, T: 'a>(
         &'a mut self,
-        hook: impl FnOnce(&'a bindings::Policy, &'a mut Store<PluginState>) -> HookCall<'a, T>,
+        hook: impl FnOnce(&'a compat::Policy, &'a mut Store<PluginState>) -> HookCall<'a, T>,
     ) -> Result<T, HookFailure> {
         self.in_call = true;
         let result = run_hook(&self.meter, self.wall, hook(&self.instance, &mut self.store)).await;

@@ -15,7 +15,7 @@ use wasmtime_wizer::ComponentInstanceState;
 use wasmtime_wizer::Wizer;
 
 use super::limits::PluginLimits;
-use super::{PluginState, PolicyEngine, bindings, run_hook};
+use super::{PluginState, PolicyEngine, run_hook};
 
 /// Runs `init(config_json)` on an instrumented instance and returns the snapshot component.
 /// An `Err` is a message: the caller falls back to calling `init` per request, except when
@@ -38,10 +38,13 @@ pub async fn preinitialize(
     let instance = run_hook(&meter, wall, engine.linker.instantiate_async(&mut store, &component))
         .await
         .map_err(|e| Preinit::Unsupported(e.to_string()))?;
-    let policy = bindings::Policy::new(&mut store, &instance).map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
+    // `init` has one signature in every version of the contract.
+    let init = instance
+        .get_typed_func::<(&str,), (Result<(), String>,)>(&mut store, "init")
+        .map_err(|e| Preinit::Unsupported(format!("{e:#}")))?;
     // `init` runs within the same limits as every hook: one that loops or blocks cannot
     // hang start-up or wedge a reload.
-    match run_hook(&meter, wall, policy.call_init(&mut store, config_json)).await {
+    match run_hook(&meter, wall, async { Ok(init.call_async(&mut store, (config_json,)).await?.0) }).await {
         Ok(Ok(())) => {}
         Ok(Err(message)) => return Err(Preinit::Refused(message)),
         Err(failure) => return Err(Preinit::Refused(format!("init failed: {failure}"))),

@@ -78,6 +78,12 @@ pub struct StoredMessage {
     pub role: String,
     pub content: String,
     pub created_at: i64,
+    /// An assistant's calls, in OpenAI's `tool_calls` shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,12 +106,38 @@ pub struct SessionFields {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// A message as a client sends it (OpenAI's roles: `tool` results, assistant calls).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnMessage {
+    pub role: String,
+    pub content: String,
+    /// An assistant's calls: OpenAI's `tool_calls` array.
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl TurnMessage {
+    pub fn text(role: &str, content: &str) -> TurnMessage {
+        TurnMessage { role: role.into(), content: content.into(), ..Default::default() }
+    }
+}
+
+impl From<StoredMessage> for TurnMessage {
+    fn from(m: StoredMessage) -> TurnMessage {
+        TurnMessage { role: m.role, content: m.content, tool_calls: m.tool_calls, tool_call_id: m.tool_call_id }
+    }
+}
+
 /// One finished exchange, written whole.
 #[derive(Debug, Clone)]
 pub struct Turn {
     /// The messages the client sent with this turn (none when regenerating).
-    pub new_messages: Vec<(String, String)>,
+    pub new_messages: Vec<TurnMessage>,
+    /// The reply's text (empty for calls only).
     pub reply: String,
+    /// The reply's calls, in OpenAI's `tool_calls` shape.
+    pub reply_tool_calls: Option<serde_json::Value>,
     pub finish_reason: String,
     pub usage: TurnUsage,
 }
@@ -310,7 +342,7 @@ impl SessionStore {
     /// A session's messages in order.
     pub async fn messages(&self, session: &Session) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, role, content, created_at, finish_reason, prompt_tokens, completion_tokens \
+            "SELECT seq, role, content, created_at, finish_reason, prompt_tokens, completion_tokens, tool_calls, tool_call_id \
              FROM messages WHERE session_id = $1 ORDER BY seq",
         )
         .bind(&session.id)
@@ -327,6 +359,10 @@ impl SessionStore {
                     role: r.try_get(1)?,
                     content: r.try_get(2)?,
                     created_at: r.try_get::<i64, _>(3)? / 1000,
+                    // Written by append_turn from a Value: it parses (a hand-edited row
+                    // that does not reads as no calls).
+                    tool_calls: r.try_get::<Option<String>, _>(7)?.and_then(|t| serde_json::from_str(&t).ok()),
+                    tool_call_id: r.try_get(8)?,
                     finish_reason: r.try_get(4)?,
                     usage,
                 })
@@ -421,20 +457,23 @@ impl SessionStore {
             .bind(session_id)
             .fetch_one(&mut *tx)
             .await?;
-        let insert = "INSERT INTO messages (session_id, seq, role, content, finish_reason, prompt_tokens, completion_tokens, created_at) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        let insert = "INSERT INTO messages (session_id, seq, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, \
+                      tool_calls, tool_call_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        let calls_text = |calls: &Option<serde_json::Value>| calls.as_ref().map(serde_json::Value::to_string);
         let mut seq = last;
-        for (role, content) in &turn.new_messages {
+        for m in &turn.new_messages {
             seq += 1;
             sqlx::query(insert)
                 .bind(session_id)
                 .bind(seq)
-                .bind(role)
-                .bind(content)
+                .bind(&m.role)
+                .bind(&m.content)
                 .bind(None::<String>)
                 .bind(None::<i64>)
                 .bind(None::<i64>)
                 .bind(now)
+                .bind(calls_text(&m.tool_calls))
+                .bind(&m.tool_call_id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -447,11 +486,13 @@ impl SessionStore {
             .bind(turn.usage.prompt_tokens)
             .bind(turn.usage.completion_tokens)
             .bind(now)
+            .bind(calls_text(&turn.reply_tool_calls))
+            .bind(None::<String>)
             .execute(&mut *tx)
             .await?;
         // A new session takes its title from its first user message.
-        if let Some((_, first)) = turn.new_messages.iter().find(|(role, _)| role == "user") {
-            let title: String = first.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(AUTO_TITLE_CHARS).collect();
+        if let Some(first) = turn.new_messages.iter().find(|m| m.role == "user") {
+            let title: String = first.content.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(AUTO_TITLE_CHARS).collect();
             sqlx::query("UPDATE sessions SET title = $1 WHERE id = $2 AND title = ''")
                 .bind(title)
                 .bind(session_id)
@@ -573,8 +614,9 @@ pub(crate) mod tests {
 
     fn turn(user: &str, reply: &str) -> Turn {
         Turn {
-            new_messages: vec![("user".into(), user.into())],
+            new_messages: vec![TurnMessage::text("user", user)],
             reply: reply.into(),
+            reply_tool_calls: None,
             finish_reason: "stop".into(),
             usage: TurnUsage { prompt_tokens: 5, completion_tokens: 2 },
         }
@@ -616,6 +658,28 @@ pub(crate) mod tests {
             store.delete("alice", &s.id).await.unwrap();
             assert!(matches!(store.get("alice", &s.id).await, Err(StoreError::NotFound(_))));
             assert!(!store.append_turn(&s.id, &turn("late", "reply")).await.unwrap(), "a deleted session takes no turn");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn tool_calls_and_results_are_stored_with_their_ids() {
+        on_both(StoreConfig::default(), |store| async move {
+            let s = store.create("alice", "m", SessionFields::default()).await.unwrap();
+            let calls = serde_json::json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+            let asked = Turn {
+                reply: String::new(),
+                reply_tool_calls: Some(calls.clone()),
+                finish_reason: "tool_calls".into(),
+                ..turn("use f", "")
+            };
+            store.append_turn(&s.id, &asked).await.unwrap();
+            let result = TurnMessage { tool_call_id: Some("call_1".into()), ..TurnMessage::text("tool", "42") };
+            store.append_turn(&s.id, &Turn { new_messages: vec![result.clone()], ..turn("", "It is 42.") }).await.unwrap();
+            let messages: Vec<TurnMessage> = store.messages(&s).await.unwrap().into_iter().map(TurnMessage::from).collect();
+            assert_eq!(messages[1], TurnMessage { tool_calls: Some(calls), ..TurnMessage::text("assistant", "") });
+            assert_eq!(messages[2], result);
+            assert_eq!(messages[3], TurnMessage::text("assistant", "It is 42."));
         })
         .await;
     }

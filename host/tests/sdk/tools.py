@@ -9,6 +9,8 @@ nothing else); `none` never yields a call; `auto` yields either, well formed.
 import json
 import sys
 
+import urllib.request
+
 import jsonschema
 import openai
 
@@ -28,6 +30,14 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": TIME}},
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+def http(method, path, body=None):
+    """A wisp route outside OpenAI's API (sessions), as JSON."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -91,5 +101,25 @@ for model in models:
     ]
     r = client.chat.completions.create(model=model, messages=history, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0)
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls, r.choices[0]
+
+    # In a session: the server keeps the call and its result, with the ids the client got.
+    session = http("POST", "/v1/sessions", {"model": model})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=named, parallel_tool_calls=False, max_tokens=120, temperature=0,
+        extra_body={"session_id": session["id"]},
+    )
+    assert r.choices[0].finish_reason == "tool_calls", (model, r.choices[0])
+    call = r.choices[0].message.tool_calls[0]
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "sunny"}'}
+    r = client.chat.completions.create(
+        model=model, messages=[result], tools=TOOLS, tool_choice="none", max_tokens=16, temperature=0,
+        extra_body={"session_id": session["id"]},
+    )
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls, r.choices[0]
+    stored = http("GET", f"/v1/sessions/{session['id']}")["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"], stored
+    assert stored[1]["tool_calls"] == [call.model_dump(exclude_none=True)] and stored[1]["finish_reason"] == "tool_calls", stored[1]
+    assert stored[2]["tool_call_id"] == call.id and stored[3]["content"] == r.choices[0].message.content, stored
 
 print("tools: ok on", ", ".join(models))
