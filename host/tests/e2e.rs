@@ -364,6 +364,24 @@ fn structured_output_and_tools_validate_on_both_models_through_the_python_sdk() 
     run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/tools.py"]);
 }
 
+/// Anthropic's Messages API through the official `anthropic` SDK on the instruct model,
+/// behind the api-key-auth plugin: the SDK's `x-api-key` is the credential it checks.
+#[test]
+fn the_anthropic_sdk_works_against_messages_behind_the_auth_plugin() {
+    let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let auth = workspace_root().join("plugins/dist/api_key_auth.wasm");
+    // sha256("sk-demo"), as in examples/governed.toml.
+    let sha = "f77894fdfa58e447c57e077eaa9708e8e009c84dc6aba2db80461275e9b85be7";
+    let server = Server::start(&format!(
+        "[[models]]\nid = \"smollm2-135m-instruct\"\npath = \"{}\"\npreload = true\n\
+         [[plugins]]\nname = \"auth\"\nwasm = \"{}\"\nconfig = {{ keys = [{{ name = \"demo\", sha256 = \"{sha}\" }}] }}\n",
+        instruct.display(),
+        auth.display()
+    ));
+    let python = workspace_root().join(".venv/bin/python");
+    run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/anthropic_sdk.py", "sk-demo"]);
+}
+
 #[test]
 fn the_official_javascript_sdk_works_unchanged() {
     run_sdk("node", &["host/tests/sdk/openai_sdk.mjs"]);

@@ -4,6 +4,7 @@
 //! which owns everything from the model to the session turn), and frame what comes back
 //! (openai.rs). Every failure is an [`ApiError`], rendered in one place (crate::error).
 
+pub mod anthropic;
 pub mod openai;
 pub mod openapi;
 pub mod sessions;
@@ -53,6 +54,8 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .push(Router::with_path("chat/completions").hoop(generation).post(chat_completions))
                 .push(Router::with_path("chat/ws").get(ws::chat_socket))
                 .push(Router::with_path("completions").hoop(generation).post(completions))
+                .push(Router::with_path("messages").hoop(generation).post(anthropic::create_message))
+                .push(Router::with_path("messages/count_tokens").hoop(quick).post(anthropic::count_message_tokens))
                 .push(sessions::router().hoop(quick)),
         )
         .push(
@@ -86,7 +89,8 @@ fn cors(origins: &[String]) -> salvo::cors::CorsHandler {
         .allow_origin(origin)
         .allow_methods(vec![Method::GET, Method::POST, Method::PATCH, Method::DELETE, Method::OPTIONS])
         .allow_headers(AllowHeaders::list(
-            ["authorization", "content-type", "x-api-key", "x-request-id"].map(|h| h.parse().expect("a valid header name")),
+            ["authorization", "content-type", "x-api-key", "x-request-id", "anthropic-version", "anthropic-beta"]
+                .map(|h| h.parse().expect("a valid header name")),
         ))
         .expose_headers(["x-request-id", "x-wisp-session-id", "x-wisp-pruned-messages"].map(|h| h.parse().expect("a valid header name")))
         .max_age(600)
@@ -122,6 +126,8 @@ fn route_label(path: &str) -> &'static str {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         "/v1/chat/ws" => "chat_ws",
+        "/v1/messages" => "messages",
+        "/v1/messages/count_tokens" => "count_tokens",
         "/openapi.json" => "openapi",
         p if p == "/docs" || p.starts_with("/docs/") => "docs",
         "/" | "/app.js" | "/style.css" | "/favicon.svg" => "web",
@@ -383,12 +389,15 @@ async fn respond(res: &mut Response, state: &AppState, endpoint: Endpoint, gener
 }
 
 /// Catcher hoop: any error status without a body (unmatched route, wrong method, salvo's
-/// own limits) gets the OpenAI shape too.
+/// own limits) gets the OpenAI shape too (Anthropic's on its routes).
 #[handler]
-pub async fn catch_errors(res: &mut Response, ctrl: &mut FlowCtrl) {
+pub async fn catch_errors(req: &mut Request, res: &mut Response, ctrl: &mut FlowCtrl) {
     let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
     if status.is_client_error() || status.is_server_error() {
-        ApiError::from_status(status).render(res);
+        match anthropic::is_anthropic_path(req.uri().path()) {
+            true => anthropic::catch(status, res),
+            false => ApiError::from_status(status).render(res),
+        }
         ctrl.skip_rest();
     }
 }

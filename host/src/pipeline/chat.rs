@@ -183,6 +183,21 @@ pub async fn start_chat(
     })
 }
 
+/// The prompt tokens a chat request would take (template and tool prompt included),
+/// without generating. The chain runs as on the models route (auth, rate limits; route
+/// `count_tokens`).
+pub async fn count_chat_tokens(
+    state: &AppState,
+    caller: &Caller,
+    request: ChatCompletionRequest,
+    sampling: SamplingFields,
+) -> Result<usize, ApiError> {
+    caller.identify(state, "count_tokens").await?;
+    let model = state.backend(request.model.as_deref()).await?;
+    let valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    Ok(encode_chat(&model, &valid.shape, tools::template_messages(&valid.messages)).await?.len())
+}
+
 /// Renders (with the tool prompt the shape adds) and tokenizes a conversation off the
 /// async executor.
 pub async fn encode_chat(model: &Arc<dyn Backend>, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {

@@ -21,7 +21,7 @@ use crate::engine::{Backend, GenerateRequest};
 use crate::error::ApiError;
 use crate::policy::{self, Decision, PolicySession};
 use crate::request::ValidParams;
-pub use chat::{Caller, start_chat};
+pub use chat::{Caller, count_chat_tokens, start_chat};
 pub use completion::start_completion;
 pub use output::Output;
 

@@ -109,6 +109,11 @@ impl Output {
         Output { steps, cancel: Some(cancel), prompt_tokens }
     }
 
+    /// The prompt's length in tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
     /// The next events to frame and whether the output is over; `None` if the engine
     /// stopped without finishing. A session turn is stored before its last event arrives.
     pub async fn next(&mut self) -> Result<Option<(Vec<StreamEvent>, bool)>, ApiError> {
