@@ -676,3 +676,47 @@ fn a_full_disk_under_sqlite_gets_clear_errors_and_the_server_stays_up() {
     assert_eq!(messages(&server, "sk-alice", &id).len(), 4);
     drop(server);
 }
+
+/// A Responses API chain lives in the store: continued after kill -9 and a restart, and on
+/// a second replica on the same Postgres; another principal cannot read or continue it.
+#[test]
+fn a_response_chain_survives_kill_9_and_continues_on_another_replica() {
+    let db = Db::postgres();
+    let mut a = Server::start_with_config(&config(&db, ""));
+    let respond = |server: &Server, key: &str, previous: Option<&str>, input: &str| {
+        let mut body = json!({"input": input, "max_output_tokens": 6, "temperature": 0});
+        if let Some(previous) = previous {
+            body["previous_response_id"] = json!(previous);
+        }
+        call(server, "POST", "/v1/responses", key, Some(body))
+    };
+    let (status, first) = respond(&a, "sk-alice", None, "My name is Ada.");
+    assert_eq!(status, 200, "{first}");
+    let first_id = first["id"].as_str().unwrap().to_string();
+    let (status, second) = respond(&a, "sk-alice", Some(&first_id), "What is my name?");
+    assert_eq!(status, 200, "{second}");
+    let second_id = second["id"].as_str().unwrap().to_string();
+    // The chain's history is in the prompt: the second turn's input holds the first turn.
+    assert!(second["usage"]["input_tokens"].as_u64() > first["usage"]["input_tokens"].as_u64(), "{first} {second}");
+
+    a.kill_and_restart();
+    let (status, stored) = call(&a, "GET", &format!("/v1/responses/{second_id}"), "sk-alice", None);
+    assert_eq!((status, stored["output"].clone()), (200, second["output"].clone()), "{stored}");
+    let (status, third) = respond(&a, "sk-alice", Some(&second_id), "And again?");
+    assert_eq!(status, 200, "{third}");
+    assert!(third["usage"]["input_tokens"].as_u64() > second["usage"]["input_tokens"].as_u64());
+
+    let b = Server::start_with_config(&config(&db, ""));
+    let (status, fourth) = respond(&b, "sk-alice", Some(third["id"].as_str().unwrap()), "Once more.");
+    assert_eq!(status, 200, "{fourth}");
+    assert!(fourth["usage"]["input_tokens"].as_u64() > third["usage"]["input_tokens"].as_u64());
+
+    // bob cannot see or continue alice's chain: the same 404 as for an id that never was.
+    let (status, e) = respond(&b, "sk-bob", Some(&second_id), "Hi");
+    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("response_not_found")), "{e}");
+    assert_eq!(call(&b, "GET", &format!("/v1/responses/{second_id}"), "sk-bob", None).0, 404);
+    assert_eq!(call(&b, "DELETE", &format!("/v1/responses/{second_id}"), "sk-bob", None).0, 404);
+    let (status, deleted) = call(&b, "DELETE", &format!("/v1/responses/{first_id}"), "sk-alice", None);
+    assert_eq!((status, deleted["deleted"].as_bool()), (200, Some(true)));
+    assert_eq!(call(&a, "GET", &format!("/v1/responses/{first_id}"), "sk-alice", None).0, 404);
+}

@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod openai;
 pub mod openapi;
+pub mod responses;
 pub mod sessions;
 pub mod web;
 pub mod ws;
@@ -56,6 +57,14 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .push(Router::with_path("completions").hoop(generation).post(completions))
                 .push(Router::with_path("messages").hoop(generation).post(anthropic::create_message))
                 .push(Router::with_path("messages/count_tokens").hoop(quick).post(anthropic::count_message_tokens))
+                .push(Router::with_path("responses").hoop(generation).post(responses::create_response))
+                .push(
+                    Router::with_path("responses/{id}")
+                        .hoop(quick)
+                        .get(responses::get_response)
+                        .delete(responses::delete_response)
+                        .push(Router::with_path("input_items").get(responses::list_input_items)),
+                )
                 .push(sessions::router().hoop(quick)),
         )
         .push(
@@ -134,6 +143,7 @@ fn route_label(path: &str) -> &'static str {
         "/admin/plugins" | "/admin/plugins/reload" => "admin",
         p if p.starts_with("/v1/models/") => "model",
         p if p.starts_with("/v1/sessions") => "sessions",
+        p if p == "/v1/responses" || p.starts_with("/v1/responses/") => "responses",
         _ => "other",
     }
 }
@@ -342,7 +352,7 @@ async fn read_body(req: &mut Request, state: &AppState) -> Result<bytes::Bytes, 
 
 /// Sends the generation as SSE or as one JSON response.
 async fn respond(res: &mut Response, state: &AppState, endpoint: Endpoint, generation: Generation) -> Result<(), ApiError> {
-    let Generation { model, mut output, stream, include_usage, logprobs, tools, echo, session } = generation;
+    let Generation { model, mut output, stream, include_usage, logprobs, tools, echo, session, .. } = generation;
     let meta = ResponseMeta::new(endpoint, &model, include_usage, logprobs, tools);
     if !stream {
         let mut collector = Collector::new(meta, echo.as_deref());

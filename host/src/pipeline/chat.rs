@@ -84,7 +84,7 @@ impl Caller {
     }
 }
 
-fn principal_of(request: &policy::Request) -> String {
+pub(super) fn principal_of(request: &policy::Request) -> String {
     request.principal.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| ANONYMOUS.to_string())
 }
 
@@ -100,6 +100,18 @@ pub async fn start_chat(
     caller: &Caller,
     request: ChatCompletionRequest,
     sampling: SamplingFields,
+) -> Result<Generation, ApiError> {
+    start_owned_chat(state, caller, request, sampling, None).await
+}
+
+/// [`start_chat`] for a conversation that belongs to `owner` (a stored response chain):
+/// any other principal is told it does not exist, before anything is generated.
+pub async fn start_owned_chat(
+    state: &AppState,
+    caller: &Caller,
+    request: ChatCompletionRequest,
+    sampling: SamplingFields,
+    owner: Option<(&str, ApiError)>,
 ) -> Result<Generation, ApiError> {
     let session = match &request.session_id {
         Some(id) => Some(state.store.find(id).await.map_err(ApiError::from)?),
@@ -160,6 +172,11 @@ pub async fn start_chat(
     {
         return Err(crate::store::StoreError::NotFound(session.id.clone()).into());
     }
+    if let Some((owner, not_found)) = owner
+        && owner != principal
+    {
+        return Err(not_found);
+    }
     valid.params.constraint = shape.constraint();
     let job = generate_request(model.as_ref(), prompt, &valid.params, state.config.limits.default_max_tokens, "messages")?;
     let prompt_tokens = job.prompt.len();
@@ -180,6 +197,7 @@ pub async fn start_chat(
         tools: call_ids,
         echo: None,
         session: session.map(|s| SessionTurnInfo { id: s.id, pruned_messages: conversation.pruned }),
+        principal,
     })
 }
 

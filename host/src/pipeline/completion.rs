@@ -9,6 +9,7 @@ use crate::engine::template::TemplateMessage;
 use crate::error::ApiError;
 use crate::request::{self, CompletionRequest, SamplingFields, ValidPrompt};
 use crate::state::AppState;
+use crate::store::ANONYMOUS;
 
 /// Legacy completions default to 16 new tokens when `max_tokens` is absent (OpenAI's
 /// documented default).
@@ -29,6 +30,7 @@ pub async fn start_completion(
             (ids, text)
         }
     };
+    let mut principal = ANONYMOUS.to_string();
     let policies = match state.policies.current().start().await? {
         s if s.is_empty() => None,
         mut policies => {
@@ -36,6 +38,7 @@ pub async fn start_completion(
             let messages = [TemplateMessage { role: "user".into(), content: prompt_text.clone() }];
             let request = caller.policy_request("completion", model.id(), &messages, Some(&valid.params), prompt.len());
             let allowed = decide(&mut policies, request).await?;
+            principal = super::chat::principal_of(&allowed);
             let rewritten: String = allowed.messages.into_iter().map(|m| m.content).collect::<Vec<_>>().join("\n");
             if rewritten != prompt_text {
                 (prompt, prompt_text) = encode_text(&model, rewritten).await?;
@@ -56,6 +59,7 @@ pub async fn start_completion(
         tools: None,
         echo: valid.echo.then_some(prompt_text),
         session: None,
+        principal,
     })
 }
 

@@ -21,7 +21,7 @@ use crate::engine::{Backend, GenerateRequest};
 use crate::error::ApiError;
 use crate::policy::{self, Decision, PolicySession};
 use crate::request::ValidParams;
-pub use chat::{Caller, count_chat_tokens, start_chat};
+pub use chat::{Caller, count_chat_tokens, start_chat, start_owned_chat};
 pub use completion::start_completion;
 pub use output::Output;
 
@@ -41,6 +41,8 @@ pub struct Generation {
     pub echo: Option<String>,
     /// Set for a session turn.
     pub session: Option<SessionTurnInfo>,
+    /// Who is calling, as the plugins said (`anonymous` without auth).
+    pub principal: String,
 }
 
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@
 //! history as it was before the turn, never half of it.
 
 pub mod kv;
+pub mod responses;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
