@@ -191,6 +191,9 @@ pub struct ModelConfig {
     pub chat_template: Option<String>,
     /// Tokens prefilled per forward pass; long prompts are split into chunks of this size.
     pub prefill_chunk: usize,
+    /// Seconds without a request before the model is unloaded (it reloads on the next
+    /// request, which waits for it); -1 (the default) keeps it loaded.
+    pub keep_alive: i64,
 }
 
 impl Default for ModelConfig {
@@ -205,6 +208,7 @@ impl Default for ModelConfig {
             preload: false,
             chat_template: None,
             prefill_chunk: 512,
+            keep_alive: -1,
         }
     }
 }
@@ -358,6 +362,9 @@ impl Config {
             m.device.parse::<DeviceSpec>().map_err(|e| invalid(field("device"), e))?;
             if m.prefill_chunk == 0 {
                 return Err(invalid(field("prefill_chunk"), "must be at least 1"));
+            }
+            if m.keep_alive < -1 {
+                return Err(invalid(field("keep_alive"), "idle seconds before unloading, or -1 for never"));
             }
         }
         if self.models.iter().filter(|m| m.default).count() > 1 {

@@ -38,6 +38,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    registry.spawn_keep_alive();
     let store = Arc::new(SessionStore::connect(&config.store).await.with_context(|| format!("opening the store `{}`", config.store.url))?);
     let kv: Arc<dyn KvBackend> = match &config.store.kv_url {
         Some(url) => Arc::new(RedisKv::connect(url, "wisp:kv:").await?),

@@ -267,3 +267,72 @@ fn the_examples_run_against_a_server() {
     let ws = run(python, &["examples/ws_client.py", "Tell me a long story."]);
     assert!(ws.contains("'type': 'pong'") && ws.contains("'type': 'done'"), "{ws}");
 }
+
+/// The server's resident memory in MB.
+fn rss_mb(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() / 1024
+}
+
+fn loaded(server: &Server, id: &str) -> bool {
+    let models: Value = client().get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    models["data"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap()["loaded"].as_bool().unwrap()
+}
+
+/// Models load and unload without a restart: on demand (the request waits), by the admin
+/// routes, and after `keep_alive` idle seconds; a stream running on a model being unloaded
+/// finishes, and the memory goes back to the OS.
+#[test]
+fn models_load_and_unload_without_a_restart() {
+    let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let server = Server::start_with_config(&format!(
+        "{}[[models]]\nid = \"smol\"\npath = \"{}\"\nkeep_alive = 2\n[admin]\nkey = \"admin-key\"\n",
+        model(),
+        instruct.display()
+    ));
+    let admin = |path: &str| -> (u16, Value) {
+        let r = client().post(server.url(path)).bearer_auth("admin-key").send().unwrap();
+        (r.status().as_u16(), r.json().unwrap())
+    };
+    let ask = |model: &str| chat(&server, None, json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}));
+    assert!(!loaded(&server, "smol"), "not preloaded");
+    let before = rss_mb(&server);
+
+    // On demand: the request waits for the load.
+    assert_eq!(ask("smol").status(), 200);
+    assert!(loaded(&server, "smol"));
+    let with_model = rss_mb(&server);
+    // Idle past keep_alive (2 s): unloaded, memory back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while loaded(&server, "smol") {
+        assert!(Instant::now() < deadline, "keep_alive did not unload the model");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_mb(&server);
+    eprintln!("RSS: {before} MB without the model, {with_model} MB with it, {after} MB after keep_alive unloaded it");
+    assert!(after + (with_model - before) / 2 < with_model, "memory did not go back: {before} → {with_model} → {after} MB");
+
+    // The admin routes; a stream running on the model finishes after its unload.
+    let (status, state) = admin("/admin/models/smol/load");
+    assert_eq!((status, state["loaded"].as_bool()), (200, Some(true)), "{state}");
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 40, "stream": true,
+                      "logit_bias": {"2": -100}});
+    let mut stream = BufReader::new(client().post(server.url("/v1/chat/completions")).json(&body).send().unwrap());
+    let mut first = String::new();
+    stream.read_line(&mut first).unwrap();
+    let (status, state) = admin("/admin/models/smol/unload");
+    assert_eq!((status, state["was_loaded"].as_bool()), (200, Some(true)), "{state}");
+    assert!(!loaded(&server, "smol"));
+    let events = events(stream);
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+    assert!(events.iter().any(|l| l.contains("\"finish_reason\":\"length\"")), "the stream ran to its end: {events:?}");
+    assert_eq!(ask("smol").status(), 200, "the next request loads it again");
+
+    // The default model too: still ready, and reloaded by the next request.
+    assert_eq!(admin("/admin/models/gemma-3-270m/unload").0, 200);
+    assert_eq!(client().get(server.url("/ready")).send().unwrap().status(), 200);
+    assert_eq!(ask("gemma-3-270m").status(), 200);
+    assert_eq!(admin("/admin/models/nope/load").0, 404);
+    assert_eq!(client().post(server.url("/admin/models/smol/unload")).send().unwrap().status(), 401);
+}

@@ -72,7 +72,9 @@ pub fn service(state: Arc<AppState>) -> Service {
                 .hoop(quick)
                 .hoop(admin_auth)
                 .push(Router::with_path("plugins").get(list_plugins))
-                .push(Router::with_path("plugins/reload").post(reload_plugins)),
+                .push(Router::with_path("plugins/reload").post(reload_plugins))
+                .push(Router::with_path("models/{id}/load").post(load_model))
+                .push(Router::with_path("models/{id}/unload").post(unload_model)),
         )
         .get(web::index);
     let doc = openapi::document(&router);
@@ -141,6 +143,7 @@ fn route_label(path: &str) -> &'static str {
         p if p == "/docs" || p.starts_with("/docs/") => "docs",
         "/" | "/app.js" | "/style.css" | "/favicon.svg" => "web",
         "/admin/plugins" | "/admin/plugins/reload" => "admin",
+        p if p.starts_with("/admin/models/") => "admin",
         p if p.starts_with("/v1/models/") => "model",
         p if p.starts_with("/v1/sessions") => "sessions",
         p if p == "/v1/responses" || p.starts_with("/v1/responses/") => "responses",
@@ -221,6 +224,7 @@ fn model_json(info: &crate::engine::ModelInfo) -> serde_json::Value {
         "created": info.created,
         "owned_by": "wisp",
         "loaded": info.loaded,
+        "keep_alive": info.keep_alive,
         "chat_template": info.chat_template,
     })
 }
@@ -325,6 +329,26 @@ fn same_secret(expected: &str, given: &str) -> bool {
 async fn list_plugins(depot: &mut Depot) -> Json<serde_json::Value> {
     let chain = state(depot).policies.current();
     Json(json!({"generation": chain.generation(), "plugins": chain.info()}))
+}
+
+/// Loads a model now (admin key); answers once it is loaded.
+#[endpoint(tags("admin"), status_codes(200, 401, 403, 404, 500), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "Loaded", body = openapi::ModelState)))]
+async fn load_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = state(depot);
+    let id: String = req.param("id").unwrap_or_default();
+    let started = Instant::now();
+    state.registry.get(&id).await?;
+    Ok(Json(json!({"id": id, "loaded": true, "seconds": started.elapsed().as_secs_f64()})))
+}
+
+/// Unloads a model (admin key): requests running on it finish first, then its memory goes
+/// back to the OS; the next request for it loads it again.
+#[endpoint(tags("admin"), status_codes(200, 401, 403, 404), parameters(("id" = String, Path, description = "The model id")), responses((status_code = 200, description = "Unloaded", body = openapi::ModelState)))]
+async fn unload_model(req: &mut Request, depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = state(depot);
+    let id: String = req.param("id").unwrap_or_default();
+    let was_loaded = state.registry.unload(&id).await?;
+    Ok(Json(json!({"id": id, "loaded": false, "was_loaded": was_loaded})))
 }
 
 /// Reloads the plugin chain from the config file (admin key); the old chain keeps serving

@@ -67,9 +67,22 @@ pub struct Model {
     owned_by: String,
     /// wisp: whether the model is in memory now.
     loaded: bool,
+    /// wisp: idle seconds before it is unloaded; -1 never.
+    keep_alive: i64,
     /// wisp: the model carries a chat template of its own (an instruct model); null until
     /// it is loaded.
     chat_template: Option<bool>,
+}
+
+/// What the admin model routes answer.
+#[derive(Serialize, ToSchema)]
+pub struct ModelState {
+    id: String,
+    loaded: bool,
+    /// Load: how long it took.
+    seconds: Option<f64>,
+    /// Unload: whether it was loaded.
+    was_loaded: Option<bool>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -24,7 +24,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::mpsc;
 
 use crate::config::{Config, DeviceSpec, Limits, ModelConfig, parse_hf};
 use crate::telemetry::Metrics;
@@ -221,11 +221,31 @@ impl LoadedModel {
     }
 }
 
-/// A configured model: loaded on first use (or at start) and then kept.
+/// A configured model: loaded on first use (or at start, or by the admin route), kept
+/// while in use, unloaded by the admin route or after `keep_alive` idle seconds.
 struct ModelSlot {
     config: ModelConfig,
-    loaded: OnceCell<Arc<LoadedModel>>,
+    /// The model while it is loaded. Requests hold their own `Arc`, so an unload frees
+    /// the memory only when the last request on it has finished.
+    loaded: std::sync::RwLock<Option<Arc<LoadedModel>>>,
+    /// One load at a time: requests that find the model unloaded wait for the same load.
+    loading: tokio::sync::Mutex<()>,
+    /// It loaded once (a deliberately unloaded default model is still ready: it reloads
+    /// on the next request).
+    ever_loaded: std::sync::atomic::AtomicBool,
+    /// Unix ms of the last request that asked for it.
+    last_used: std::sync::atomic::AtomicU64,
     created: u64,
+}
+
+impl ModelSlot {
+    fn current(&self) -> Option<Arc<LoadedModel>> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Every configured model by id.
@@ -245,13 +265,28 @@ pub struct ModelInfo {
     /// The model carries a chat template of its own (in the GGUF or the config): an
     /// instruct model. `None` until it is loaded.
     pub chat_template: Option<bool>,
+    /// Idle seconds before it is unloaded; -1 never.
+    pub keep_alive: i64,
 }
 
 impl Registry {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Registry {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let slots =
-            config.models.iter().map(|m| (m.id.clone(), ModelSlot { config: m.clone(), loaded: OnceCell::new(), created })).collect();
+        let slots = config
+            .models
+            .iter()
+            .map(|m| {
+                let slot = ModelSlot {
+                    config: m.clone(),
+                    loaded: std::sync::RwLock::new(None),
+                    loading: tokio::sync::Mutex::new(()),
+                    ever_loaded: false.into(),
+                    last_used: now_ms().into(),
+                    created,
+                };
+                (m.id.clone(), slot)
+            })
+            .collect();
         Registry {
             slots,
             order: config.models.iter().map(|m| m.id.clone()).collect(),
@@ -270,18 +305,26 @@ impl Registry {
     }
 
     pub fn info(&self, id: &str) -> Option<ModelInfo> {
-        self.slots.get(id).map(|s| ModelInfo {
-            id: id.to_string(),
-            created: s.created,
-            loaded: s.loaded.initialized(),
-            chat_template: s.loaded.get().map(|m| m.own_template),
+        self.slots.get(id).map(|s| {
+            let loaded = s.current();
+            ModelInfo {
+                id: id.to_string(),
+                created: s.created,
+                loaded: loaded.is_some(),
+                chat_template: loaded.map(|m| m.own_template),
+                keep_alive: s.config.keep_alive,
+            }
         })
     }
 
-    /// Whether the default model is loaded and its engine thread runs (what `/ready`
-    /// reports).
+    /// Whether the default model can serve (what `/ready` reports): loaded with its engine
+    /// thread running, or unloaded on purpose after it loaded once (it reloads on demand).
     pub fn is_ready(&self) -> bool {
-        self.slots.get(&self.default_id).and_then(|s| s.loaded.get()).is_some_and(|m| m.scheduler.is_alive())
+        let Some(slot) = self.slots.get(&self.default_id) else { return false };
+        match slot.current() {
+            Some(model) => model.scheduler.is_alive(),
+            None => slot.ever_loaded.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The models to load at start: the default one and those with `preload = true`.
@@ -289,37 +332,124 @@ impl Registry {
         self.order.iter().filter(|id| **id == self.default_id || self.slots[*id].config.preload).cloned().collect()
     }
 
-    /// The loaded model `id`, loading it first if needed (off the async executor).
+    /// The loaded model `id`, loading it first if needed (off the async executor): a
+    /// request for an unloaded model waits for its load.
     pub async fn get(&self, id: &str) -> Result<Arc<LoadedModel>, EngineError> {
         let slot = self.slots.get(id).ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
-        slot.loaded
-            .get_or_try_init(|| async {
-                let config = slot.config.clone();
-                let limits = self.limits.clone();
-                let metrics = self.metrics.clone();
-                let started = Instant::now();
-                let loaded = tokio::task::spawn_blocking(move || load(&config, &limits, metrics))
-                    .await
-                    .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })??;
-                let secs = started.elapsed().as_secs_f64();
-                self.metrics.model_load_seconds.with_label_values(&[id]).set(secs);
-                tracing::info!(model = id, seconds = format!("{secs:.2}"), context = loaded.context_length, "model loaded");
-                let loaded = Arc::new(loaded);
-                // The vocabulary's trie for response formats takes seconds on a large
-                // vocabulary (2.7 s for Gemma's 262k tokens on 2 cores): build it now, in
-                // the background at the lowest priority, not on the first request.
-                let warm = loaded.clone();
-                std::thread::Builder::new()
-                    .name(format!("wisp-grammar-{id}"))
-                    .spawn(move || {
-                        lower_thread_priority();
-                        let _ = warm.grammars();
-                    })
-                    .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })?;
-                Ok(loaded)
-            })
+        slot.last_used.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        if let Some(model) = slot.current() {
+            return Ok(model);
+        }
+        let _loading = slot.loading.lock().await;
+        if let Some(model) = slot.current() {
+            return Ok(model);
+        }
+        let loaded = self.load_slot(id, slot).await?;
+        *slot.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(loaded.clone());
+        slot.ever_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        slot.last_used.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        Ok(loaded)
+    }
+
+    async fn load_slot(&self, id: &str, slot: &ModelSlot) -> Result<Arc<LoadedModel>, EngineError> {
+        let config = slot.config.clone();
+        let limits = self.limits.clone();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || load(&config, &limits, metrics))
             .await
-            .cloned()
+            .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })??;
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.model_load_seconds.with_label_values(&[id]).set(secs);
+        tracing::info!(model = id, seconds = format!("{secs:.2}"), context = loaded.context_length, "model loaded");
+        let loaded = Arc::new(loaded);
+        // The vocabulary's trie for response formats takes seconds on a large
+        // vocabulary (2.7 s for Gemma's 262k tokens on 2 cores): build it now, in
+        // the background at the lowest priority, not on the first request.
+        let warm = loaded.clone();
+        std::thread::Builder::new()
+            .name(format!("wisp-grammar-{id}"))
+            .spawn(move || {
+                lower_thread_priority();
+                let _ = warm.grammars();
+            })
+            .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })?;
+        Ok(loaded)
+    }
+
+    /// Unloads `id`: new requests load it again; requests running on it finish first, and
+    /// its memory goes back to the OS when the last of them ends. `false` if it was not
+    /// loaded.
+    pub async fn unload(&self, id: &str) -> Result<bool, EngineError> {
+        let slot = self.slots.get(id).ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
+        let _loading = slot.loading.lock().await;
+        let taken = slot.loaded.write().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(model) = taken else { return Ok(false) };
+        tracing::info!(model = id, in_flight = Arc::strong_count(&model) - 1, "model unloaded");
+        release(model);
+        Ok(true)
+    }
+
+    /// Unloads every model idle past its `keep_alive` with no request on it; run every
+    /// second by [`Registry::spawn_keep_alive`].
+    async fn unload_idle(&self) {
+        let now = now_ms();
+        for (id, slot) in &self.slots {
+            let Ok(keep_alive) = u64::try_from(slot.config.keep_alive) else { continue };
+            let idle = now.saturating_sub(slot.last_used.load(std::sync::atomic::Ordering::Relaxed)) >= keep_alive * 1000;
+            // Only the slot holds it (no request, no background trie build).
+            let unused = slot.current().is_some_and(|m| Arc::strong_count(&m) == 2);
+            if idle && unused {
+                tracing::info!(model = %id, keep_alive, "idle past keep_alive");
+                let _ = self.unload(id).await;
+            }
+        }
+    }
+
+    /// Starts the task that unloads idle models (when any has a `keep_alive`).
+    pub fn spawn_keep_alive(self: &Arc<Self>) {
+        if self.slots.values().all(|s| s.config.keep_alive < 0) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(registry) = weak.upgrade() else { return };
+                registry.unload_idle().await;
+            }
+        });
+    }
+}
+
+/// Frees an unloaded model once no request holds it any more (requests running on it
+/// finish first), off the async executor: its engine thread is stopped and joined, and
+/// the freed memory handed back to the OS (glibc keeps freed heap otherwise).
+fn release(model: Arc<LoadedModel>) {
+    let spawned = std::thread::Builder::new().name("wisp-unload".into()).spawn(move || {
+        let mut model = model;
+        let model = loop {
+            match Arc::try_unwrap(model) {
+                Ok(model) => break model,
+                Err(shared) => {
+                    model = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        };
+        let id = model.id.clone();
+        let LoadedModel { scheduler, .. } = model;
+        scheduler.stop();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only walks glibc's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        tracing::info!(model = %id, "model memory freed");
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "spawning the unload thread failed; the model stays in memory");
     }
 }
 

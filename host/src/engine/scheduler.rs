@@ -97,6 +97,16 @@ impl Scheduler {
         Scheduler { jobs, thread, in_flight, max_in_flight: config.max_batch + config.max_queue, model_id: config.model_id }
     }
 
+    /// Stops the engine thread and waits for it to exit (the model's memory is freed with
+    /// it). For an unloaded model that no request holds any more.
+    pub fn stop(self) {
+        let Scheduler { jobs, thread, .. } = self;
+        drop(jobs);
+        if thread.join().is_err() {
+            tracing::error!("the engine thread panicked while stopping");
+        }
+    }
+
     /// Whether the engine thread is running (what readiness reports).
     pub fn is_alive(&self) -> bool {
         !self.thread.is_finished()

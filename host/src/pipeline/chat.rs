@@ -190,7 +190,7 @@ pub async fn start_owned_chat(
     };
     Ok(Generation {
         model: model.id().to_string(),
-        output: Output::new(stream, governed, turn, prompt_tokens),
+        output: Output::new(stream, governed, turn, prompt_tokens, Some(model.clone())),
         stream: valid.params.stream,
         include_usage: valid.params.include_usage,
         logprobs: valid.logprobs,

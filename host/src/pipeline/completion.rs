@@ -52,7 +52,7 @@ pub async fn start_completion(
     let stream = model.generate(job)?;
     Ok(Generation {
         model: model.id().to_string(),
-        output: Output::new(stream, policies.map(|p| Governed::new(p, prompt_tokens)), None, prompt_tokens),
+        output: Output::new(stream, policies.map(|p| Governed::new(p, prompt_tokens)), None, prompt_tokens, Some(model.clone())),
         stream: valid.params.stream,
         include_usage: valid.params.include_usage,
         logprobs: valid.logprobs.is_some(),

@@ -9,7 +9,10 @@
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use std::sync::Arc;
+
 use super::turn::TurnRecord;
+use crate::engine::Backend;
 use crate::engine::{FinishReason, StreamEvent, TokenStream};
 use crate::error::ApiError;
 use crate::policy::{self, PolicySession};
@@ -100,11 +103,18 @@ pub struct Output {
 }
 
 impl Output {
-    /// Starts the driver task for a scheduled generation.
-    pub fn new(stream: TokenStream, governed: Option<Governed>, turn: Option<TurnRecord>, prompt_tokens: usize) -> Output {
+    /// Starts the driver task for a scheduled generation. `model` is held until the output
+    /// ends, so an unloaded model serves its running requests to the end.
+    pub fn new(
+        stream: TokenStream,
+        governed: Option<Governed>,
+        turn: Option<TurnRecord>,
+        prompt_tokens: usize,
+        model: Option<Arc<dyn Backend>>,
+    ) -> Output {
         let (tx, steps) = mpsc::channel(OUTPUT_BUFFER);
         let (cancel, cancelled) = oneshot::channel();
-        let driver = Driver { stream, governed, turn, prompt_tokens, generated: 0 };
+        let driver = Driver { stream, governed, turn, prompt_tokens, generated: 0, _model: model };
         tokio::spawn(driver.run(tx, cancelled).instrument(tracing::Span::current()));
         Output { steps, cancel: Some(cancel), prompt_tokens }
     }
@@ -174,6 +184,7 @@ struct Driver {
     turn: Option<TurnRecord>,
     prompt_tokens: usize,
     generated: usize,
+    _model: Option<Arc<dyn Backend>>,
 }
 
 impl Driver {
@@ -300,7 +311,7 @@ mod tests {
     #[tokio::test]
     async fn events_pass_through_in_order_and_the_end_is_the_last() {
         let (engine, stream) = mpsc::unbounded_channel();
-        let mut output = Output::new(stream, None, None, 3);
+        let mut output = Output::new(stream, None, None, 3, None);
         engine.send(token("a")).unwrap();
         engine.send(token("b")).unwrap();
         engine.send(finished("c", 2)).unwrap();
@@ -318,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn an_engine_that_drops_the_request_ends_the_output() {
         let (engine, stream) = mpsc::unbounded_channel();
-        let mut output = Output::new(stream, None, None, 3);
+        let mut output = Output::new(stream, None, None, 3, None);
         engine.send(token("a")).unwrap();
         drop(engine);
         assert_eq!(output.next().await.unwrap(), Some((vec![token("a")], false)));
@@ -328,7 +339,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_stops_the_engine_and_returns_what_was_not_delivered() {
         let (engine, stream) = mpsc::unbounded_channel();
-        let output = Output::new(stream, None, None, 3);
+        let output = Output::new(stream, None, None, 3, None);
         engine.send(token("x")).unwrap();
         tokio::task::yield_now().await;
         let (rest, prompt, _) = output.cancel().await.unwrap();
@@ -340,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn a_hang_up_stops_the_engine() {
         let (engine, stream) = mpsc::unbounded_channel();
-        let output = Output::new(stream, None, None, 3);
+        let output = Output::new(stream, None, None, 3, None);
         engine.send(token("x")).unwrap();
         drop(output);
         tokio::time::timeout(std::time::Duration::from_secs(1), engine.closed()).await.expect("the engine was not told");
