@@ -243,7 +243,7 @@ struct TokenCount {
     tags("anthropic"),
     status_codes(200, 400, 401, 403, 404, 413, 429, 500, 503),
     request_body(content = MessagesRequest, description = "An Anthropic Messages body"),
-    responses((status_code = 200, description = "The message, or its event stream", content(("application/json" = MessageBody), ("text/event-stream" = String))))
+    responses((status_code = 200, description = "The message, or its event stream", content(("application/json" = MessageBody), ("text/event-stream" = super::openapi::NamedEvent))))
 )]
 pub async fn create_message(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), AnthropicError> {
     let state = state(depot);

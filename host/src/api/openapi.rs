@@ -74,6 +74,16 @@ pub struct Model {
     chat_template: Option<bool>,
 }
 
+/// One server-sent event of a stream with typed events (Anthropic's Messages, the
+/// Responses API): its name and its JSON data.
+#[derive(Serialize, ToSchema)]
+pub struct NamedEvent {
+    /// The event type (`message_start`, `response.output_text.delta`, …).
+    event: String,
+    /// The event's JSON object, as text.
+    data: String,
+}
+
 /// What the admin model routes answer.
 #[derive(Serialize, ToSchema)]
 pub struct ModelState {

@@ -404,7 +404,7 @@ impl Reply {
     tags("responses"),
     status_codes(200, 400, 401, 403, 404, 413, 429, 500, 503),
     request_body(content = CreateResponse, description = "A Responses API body"),
-    responses((status_code = 200, description = "The response, or its event stream", content(("application/json" = Value), ("text/event-stream" = String))))
+    responses((status_code = 200, description = "The response, or its event stream", content(("application/json" = Value), ("text/event-stream" = super::openapi::NamedEvent))))
 )]
 pub async fn create_response(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
     let state = state(depot);
