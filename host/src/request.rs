@@ -170,6 +170,8 @@ pub struct CalledFunction {
 
 /// At most this many tools in one request.
 const MAX_TOOLS: usize = 128;
+/// The longest tool call id a message may carry (they are stored in sessions).
+const MAX_CALL_ID_BYTES: usize = 256;
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -607,8 +609,23 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         if m.tool_calls.is_some() && role != "assistant" {
             return Err(ApiError::invalid(format!("messages[{i}].tool_calls"), "only assistant messages carry `tool_calls`"));
         }
-        if role == "tool" && m.tool_call_id.is_none() {
-            return Err(ApiError::invalid(format!("messages[{i}].tool_call_id"), "a tool message needs `tool_call_id`"));
+        match &m.tool_call_id {
+            None if role == "tool" => {
+                return Err(ApiError::invalid(format!("messages[{i}].tool_call_id"), "a tool message needs `tool_call_id`"));
+            }
+            Some(id) if id.len() > MAX_CALL_ID_BYTES || id.chars().any(char::is_control) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    format!("a call id has at most {MAX_CALL_ID_BYTES} bytes and no control characters"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some((j, call)) = m.tool_calls.iter().flatten().enumerate().find(|(_, c)| c.id.len() > MAX_CALL_ID_BYTES) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_calls[{j}].id"),
+                format!("a call id has at most {MAX_CALL_ID_BYTES} bytes, got {}", call.id.len()),
+            ));
         }
         let tool_calls = m.tool_calls.filter(|calls| !calls.is_empty()).map(|calls| {
             calls.into_iter().map(|c| ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments }.to_openai()).collect()

@@ -184,20 +184,7 @@ struct ErrorDetail {
 impl salvo::oapi::EndpointOutRegister for AnthropicError {
     fn register(components: &mut salvo::oapi::Components, operation: &mut salvo::oapi::Operation) {
         let schema = <ErrorBody as ToSchema>::to_schema(components);
-        for (status, description) in [
-            ("400", "The request is malformed or a value is out of range, or a plugin refused it"),
-            ("401", "An API key is required or wrong (auth plugin)"),
-            ("403", "The key may not do this (auth plugin)"),
-            ("404", "No such model or route"),
-            ("413", "The body is over `server.max_body_bytes`"),
-            ("429", "A rate limit was reached"),
-            ("500", "The engine or a fail-closed plugin failed"),
-            ("503", "Not ready, overloaded, shutting down, or over the route's time limit"),
-        ] {
-            let response =
-                salvo::oapi::Response::new(description).add_content("application/json", salvo::oapi::Content::new(schema.clone()));
-            operation.responses.insert(status, response);
-        }
+        super::openapi::error_responses(operation, schema);
     }
 }
 

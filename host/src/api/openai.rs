@@ -189,8 +189,18 @@ impl StreamFramer {
                 let mut out = self.call_deltas(&text);
                 let streamed = self.calls.as_ref().map_or(0, CallStream::heads);
                 let (message, finish) = tool_message(&self.held, reason, &ids);
-                // Calls went out as they grew; an answer, or a reply cut short before any
-                // call began, goes out whole.
+                // Calls went out as they grew; any the stream could not read as they grew (a
+                // plugin changed the text's layout, say) go out whole now. An answer, or a
+                // reply cut short before any call began, goes out whole.
+                let calls = message["tool_calls"].as_array().cloned().unwrap_or_default();
+                for (index, call) in calls.iter().enumerate().skip(streamed) {
+                    let mut head = call.clone();
+                    head["index"] = json!(index);
+                    head["function"]["arguments"] = json!("");
+                    out.push(self.choice(json!({"tool_calls": [head]}), None, None));
+                    let arguments = json!({"index": index, "function": {"arguments": call["function"]["arguments"]}});
+                    out.push(self.choice(json!({"tool_calls": [arguments]}), None, None));
+                }
                 if streamed == 0 && message["content"].is_string() {
                     out.push(self.choice(json!({"content": message["content"]}), None, None));
                 }

@@ -35,20 +35,25 @@ struct ErrorDetail {
 impl EndpointOutRegister for ApiError {
     fn register(components: &mut Components, operation: &mut Operation) {
         let schema = ErrorBody::to_schema(components);
-        for (status, description) in [
-            ("400", "The request is malformed, a value is out of range, or a plugin refused it"),
-            ("401", "An API key is required or wrong (auth plugin)"),
-            ("403", "The key may not do this (auth plugin), or the admin routes are off"),
-            ("404", "No such model, session or route"),
-            ("413", "The body is over `server.max_body_bytes`"),
-            ("429", "A rate limit was reached (the message says when to retry)"),
-            ("500", "The engine or a fail-closed plugin failed"),
-            ("503", "Not ready, overloaded, shutting down, or over the route's time limit"),
-        ] {
-            let response =
-                salvo::oapi::Response::new(description).add_content("application/json", salvo::oapi::Content::new(schema.clone()));
-            operation.responses.insert(status, response);
-        }
+        error_responses(operation, schema);
+    }
+}
+
+/// The error statuses every API route may answer, each with `schema` (the error body of
+/// the route's API: OpenAI's, or Anthropic's on its routes).
+pub fn error_responses(operation: &mut Operation, schema: salvo::oapi::RefOr<salvo::oapi::schema::Schema>) {
+    for (status, description) in [
+        ("400", "The request is malformed, a value is out of range, or a plugin refused it"),
+        ("401", "An API key is required or wrong (auth plugin)"),
+        ("403", "The key may not do this (auth plugin), or the admin routes are off"),
+        ("404", "No such model, session, response or route"),
+        ("413", "The body is over `server.max_body_bytes`"),
+        ("429", "A rate limit was reached (the message says when to retry)"),
+        ("500", "The engine or a fail-closed plugin failed"),
+        ("503", "Not ready, overloaded, shutting down, or over the route's time limit"),
+    ] {
+        let response = salvo::oapi::Response::new(description).add_content("application/json", salvo::oapi::Content::new(schema.clone()));
+        operation.responses.insert(status, response);
     }
 }
 

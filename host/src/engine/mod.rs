@@ -381,9 +381,21 @@ impl Registry {
     /// its memory goes back to the OS when the last of them ends. `false` if it was not
     /// loaded.
     pub async fn unload(&self, id: &str) -> Result<bool, EngineError> {
+        self.unload_when(id, |_| true).await
+    }
+
+    /// Unloads `id` if `still` holds for the loaded model, checked under the slot's lock
+    /// (no request can take the model between the check and the unload).
+    async fn unload_when(&self, id: &str, still: impl Fn(&Arc<LoadedModel>) -> bool) -> Result<bool, EngineError> {
         let slot = self.slots.get(id).ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
         let _loading = slot.loading.lock().await;
-        let taken = slot.loaded.write().unwrap_or_else(|e| e.into_inner()).take();
+        let taken = {
+            let mut loaded = slot.loaded.write().unwrap_or_else(|e| e.into_inner());
+            match loaded.as_ref() {
+                Some(model) if still(model) => loaded.take(),
+                _ => None,
+            }
+        };
         let Some(model) = taken else { return Ok(false) };
         tracing::info!(model = id, in_flight = Arc::strong_count(&model) - 1, "model unloaded");
         release(model);
@@ -393,15 +405,15 @@ impl Registry {
     /// Unloads every model idle past its `keep_alive` with no request on it; run every
     /// second by [`Registry::spawn_keep_alive`].
     async fn unload_idle(&self) {
-        let now = now_ms();
         for (id, slot) in &self.slots {
             let Ok(keep_alive) = u64::try_from(slot.config.keep_alive) else { continue };
-            let idle = now.saturating_sub(slot.last_used.load(std::sync::atomic::Ordering::Relaxed)) >= keep_alive * 1000;
-            // Only the slot holds it (no request, no background trie build).
-            let unused = slot.current().is_some_and(|m| Arc::strong_count(&m) == 2);
-            if idle && unused {
-                tracing::info!(model = %id, keep_alive, "idle past keep_alive");
-                let _ = self.unload(id).await;
+            let idle =
+                || now_ms().saturating_sub(slot.last_used.load(std::sync::atomic::Ordering::Relaxed)) >= keep_alive.saturating_mul(1000);
+            // Idle, and only the slot holds it (no request, no background trie build):
+            // checked again under the slot's lock.
+            if idle() && slot.current().is_some() && matches!(self.unload_when(id, |m| Arc::strong_count(m) == 1 && idle()).await, Ok(true))
+            {
+                tracing::info!(model = %id, keep_alive, "unloaded: idle past keep_alive");
             }
         }
     }

@@ -73,11 +73,16 @@ impl Caller {
     /// routes): the chain runs `on-request` with no messages and no model, so auth and rate
     /// limits apply as to chat.
     pub async fn identify(&self, state: &AppState, route: &str) -> Result<String, ApiError> {
+        self.identify_for(state, route, "").await
+    }
+
+    /// [`Caller::identify`] for a route that names `model` (plugins' per-model rules apply).
+    pub async fn identify_for(&self, state: &AppState, route: &str, model: &str) -> Result<String, ApiError> {
         let mut session = state.policies.current().start().await?;
         if session.is_empty() {
             return Ok(ANONYMOUS.to_string());
         }
-        let request = self.policy_request(route, "", &[], None, 0);
+        let request = self.policy_request(route, model, &[], None, 0);
         let allowed = decide(&mut session, request).await?;
         session.finish(policy::Finish { reason: "stop".into(), usage: policy::Usage { prompt_tokens: 0, completion_tokens: 0 } }).await?;
         Ok(principal_of(&allowed))
@@ -210,8 +215,9 @@ pub async fn count_chat_tokens(
     request: ChatCompletionRequest,
     sampling: SamplingFields,
 ) -> Result<usize, ApiError> {
-    caller.identify(state, "count_tokens").await?;
-    let model = state.backend(request.model.as_deref()).await?;
+    let model_id = request.model.clone().unwrap_or_else(|| state.registry.default_id().to_string());
+    caller.identify_for(state, "count_tokens", &model_id).await?;
+    let model = state.backend(Some(&model_id)).await?;
     let valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
     Ok(encode_chat(&model, &valid.shape, tools::template_messages(&valid.messages)).await?.len())
 }

@@ -286,10 +286,13 @@ pub struct CallStream {
 enum Scan {
     Start,
     Head,
+    /// Inside a call's arguments: nesting depth, within a string (after a backslash), and
+    /// within a bare scalar (`12`, `true`) at the top.
     Arguments {
         depth: usize,
         in_string: bool,
         escaped: bool,
+        scalar: bool,
     },
     AfterCall,
     /// Not (or no longer) calls in the grammar's layout, or the list ended.
@@ -342,9 +345,12 @@ impl CallStream {
                     let name = rest[start..start + len].to_string();
                     pieces.push(Piece::Head { index: self.heads, id: self.ids.id(self.heads), name });
                     self.heads += 1;
-                    self.advance(start + len + ARGUMENTS_OPEN.len(), Scan::Arguments { depth: 0, in_string: false, escaped: false });
+                    self.advance(
+                        start + len + ARGUMENTS_OPEN.len(),
+                        Scan::Arguments { depth: 0, in_string: false, escaped: false, scalar: false },
+                    );
                 }
-                Scan::Arguments { mut depth, mut in_string, mut escaped } => {
+                Scan::Arguments { mut depth, mut in_string, mut escaped, mut scalar } => {
                     let mut end = None;
                     for (i, c) in rest.char_indices() {
                         match (in_string, escaped, c) {
@@ -352,12 +358,22 @@ impl CallStream {
                             (true, false, '\\') => escaped = true,
                             (true, false, '"') => in_string = false,
                             (true, false, _) => {}
+                            // A bare scalar ends before the delimiter that follows it.
+                            (false, _, ',' | '}' | ']') if scalar && depth == 0 => {
+                                end = Some(i);
+                                break;
+                            }
+                            (false, _, c) if scalar && depth == 0 && c.is_whitespace() => {
+                                end = Some(i);
+                                break;
+                            }
                             (false, _, '"') => in_string = true,
                             (false, _, '{' | '[') => depth += 1,
                             (false, _, '}' | ']') => depth = depth.saturating_sub(1),
+                            (false, _, c) if depth == 0 && !c.is_whitespace() => scalar = true,
                             (false, _, _) => {}
                         }
-                        if depth == 0 && !in_string && !c.is_whitespace() {
+                        if depth == 0 && !in_string && !scalar && !c.is_whitespace() {
                             end = Some(i + c.len_utf8());
                             break;
                         }
@@ -369,7 +385,7 @@ impl CallStream {
                     match end {
                         Some(n) => self.advance(n, Scan::AfterCall),
                         None => {
-                            self.advance(taken, Scan::Arguments { depth, in_string, escaped });
+                            self.advance(taken, Scan::Arguments { depth, in_string, escaped, scalar });
                             break;
                         }
                     }
@@ -491,6 +507,23 @@ mod tests {
             assert_eq!(streamed, serde_json::from_str::<Value>(&call.arguments).unwrap());
         }
         assert!(pieces.iter().filter(|p| matches!(p, Piece::Arguments { index: 0, .. })).count() > 3, "arguments came in pieces");
+    }
+
+    #[test]
+    fn bare_scalar_arguments_stream_whole() {
+        let text = r#"{"tool_calls": [{"name": "count", "arguments": 123}, {"name": "flag", "arguments": true}]}"#;
+        let mut stream = CallStream::new(CallIds::new());
+        let pieces: Vec<Piece> = text.as_bytes().chunks(2).flat_map(|c| stream.push(std::str::from_utf8(c).unwrap())).collect();
+        let arguments = |n: usize| -> String {
+            pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Arguments { index, text } if *index == n => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!((stream.heads(), arguments(0), arguments(1)), (2, "123".to_string(), "true".to_string()));
     }
 
     #[test]

@@ -46,11 +46,14 @@ pub fn rewrite(before: &Request, mut after: Request, rules: &RequestRules) -> Re
     after.client_addr = before.client_addr.clone();
     after.prompt_tokens = before.prompt_tokens;
 
+    // What a plugin passed on unchanged was the client's and kept the client's rules (a
+    // client may send more than a plugin may write); only what it changed is checked here.
+    let messages_changed = after.messages != before.messages;
     if after.messages.len() > rules.max_messages {
         return Err(format!("rewrote {} messages, over the limit of {}", after.messages.len(), rules.max_messages));
     }
     let bytes: usize = after.messages.iter().map(|m| m.content.len() + m.role.len()).sum();
-    if bytes > MAX_OUTPUT_BYTES {
+    if messages_changed && bytes > MAX_OUTPUT_BYTES {
         return Err(format!("rewrote messages of {bytes} bytes, over the limit of {MAX_OUTPUT_BYTES}"));
     }
     if let Some((i, m)) = after.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
@@ -75,18 +78,24 @@ pub fn rewrite(before: &Request, mut after: Request, rules: &RequestRules) -> Re
     if let Some(principal) = &after.principal {
         check_principal(principal)?;
     }
-    let tool_bytes: usize = after.tools.iter().map(|t| t.name.len() + t.description.len() + t.parameters.len()).sum();
-    let format_bytes = match &after.response_format {
-        ResponseFormat::JsonSchema(s) => s.name.len() + s.schema.len(),
-        _ => 0,
-    };
-    if tool_bytes + format_bytes > MAX_OUTPUT_BYTES {
-        return Err(format!(
-            "rewrote tools and response format of {} bytes, over the limit of {MAX_OUTPUT_BYTES}",
-            tool_bytes + format_bytes
-        ));
+    let shape_changed = after.tools != before.tools
+        || after.tool_choice != before.tool_choice
+        || after.parallel_tool_calls != before.parallel_tool_calls
+        || after.response_format != before.response_format;
+    if shape_changed {
+        let tool_bytes: usize = after.tools.iter().map(|t| t.name.len() + t.description.len() + t.parameters.len()).sum();
+        let format_bytes = match &after.response_format {
+            ResponseFormat::JsonSchema(s) => s.name.len() + s.schema.len(),
+            _ => 0,
+        };
+        if tool_bytes + format_bytes > MAX_OUTPUT_BYTES {
+            return Err(format!(
+                "rewrote tools and response format of {} bytes, over the limit of {MAX_OUTPUT_BYTES}",
+                tool_bytes + format_bytes
+            ));
+        }
+        Shape::from_policy(&after)?;
     }
-    Shape::from_policy(&after)?;
     Ok(after)
 }
 
@@ -173,6 +182,21 @@ mod tests {
         assert!(check(|r| r.tools[0].parameters = "x".repeat(MAX_OUTPUT_BYTES)).unwrap_err().contains("bytes"));
         assert!(check(|r| r.tool_choice = ToolChoice::Function("nope".into())).is_err());
         assert!(check(|r| r.tool_choice = ToolChoice::Required).is_ok());
+    }
+
+    #[test]
+    fn what_a_plugin_passes_on_unchanged_is_not_held_to_the_plugin_limits() {
+        // A client may send more than a plugin may write: an auth plugin that only sets
+        // the principal must not fail a large request.
+        let mut big = request();
+        big.messages[0].content = "m".repeat(MAX_OUTPUT_BYTES + 1);
+        big.tools[0].description = "d".repeat(MAX_OUTPUT_BYTES + 1);
+        let mut after = big.clone();
+        after.principal = Some("alice".into());
+        assert!(rewrite(&big, after, &RequestRules::default()).is_ok());
+        let mut grown = big.clone();
+        grown.tools[0].name = "other".into();
+        assert!(rewrite(&big, grown, &RequestRules::default()).unwrap_err().contains("bytes"));
     }
 
     #[test]

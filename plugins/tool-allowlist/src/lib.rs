@@ -45,8 +45,12 @@ fn deny(message: String) -> Verdict {
 impl Policy for ToolAllowlist {
     fn init(config: &str) -> Result<Self, String> {
         let config: Config = serde_json::from_str(config).map_err(|e| format!("tool-allowlist config: {e}"))?;
-        if let Some(bad) =
-            config.principals.values().chain([&config.default]).flatten().find(|p| p.is_empty() || p[..p.len() - 1].contains('*'))
+        if let Some(bad) = config
+            .principals
+            .values()
+            .chain([&config.default])
+            .flatten()
+            .find(|p| p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*'))
         {
             return Err(format!("tool-allowlist: `{bad}` is not a tool name, `*`, or a prefix ending in `*`"));
         }
