@@ -83,6 +83,10 @@ pub struct StoreConfig {
     pub max_sessions_per_principal: u64,
     /// Largest message stored in a session (and a session's system prompt), in bytes.
     pub max_message_bytes: usize,
+    /// Stored responses (Responses API) one principal keeps; past it the oldest go.
+    pub max_responses_per_principal: u64,
+    /// Days a stored response is kept (0: no expiry).
+    pub response_ttl_days: u64,
     /// `redis://HOST:PORT` keeps the plugins' key-value space in Redis instead of the store.
     pub kv_url: Option<String>,
 }
@@ -94,6 +98,8 @@ impl Default for StoreConfig {
             max_connections: 8,
             max_sessions_per_principal: 1000,
             max_message_bytes: 256 * 1024,
+            max_responses_per_principal: 10_000,
+            response_ttl_days: 30,
             kv_url: None,
         }
     }

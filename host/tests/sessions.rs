@@ -715,6 +715,10 @@ fn a_response_chain_survives_kill_9_and_continues_on_another_replica() {
     let (status, e) = respond(&b, "sk-bob", Some(&second_id), "Hi");
     assert_eq!((status, e["error"]["code"].as_str()), (404, Some("response_not_found")), "{e}");
     assert_eq!(call(&b, "GET", &format!("/v1/responses/{second_id}"), "sk-bob", None).0, 404);
+    // Without a valid key nobody learns which ids exist: 401 for a real id and an unknown one.
+    assert_eq!(respond(&b, "sk-nope", Some(&second_id), "Hi").0, 401);
+    assert_eq!(respond(&b, "sk-nope", Some("resp_0123"), "Hi").0, 401);
+    assert_eq!(respond(&b, "sk-alice", Some("resp_0123"), "Hi").0, 404);
     assert_eq!(call(&b, "DELETE", &format!("/v1/responses/{second_id}"), "sk-bob", None).0, 404);
     let (status, deleted) = call(&b, "DELETE", &format!("/v1/responses/{first_id}"), "sk-alice", None);
     assert_eq!((status, deleted["deleted"].as_bool()), (200, Some(true)));

@@ -13,3 +13,5 @@ CREATE TABLE responses (
     created_at           BIGINT NOT NULL
 );
 CREATE INDEX responses_by_principal ON responses (principal, created_at);
+-- Expiry (`store.response_ttl_days`) deletes by age.
+CREATE INDEX responses_by_age ON responses (created_at);

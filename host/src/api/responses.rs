@@ -412,12 +412,18 @@ pub async fn create_response(req: &mut Request, depot: &mut Depot, res: &mut Res
     let r: CreateResponse = parse_body(&body)?;
     let (input_items, input_chat) = read_input(&r.input)?;
     let (mut messages, owner) = match &r.previous_response_id {
-        Some(previous) => {
-            let chain = state.store.response_chain(previous).await.map_err(not_found_as("previous_response_id"))?;
-            let owner = chain[0].principal.clone();
-            let messages = chain.into_iter().flat_map(|link| array(link.input).into_iter().chain(array(link.output))).collect();
-            (messages, Some(owner))
-        }
+        Some(previous) => match state.store.response_chain(previous).await {
+            Ok(chain) => {
+                let owner = chain[0].principal.clone();
+                let messages = chain.into_iter().flat_map(|link| array(link.input).into_iter().chain(array(link.output))).collect();
+                (messages, Some(owner))
+            }
+            // An unknown id is answered like someone else's, after the plugins (an
+            // unauthenticated caller learns nothing of which ids exist): no principal has
+            // a control character, so this owner is nobody.
+            Err(StoreError::NotFound(_)) => (Vec::new(), Some("\0nobody".to_string())),
+            Err(e) => return Err(not_found_as("previous_response_id")(e)),
+        },
         None => (Vec::new(), None),
     };
     messages.extend(input_chat.iter().cloned());

@@ -8,8 +8,9 @@ use sqlx::Row;
 
 use super::{SessionStore, StoreError, now_ms};
 
-/// A chain longer than this is refused (each link is one request's worth of context).
-pub const MAX_CHAIN: usize = 1000;
+/// A chain longer than this is refused: each link is at least two messages, and a request
+/// has at most `limits.max_messages` (1,024 by default).
+pub const MAX_CHAIN: usize = 512;
 
 /// One stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +45,31 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<StoredResponse, StoreError> {
 }
 
 impl SessionStore {
+    /// Stores a response. Within the same transaction, responses past
+    /// `store.response_ttl_days` go, and the principal's oldest beyond
+    /// `store.max_responses_per_principal`: what one caller (anonymous callers are one) can
+    /// keep is bounded.
     pub async fn put_response(&self, response: &StoredResponse) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut conn = self.write_conn().await?;
+        let mut tx = conn.begin().await?;
+        if self.config.response_ttl_days > 0 {
+            let cutoff = now.saturating_sub(i64::try_from(self.config.response_ttl_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX));
+            sqlx::query("DELETE FROM responses WHERE created_at < $1").bind(cutoff).execute(&mut *tx).await?;
+        }
+        let owned: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM responses WHERE principal = $1").bind(&response.principal).fetch_one(&mut *tx).await?;
+        let cap = i64::try_from(self.config.max_responses_per_principal.max(1)).unwrap_or(i64::MAX);
+        if owned >= cap {
+            sqlx::query(
+                "DELETE FROM responses WHERE id IN \
+                 (SELECT id FROM responses WHERE principal = $1 ORDER BY created_at, id LIMIT $2)",
+            )
+            .bind(&response.principal)
+            .bind(owned - cap + 1)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO responses (id, principal, previous_response_id, input, input_items, output, body, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -56,9 +81,11 @@ impl SessionStore {
         .bind(response.input_items.to_string())
         .bind(response.output.to_string())
         .bind(response.body.to_string())
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
+        conn.committed = true;
         Ok(())
     }
 
@@ -129,6 +156,23 @@ mod tests {
             output: json!([{"role": "assistant", "content": "ok"}]),
             body: json!({"id": id}),
         }
+    }
+
+    #[tokio::test]
+    async fn what_one_principal_keeps_is_bounded_and_old_responses_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("wisp.db").display());
+        let config = StoreConfig { url, max_responses_per_principal: 3, ..StoreConfig::default() };
+        let store = SessionStore::connect(&config).await.unwrap();
+        // A response from long ago (another principal's): expired at the next write.
+        store.put_response(&StoredResponse { principal: "bob".into(), ..response("old", None) }).await.unwrap();
+        sqlx::query("UPDATE responses SET created_at = 0 WHERE id = 'old'").execute(&store.pool).await.unwrap();
+        for n in 1..=5 {
+            store.put_response(&response(&format!("r{n}"), None)).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let kept: Vec<String> = sqlx::query_scalar("SELECT id FROM responses ORDER BY created_at").fetch_all(&store.pool).await.unwrap();
+        assert_eq!(kept, ["r3", "r4", "r5"], "the 3 newest of alice's, and bob's expired one gone");
     }
 
     #[tokio::test]
