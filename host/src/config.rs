@@ -200,6 +200,21 @@ pub struct ModelConfig {
     /// Seconds without a request before the model is unloaded (it reloads on the next
     /// request, which waits for it); -1 (the default) keeps it loaded.
     pub keep_alive: i64,
+    /// Proxy mode: serve this id by forwarding to these OpenAI-compatible backends
+    /// (`http://host:port/v1`), with the whole plugin chain, instead of a local GGUF.
+    pub upstreams: Vec<String>,
+    /// The model name sent upstream (default: `id`).
+    pub upstream_model: Option<String>,
+    /// An environment variable holding the upstreams' API key (sent as a bearer token).
+    pub api_key_env: Option<String>,
+    /// Proxy mode: milliseconds to connect to an upstream before trying the next.
+    pub upstream_connect_timeout_ms: u64,
+    /// Proxy mode: seconds an upstream may take to its first chunk, and between chunks.
+    pub upstream_timeout_secs: u64,
+    /// Proxy mode: seconds a failed upstream is skipped before it is tried again.
+    pub upstream_cooldown_secs: u64,
+    /// Proxy mode: seconds between health checks (`GET /models`, and `/metrics` for load).
+    pub health_check_secs: u64,
 }
 
 impl Default for ModelConfig {
@@ -215,6 +230,13 @@ impl Default for ModelConfig {
             chat_template: None,
             prefill_chunk: 512,
             keep_alive: -1,
+            upstreams: Vec::new(),
+            upstream_model: None,
+            api_key_env: None,
+            upstream_connect_timeout_ms: 2000,
+            upstream_timeout_secs: 120,
+            upstream_cooldown_secs: 10,
+            health_check_secs: 2,
         }
     }
 }
@@ -226,6 +248,11 @@ impl ModelConfig {
 
     pub fn device_spec(&self) -> DeviceSpec {
         self.device.parse().unwrap_or(DeviceSpec::Auto)
+    }
+
+    /// Served by forwarding to upstreams (proxy mode), not by the local engine.
+    pub fn is_proxy(&self) -> bool {
+        !self.upstreams.is_empty()
     }
 }
 
@@ -357,13 +384,20 @@ impl Config {
             if !ids.insert(m.id.as_str()) {
                 return Err(invalid(field("id"), format!("`{}` is listed twice", m.id)));
             }
-            match (&m.path, &m.hf) {
-                (Some(_), Some(_)) => return Err(invalid(field("path"), "set either `path` or `hf`, not both")),
-                (None, None) => return Err(invalid(field("path"), "one of `path` or `hf` is required")),
-                (None, Some(hf)) => {
+            match (&m.path, &m.hf, m.is_proxy()) {
+                (None, None, true) => validate_proxy(m, &field)?,
+                (Some(_), _, true) | (_, Some(_), true) => {
+                    return Err(invalid(
+                        field("upstreams"),
+                        "a proxied model has no `path` or `hf`: set `upstreams` or a model file, not both",
+                    ));
+                }
+                (Some(_), Some(_), _) => return Err(invalid(field("path"), "set either `path` or `hf`, not both")),
+                (None, None, false) => return Err(invalid(field("path"), "one of `path`, `hf` or `upstreams` is required")),
+                (None, Some(hf), false) => {
                     parse_hf(hf).map_err(|e| invalid(field("hf"), e))?;
                 }
-                (Some(_), None) => {}
+                (Some(_), None, false) => {}
             }
             m.device.parse::<DeviceSpec>().map_err(|e| invalid(field("device"), e))?;
             if m.prefill_chunk == 0 {
@@ -434,6 +468,43 @@ impl Config {
     pub fn default_model(&self) -> &ModelConfig {
         self.models.iter().find(|m| m.default).unwrap_or(&self.models[0])
     }
+}
+
+/// A proxied model's settings: `http://` upstream urls, each once, and timeouts of at least 1.
+fn validate_proxy(m: &ModelConfig, field: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for url in &m.upstreams {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            invalid(
+                field("upstreams"),
+                format!("`{url}` is not an `http://host:port/v1` url (https upstreams: terminate TLS in a sidecar; wisp's client speaks plain HTTP)"),
+            )
+        })?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(invalid(field("upstreams"), format!("`{url}` has no host")));
+        }
+        if !seen.insert(url.trim_end_matches('/')) {
+            return Err(invalid(field("upstreams"), format!("`{url}` is listed twice")));
+        }
+    }
+    if m.upstream_model.as_deref().is_some_and(|u| u.trim().is_empty()) {
+        return Err(invalid(field("upstream_model"), "must not be empty"));
+    }
+    if let Some(var) = &m.api_key_env
+        && std::env::var(var).map_or(true, |v| v.is_empty())
+    {
+        return Err(invalid(field("api_key_env"), format!("the environment variable `{var}` is not set")));
+    }
+    for (name, value) in [
+        ("upstream_connect_timeout_ms", m.upstream_connect_timeout_ms),
+        ("upstream_timeout_secs", m.upstream_timeout_secs),
+        ("health_check_secs", m.health_check_secs),
+    ] {
+        if value == 0 {
+            return Err(invalid(field(name), "must be at least 1"));
+        }
+    }
+    Ok(())
 }
 
 /// Splits `owner/repo:file.gguf`.

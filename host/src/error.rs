@@ -192,6 +192,15 @@ impl From<EngineError> for ApiError {
             EngineError::Grammar(GrammarError::Unavailable(_)) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("grammar_unavailable"), message)
             }
+            EngineError::UpstreamUnavailable { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unavailable"), message)
+            }
+            EngineError::UpstreamRefused { status, .. } => ApiError::new(
+                StatusCode::from_u16(status).ok().filter(|s| s.is_client_error()).unwrap_or(StatusCode::BAD_REQUEST),
+                "invalid_request_error",
+                Some("upstream_refused"),
+                message,
+            ),
         }
     }
 }

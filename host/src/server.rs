@@ -29,7 +29,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = config.listen_addr()?;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Registry::new(&config, metrics.clone()));
+    let registry = Arc::new(Registry::new(&config, metrics.clone())?);
     for id in registry.preload_ids() {
         let registry = registry.clone();
         tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! by configuration, never by client input. Latency buckets follow vLLM's, which suit LLM
 //! serving (milliseconds for inter-token latency, up to minutes end to end).
 
+use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::config::{LogFormat, TelemetryConfig};
@@ -56,6 +57,15 @@ pub struct Metrics {
     pub plugin_verdicts: IntCounterVec,
     pub plugin_failures: IntCounterVec,
     pub grammar_mask_seconds: HistogramVec,
+    /// KV cache in use by running sequences, as a fraction of the model's capacity
+    /// (`max_batch` sequences of its whole context).
+    pub kv_cache_usage: GaugeVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_request_seconds: HistogramVec,
+    pub upstream_first_event_seconds: HistogramVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub upstream_healthy: IntGaugeVec,
     /// The error codes `wisp_errors_total` has a series for.
     error_codes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -83,9 +93,16 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("metric names are unique; this is a bug");
             g
         };
-        let model_load_seconds = GaugeVec::new(Opts::new("wisp_model_load_seconds", "Time the model took to load"), &["model"])
-            .expect("metric definition is valid; this is a bug");
-        registry.register(Box::new(model_load_seconds.clone())).expect("metric names are unique; this is a bug");
+        let float_gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["model"]).expect("metric definition is valid; this is a bug");
+            registry.register(Box::new(g.clone())).expect("metric names are unique; this is a bug");
+            g
+        };
+        let upstream_gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["model", "upstream"]).expect("metric definition is valid; this is a bug");
+            registry.register(Box::new(g.clone())).expect("metric names are unique; this is a bug");
+            g
+        };
         Metrics {
             requests: counter("wisp_requests_total", "HTTP requests by route and status", &["route", "status"]),
             request_seconds: histogram("wisp_request_duration_seconds", "End-to-end request latency", E2E_BUCKETS, &["route"]),
@@ -103,7 +120,35 @@ impl Metrics {
             batch_size: histogram("wisp_batch_size", "Sequences in one engine step (continuous batching)", BATCH_BUCKETS, &["model"]),
             requests_running: gauge("wisp_requests_running", "Requests being generated"),
             requests_waiting: gauge("wisp_requests_waiting", "Requests queued for the engine"),
-            model_load_seconds,
+            model_load_seconds: float_gauge("wisp_model_load_seconds", "Time the model took to load"),
+            kv_cache_usage: float_gauge(
+                "wisp_kv_cache_usage_ratio",
+                "KV cache held by running sequences, as a fraction of max_batch sequences of the whole context",
+            ),
+            upstream_requests: counter(
+                "wisp_upstream_requests_total",
+                "Proxied requests by upstream and outcome (ok, error, cancelled, refused)",
+                &["model", "upstream", "outcome"],
+            ),
+            upstream_errors: counter(
+                "wisp_upstream_errors_total",
+                "Upstream failures by kind (connect, timeout, status, overloaded, rejected, stream, upstream_error)",
+                &["model", "upstream", "kind"],
+            ),
+            upstream_request_seconds: histogram(
+                "wisp_upstream_request_duration_seconds",
+                "Proxied request duration on its upstream",
+                E2E_BUCKETS,
+                &["model", "upstream"],
+            ),
+            upstream_first_event_seconds: histogram(
+                "wisp_upstream_first_event_seconds",
+                "Time from sending a proxied request to its upstream's first event",
+                TTFT_BUCKETS,
+                &["model", "upstream"],
+            ),
+            upstream_in_flight: upstream_gauge("wisp_upstream_in_flight", "Proxied requests open on the upstream"),
+            upstream_healthy: upstream_gauge("wisp_upstream_healthy", "1 while the upstream is not cooling down after a failure"),
             plugin_hook_seconds: histogram(
                 "wisp_plugin_hook_duration_seconds",
                 "Plugin hook call duration",
@@ -138,10 +183,40 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        let aliases: Vec<MetricFamily> = families
+            .iter()
+            .filter_map(|f| VLLM_ALIASES.iter().find(|(ours, _)| *ours == f.name()).map(|(_, theirs)| vllm_alias(f, theirs)))
+            .collect();
+        families.extend(aliases);
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to a Vec cannot fail; this is a bug");
+        TextEncoder::new().encode(&families, &mut out).expect("encoding to a Vec cannot fail; this is a bug");
         String::from_utf8(out).expect("the text encoder writes UTF-8; this is a bug")
     }
+}
+
+/// wisp's per-model gauges under the names vLLM exports, which Kubernetes' Gateway API
+/// Inference Extension's endpoint picker reads by default (its model server protocol):
+/// queued and running requests, and the KV cache in use as a 0..1 fraction.
+const VLLM_ALIASES: &[(&str, &str)] = &[
+    ("wisp_requests_waiting", "vllm:num_requests_waiting"),
+    ("wisp_requests_running", "vllm:num_requests_running"),
+    ("wisp_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc"),
+];
+
+/// `family` renamed to `name`, its `model` label named `model_name` as vLLM's are.
+fn vllm_alias(family: &MetricFamily, name: &str) -> MetricFamily {
+    let mut alias = family.clone();
+    alias.set_name(name.to_string());
+    alias.set_help(format!("{} (vLLM's name, for the inference gateway's endpoint picker)", family.help()));
+    for metric in alias.mut_metric() {
+        for label in metric.mut_label() {
+            if label.name() == "model" {
+                label.set_name("model_name".into());
+            }
+        }
+    }
+    alias
 }
 
 impl Default for Metrics {
@@ -166,5 +241,22 @@ mod tests {
         assert_eq!(series, MAX_ERROR_CODES + 1, "{text}");
         assert!(text.contains("wisp_errors_total{type=\"other\"} 128"), "{text}");
         assert!(text.contains("wisp_errors_total{type=\"code_0\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn the_engine_gauges_are_also_exported_under_vllm_names() {
+        let metrics = Metrics::new();
+        metrics.requests_waiting.with_label_values(&["m"]).set(3);
+        metrics.requests_running.with_label_values(&["m"]).set(2);
+        metrics.kv_cache_usage.with_label_values(&["m"]).set(0.25);
+        let text = metrics.render();
+        for line in [
+            "vllm:num_requests_waiting{model_name=\"m\"} 3",
+            "vllm:num_requests_running{model_name=\"m\"} 2",
+            "vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing: {text}");
+        }
+        assert!(text.contains("wisp_requests_waiting{model=\"m\"} 3"), "the own names stay: {text}");
     }
 }

@@ -47,12 +47,6 @@ fn chat_body(content: &str, extra: Value) -> Value {
     body
 }
 
-/// A counter or gauge value from the Prometheus text.
-fn metric(server: &Server, name: &str) -> f64 {
-    let text = client().get(server.url("/metrics")).send().unwrap().text().unwrap();
-    text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
 #[test]
 fn serves_health_ready_models_and_metrics() {
     let server = Server::start("");
@@ -68,7 +62,7 @@ fn serves_health_ready_models_and_metrics() {
     let missing = client().get(server.url("/v1/models/nope")).send().unwrap();
     assert_eq!(missing.status().as_u16(), 404);
     assert_openai_error(&missing.json().unwrap(), Some("model_not_found"));
-    assert!(metric(&server, "wisp_model_load_seconds") > 0.0);
+    assert!(server.metric("wisp_model_load_seconds") > 0.0);
 }
 
 #[test]
@@ -257,14 +251,14 @@ fn hanging_up_mid_stream_stops_the_generation() {
     }
     drop(lines);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&server, "wisp_requests_running") > 0.0 {
+    while server.metric("wisp_requests_running") > 0.0 {
         assert!(Instant::now() < deadline, "generation still running after the client hung up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let generated = metric(&server, "wisp_generation_tokens_total");
+    let generated = server.metric("wisp_generation_tokens_total");
     assert!(generated < 3000.0, "generated {generated} tokens for a client that left");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(metric(&server, "wisp_generation_tokens_total"), generated, "tokens kept coming");
+    assert_eq!(server.metric("wisp_generation_tokens_total"), generated, "tokens kept coming");
 }
 
 #[test]
@@ -281,7 +275,7 @@ fn stays_responsive_and_queues_while_generating() {
     });
     // Wait until it is generating.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&server, "wisp_requests_running") < 1.0 {
+    while server.metric("wisp_requests_running") < 1.0 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -559,7 +553,7 @@ fn an_engine_panic_fails_its_requests_and_the_engine_serves_on() {
     // The second PANIC-NOW panicked the engine again, unless it found the queue still full
     // (the place of a request answered just before is given back a moment after its
     // answer): then it was refused with a 503 and never ran.
-    let panics = metric(&server, "wisp_errors_total{type=\"engine_panic\"}");
+    let panics = server.metric("wisp_errors_total{type=\"engine_panic\"}");
     let expected = if statuses[0] == 503 { 1.0 } else { 2.0 };
     assert!(panics >= expected, "{panics} panics counted, statuses {statuses:?}");
     for _ in 0..4 {

@@ -11,6 +11,7 @@ pub mod grammar;
 pub mod model;
 pub mod ops;
 pub mod qgemm;
+pub mod remote;
 pub mod sampling;
 pub mod scheduler;
 pub mod template;
@@ -24,6 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, DeviceSpec, Limits, ModelConfig, parse_hf};
@@ -63,12 +65,57 @@ pub enum EngineError {
     Template(#[from] TemplateError),
     #[error(transparent)]
     Grammar(#[from] grammar::GrammarError),
+    /// Proxy mode: no upstream could take the request.
+    #[error("no upstream of `{id}` could take the request (last: {message})")]
+    UpstreamUnavailable { id: String, message: String },
+    /// Proxy mode: the upstream refused the request itself (a 400, 413 or 422).
+    #[error("the upstream refused the request: {message}")]
+    UpstreamRefused { status: u16, message: String },
+}
+
+/// A prompt in the form its backend takes it.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Token ids: the local engine's prompt (the chat template already applied), or a
+    /// completions prompt a client gave as ids.
+    Tokens(Vec<u32>),
+    /// A conversation, for a backend that applies its own chat template (proxy mode), with
+    /// an estimate of its tokens.
+    Messages { messages: Vec<TemplateMessage>, estimated_tokens: usize },
+    /// Raw completions text, for a backend that tokenizes it itself (proxy mode).
+    Text { text: String, estimated_tokens: usize },
+}
+
+impl Prompt {
+    /// Its length in tokens (estimated where the backend tokenizes).
+    pub fn len(&self) -> usize {
+        match self {
+            Prompt::Tokens(ids) => ids.len(),
+            Prompt::Messages { estimated_tokens, .. } | Prompt::Text { estimated_tokens, .. } => *estimated_tokens,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Prompt::Tokens(ids) => ids.is_empty(),
+            Prompt::Messages { messages, .. } => messages.is_empty(),
+            Prompt::Text { text, .. } => text.is_empty(),
+        }
+    }
+
+    /// The ids of a token prompt; empty for the others (only remote backends take those).
+    pub fn tokens(&self) -> &[u32] {
+        match self {
+            Prompt::Tokens(ids) => ids,
+            _ => &[],
+        }
+    }
 }
 
 /// A request the api has validated: token ids and settings within the model's limits.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
+    pub prompt: Prompt,
     /// New tokens to generate at most; prompt + max_tokens fits the context.
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -151,19 +198,25 @@ pub struct LoadedModel {
 pub trait Backend: Send + Sync + 'static {
     /// The model id clients name.
     fn id(&self) -> &str;
-    /// Longest prompt + completion, in tokens.
-    fn context_length(&self) -> usize;
-    /// Token ids run from 0 to this, exclusive (`logit_bias` keys are checked against it).
-    fn vocab_size(&self) -> usize;
-    /// Renders a conversation with the model's chat template.
-    fn render_chat(&self, messages: &[TemplateMessage]) -> Result<String, TemplateError>;
-    /// Token ids of `text`. A rendered chat already holds its special tokens, so
-    /// `add_bos` is only for raw completions prompts.
-    fn encode(&self, text: &str, add_bos: bool) -> Vec<u32>;
-    /// Text of token ids, special tokens skipped.
-    fn decode(&self, ids: &[u32]) -> String;
+    /// Longest prompt + completion, in tokens; `None` where the backend does not know it
+    /// (an upstream enforces its own).
+    fn context_length(&self) -> Option<usize>;
+    /// Token ids run from 0 to this, exclusive (`logit_bias` keys are checked against it);
+    /// `None` where an upstream checks them.
+    fn vocab_size(&self) -> Option<usize>;
+    /// A conversation as this backend takes it: rendered with the model's chat template
+    /// and tokenized (local), or the messages themselves (an upstream applies its own).
+    fn chat_prompt(&self, messages: Vec<TemplateMessage>) -> Result<Prompt, TemplateError>;
+    /// A raw completions prompt (with the model's BOS where it takes one).
+    fn text_prompt(&self, text: String) -> Prompt;
+    /// Text of token ids, special tokens skipped; `None` without a tokenizer.
+    fn decode(&self, ids: &[u32]) -> Option<String>;
+    /// Served by upstreams (proxy mode): no token ids or logprobs come back.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Starts a generation; the stream yields its tokens as they are generated.
-    fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError>;
+    fn generate(self: Arc<Self>, request: GenerateRequest) -> BoxFuture<'static, Result<TokenStream, EngineError>>;
 }
 
 impl Backend for LoadedModel {
@@ -171,18 +224,46 @@ impl Backend for LoadedModel {
         &self.id
     }
 
-    fn context_length(&self) -> usize {
-        self.context_length
+    fn context_length(&self) -> Option<usize> {
+        Some(self.context_length)
     }
 
-    fn vocab_size(&self) -> usize {
-        self.tokenizer.vocab_size()
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.tokenizer.vocab_size())
     }
 
-    fn render_chat(&self, messages: &[TemplateMessage]) -> Result<String, TemplateError> {
-        self.template.render(messages, true)
+    fn chat_prompt(&self, messages: Vec<TemplateMessage>) -> Result<Prompt, TemplateError> {
+        Ok(Prompt::Tokens(self.encode(&self.template.render(&messages, true)?, false)))
     }
 
+    fn text_prompt(&self, text: String) -> Prompt {
+        Prompt::Tokens(self.encode(&text, true))
+    }
+
+    fn decode(&self, ids: &[u32]) -> Option<String> {
+        Some(self.tokenizer.tokenizer.decode(ids, true).unwrap_or_default())
+    }
+
+    fn generate(self: Arc<Self>, request: GenerateRequest) -> BoxFuture<'static, Result<TokenStream, EngineError>> {
+        Box::pin(async move {
+            if !matches!(request.prompt, Prompt::Tokens(_)) {
+                return Err(EngineError::Load { id: self.id.clone(), message: "the local engine takes token ids; this is a bug".into() });
+            }
+            match &request.constraint {
+                // Compiling a response format (and, the first time, the vocabulary's trie)
+                // is CPU work: off the async executor.
+                Some(_) => tokio::task::spawn_blocking(move || self.schedule(request))
+                    .await
+                    .map_err(|e| EngineError::Stopped(format!("scheduling failed: {e}")))?,
+                None => self.schedule(request),
+            }
+        })
+    }
+}
+
+impl LoadedModel {
+    /// Token ids of `text`. A rendered chat already holds its special tokens, so
+    /// `add_bos` is only for raw completions prompts.
     fn encode(&self, text: &str, add_bos: bool) -> Vec<u32> {
         let mut ids = Vec::new();
         if add_bos && self.tokenizer.add_bos {
@@ -193,20 +274,14 @@ impl Backend for LoadedModel {
         ids
     }
 
-    fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer.tokenizer.decode(ids, true).unwrap_or_default()
-    }
-
-    fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+    fn schedule(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
         let grammar = match &request.constraint {
             Some(constraint) => Some(self.grammars()?.compile(constraint)?),
             None => None,
         };
         self.scheduler.schedule(request, grammar)
     }
-}
 
-impl LoadedModel {
     /// The model's compiler of response formats (its vocabulary's token trie, built once).
     fn grammars(&self) -> Result<&Grammars, EngineError> {
         let built = self.grammars.get_or_init(|| {
@@ -225,6 +300,8 @@ impl LoadedModel {
 /// while in use, unloaded by the admin route or after `keep_alive` idle seconds.
 struct ModelSlot {
     config: ModelConfig,
+    /// Proxy mode: the upstreams that serve it (always ready; nothing loads).
+    remote: Option<Arc<remote::RemoteModel>>,
     /// The model while it is loaded. Requests hold their own `Arc`, so an unload frees
     /// the memory only when the last request on it has finished.
     loaded: std::sync::RwLock<Option<Arc<LoadedModel>>>,
@@ -267,33 +344,39 @@ pub struct ModelInfo {
     pub chat_template: Option<bool>,
     /// Idle seconds before it is unloaded; -1 never.
     pub keep_alive: i64,
+    /// Proxy mode: how many upstreams serve it (0: the local engine).
+    pub upstreams: usize,
 }
 
 impl Registry {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Registry {
+    /// The registry of the configured models; a proxied model starts its upstreams'
+    /// health checks (so this runs inside the async runtime).
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Registry, EngineError> {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let slots = config
-            .models
-            .iter()
-            .map(|m| {
-                let slot = ModelSlot {
-                    config: m.clone(),
-                    loaded: std::sync::RwLock::new(None),
-                    loading: tokio::sync::Mutex::new(()),
-                    ever_loaded: false.into(),
-                    last_used: now_ms().into(),
-                    created,
-                };
-                (m.id.clone(), slot)
-            })
-            .collect();
-        Registry {
+        let mut slots = HashMap::new();
+        for m in &config.models {
+            let remote = match m.is_proxy() {
+                true => Some(Arc::new(remote::RemoteModel::new(m, metrics.clone())?)),
+                false => None,
+            };
+            let slot = ModelSlot {
+                config: m.clone(),
+                remote,
+                loaded: std::sync::RwLock::new(None),
+                loading: tokio::sync::Mutex::new(()),
+                ever_loaded: false.into(),
+                last_used: now_ms().into(),
+                created,
+            };
+            slots.insert(m.id.clone(), slot);
+        }
+        Ok(Registry {
             slots,
             order: config.models.iter().map(|m| m.id.clone()).collect(),
             default_id: config.default_model().id.clone(),
             limits: config.limits.clone(),
             metrics,
-        }
+        })
     }
 
     pub fn default_id(&self) -> &str {
@@ -310,9 +393,11 @@ impl Registry {
             ModelInfo {
                 id: id.to_string(),
                 created: s.created,
-                loaded: loaded.is_some(),
-                chat_template: loaded.map(|m| m.own_template),
+                loaded: loaded.is_some() || s.remote.is_some(),
+                // An upstream applies its own template: served as a chat model.
+                chat_template: if s.remote.is_some() { Some(true) } else { loaded.map(|m| m.own_template) },
                 keep_alive: s.config.keep_alive,
+                upstreams: s.config.upstreams.len(),
             }
         })
     }
@@ -321,6 +406,9 @@ impl Registry {
     /// thread running, or unloaded on purpose after it loaded once (it reloads on demand).
     pub fn is_ready(&self) -> bool {
         let Some(slot) = self.slots.get(&self.default_id) else { return false };
+        if let Some(remote) = &slot.remote {
+            return remote.any_healthy();
+        }
         match slot.current() {
             Some(model) => model.scheduler.is_alive(),
             None => slot.ever_loaded.load(std::sync::atomic::Ordering::Relaxed),
@@ -329,13 +417,21 @@ impl Registry {
 
     /// The models to load at start: the default one and those with `preload = true`.
     pub fn preload_ids(&self) -> Vec<String> {
-        self.order.iter().filter(|id| **id == self.default_id || self.slots[*id].config.preload).cloned().collect()
+        let local = |id: &&String| self.slots[*id].remote.is_none();
+        self.order.iter().filter(local).filter(|id| **id == self.default_id || self.slots[*id].config.preload).cloned().collect()
     }
 
-    /// The loaded model `id`, loading it first if needed (off the async executor): a
-    /// request for an unloaded model waits for its load.
-    pub async fn get(&self, id: &str) -> Result<Arc<LoadedModel>, EngineError> {
+    /// The backend of model `id`, loading a local model first if needed (off the async
+    /// executor): a request for an unloaded model waits for its load.
+    pub async fn get(&self, id: &str) -> Result<Arc<dyn Backend>, EngineError> {
         let slot = self.slots.get(id).ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
+        if let Some(remote) = &slot.remote {
+            return Ok(remote.clone());
+        }
+        Ok(self.get_local(id, slot).await?)
+    }
+
+    async fn get_local(&self, id: &str, slot: &ModelSlot) -> Result<Arc<LoadedModel>, EngineError> {
         slot.last_used.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         if let Some(model) = slot.current() {
             return Ok(model);

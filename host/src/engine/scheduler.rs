@@ -141,6 +141,7 @@ struct ModelMetrics {
     batch_size: prometheus::Histogram,
     running: prometheus::IntGauge,
     waiting: prometheus::IntGauge,
+    kv_usage: prometheus::Gauge,
     grammar_mask: prometheus::Histogram,
 }
 
@@ -157,6 +158,7 @@ impl ModelMetrics {
             prefix_hit_tokens: metrics.prefix_hit_tokens.with_label_values(&label),
             running: metrics.requests_running.with_label_values(&label),
             waiting: metrics.requests_waiting.with_label_values(&label),
+            kv_usage: metrics.kv_cache_usage.with_label_values(&label),
             grammar_mask: metrics.grammar_mask_seconds.with_label_values(&label),
         }
     }
@@ -295,6 +297,7 @@ impl Worker {
             }
             self.prefixes.borrow_mut().clear();
             self.per_model.running.set(0);
+            self.per_model.kv_usage.set(0.0);
         }
     }
 
@@ -320,6 +323,7 @@ impl Worker {
             }
             self.per_model.waiting.set(queue.len() as i64);
             self.per_model.running.set(live.len() as i64);
+            self.report_kv_usage(live);
             if live.is_empty() {
                 continue;
             }
@@ -330,7 +334,7 @@ impl Worker {
                 }
             }
             for seq in live.iter().filter(|s| s.is_over()) {
-                let tokens: Vec<u32> = seq.request.prompt[..seq.prefilled].iter().chain(&seq.fed).copied().collect();
+                let tokens: Vec<u32> = seq.request.prompt.tokens()[..seq.prefilled].iter().chain(&seq.fed).copied().collect();
                 if tokens.len() == seq.cache.len()
                     && let Err(e) = self.prefixes.borrow_mut().insert(&self.model, tokens, &seq.cache)
                 {
@@ -339,7 +343,16 @@ impl Worker {
             }
             live.retain(|seq| !seq.is_over());
             self.per_model.running.set(live.len() as i64);
+            self.report_kv_usage(live);
         }
+    }
+
+    /// The KV positions the running sequences hold, as a fraction of `max_batch` whole
+    /// contexts (what the inference gateway's endpoint picker reads as KV-cache usage).
+    fn report_kv_usage(&self, live: &[Sequence]) {
+        let held: usize = live.iter().map(|s| s.cache.capacity()).sum();
+        let capacity = (self.max_batch * self.model.max_len()).max(1);
+        self.per_model.kv_usage.set(held as f64 / capacity as f64);
     }
 
     fn fail(&self, events: &mpsc::UnboundedSender<StreamEvent>, e: &candle_core::Error) {
@@ -357,7 +370,7 @@ impl Worker {
             return Ok(None);
         }
         if let Some(magic) = &self.panic_on
-            && self.tokenizer.tokenizer.decode(&request.prompt, false).is_ok_and(|text| text.contains(magic.as_str()))
+            && self.tokenizer.tokenizer.decode(request.prompt.tokens(), false).is_ok_and(|text| text.contains(magic.as_str()))
         {
             panic!("{PANIC_ON_VAR} matched the prompt (injected fault)");
         }
@@ -367,7 +380,7 @@ impl Worker {
             Err(e) => return Err((events, e)),
         };
         let mut prefilled = 0;
-        if let Some((shared, source)) = self.prefixes.borrow_mut().lookup(&request.prompt) {
+        if let Some((shared, source)) = self.prefixes.borrow_mut().lookup(request.prompt.tokens()) {
             match cache.copy_prefix(source, shared) {
                 Ok(()) => {
                     prefilled = shared;
@@ -378,7 +391,7 @@ impl Worker {
         }
         let phase = tracing::info_span!(parent: &request.span, "prefill", model = %self.model_id, prompt_tokens = request.prompt.len());
         Ok(Some(Sequence {
-            sampler: Sampler::new(request.sampling.clone(), &request.prompt),
+            sampler: Sampler::new(request.sampling.clone(), request.prompt.tokens()),
             grammar,
             stop: StopMatcher::new(request.stop.iter().cloned()),
             request,
@@ -410,7 +423,7 @@ impl Worker {
             } else if budget > 0 {
                 let end = (seq.prefilled + budget).min(seq.request.prompt.len());
                 budget -= end - seq.prefilled;
-                feeds.push((i, seq.request.prompt[seq.prefilled..end].to_vec()));
+                feeds.push((i, seq.request.prompt.tokens()[seq.prefilled..end].to_vec()));
             }
         }
         self.per_model.batch_size.observe(feeds.len() as f64);

@@ -9,9 +9,9 @@ use super::output::{Governed, Output};
 use super::shape::Shape;
 use super::tools::{self, CallIds};
 use super::turn::TurnRecord;
-use super::{Generation, SessionTurnInfo, apply_sampling, blocking, decide, generate_request};
-use crate::engine::Backend;
+use super::{Generation, SessionTurnInfo, apply_sampling, blocking, decide, generate_request, vocab_of};
 use crate::engine::template::TemplateMessage;
+use crate::engine::{Backend, Prompt};
 use crate::error::ApiError;
 use crate::policy;
 use crate::request::{self, ChatCompletionRequest, SamplingFields, ValidParams};
@@ -96,7 +96,7 @@ pub(super) fn principal_of(request: &policy::Request) -> String {
 /// A session's history with the new messages, pruned to fit.
 struct Conversation {
     messages: Vec<TemplateMessage>,
-    prompt: Vec<u32>,
+    prompt: Prompt,
     pruned: usize,
 }
 
@@ -124,7 +124,7 @@ pub async fn start_owned_chat(
     };
     let model_id = request.model.clone().or_else(|| session.as_ref().map(|s| s.model.clone()));
     let model = state.backend(model_id.as_deref()).await?;
-    let mut valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let mut valid = request::validate_chat(request, sampling, vocab_of(model.as_ref()), &state.config.limits)?;
     let mut shape = std::mem::take(&mut valid.shape);
     let new_messages = std::mem::take(&mut valid.messages);
     let conversation = match &session {
@@ -188,11 +188,7 @@ pub async fn start_owned_chat(
     let governed = governed.map(|session| Governed::new(session, prompt_tokens));
     let call_ids = shape.calls_tools().then(CallIds::new);
     let turn = session.as_ref().map(|s| TurnRecord::new(state.store.clone(), s.id.clone(), new_messages, call_ids.clone()));
-    // Compiling a response format (and, the first time, the vocabulary's trie) is CPU work.
-    let stream = {
-        let model = model.clone();
-        blocking(move || model.generate(job)).await??
-    };
+    let stream = model.clone().generate(job).await?;
     Ok(Generation {
         model: model.id().to_string(),
         output: Output::new(stream, governed, turn, prompt_tokens, Some(model.clone())),
@@ -218,19 +214,19 @@ pub async fn count_chat_tokens(
     let model_id = request.model.clone().unwrap_or_else(|| state.registry.default_id().to_string());
     caller.identify_for(state, "count_tokens", &model_id).await?;
     let model = state.backend(Some(&model_id)).await?;
-    let valid = request::validate_chat(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let valid = request::validate_chat(request, sampling, vocab_of(model.as_ref()), &state.config.limits)?;
     Ok(encode_chat(&model, &valid.shape, tools::template_messages(&valid.messages)).await?.len())
 }
 
-/// Renders (with the tool prompt the shape adds) and tokenizes a conversation off the
-/// async executor.
-pub async fn encode_chat(model: &Arc<dyn Backend>, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
+/// The backend's prompt of a conversation, with the tool prompt the shape adds (rendered
+/// and tokenized off the async executor for the local engine).
+pub async fn encode_chat(model: &Arc<dyn Backend>, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Prompt, ApiError> {
     let (model, shape) = (model.clone(), shape.clone());
     blocking(move || render(model.as_ref(), &shape, messages)).await?
 }
 
-fn render(model: &dyn Backend, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Vec<u32>, ApiError> {
-    Ok(model.encode(&model.render_chat(&shape.prompt_messages(messages))?, false))
+fn render(model: &dyn Backend, shape: &Shape, messages: Vec<TemplateMessage>) -> Result<Prompt, ApiError> {
+    Ok(model.chat_prompt(shape.prompt_messages(messages))?)
 }
 
 /// The session's system prompt, its history and the new messages, leaving out the oldest
@@ -260,14 +256,15 @@ async fn session_conversation(
     }
     let system: Vec<TemplateMessage> =
         session.system_prompt.iter().map(|p| TemplateMessage { role: "system".into(), content: p.clone() }).collect();
-    let context = model.context_length();
+    // Without a known context (an upstream's), nothing is left out here.
+    let context = model.context_length().unwrap_or(usize::MAX);
     let budget = context.saturating_sub(reserve.min(context / 2));
     let (model, shape) = (model.clone(), shape.clone());
     blocking(move || -> Result<Conversation, ApiError> {
         // Cut points: drop everything before a user message (Gemma-style templates need the
         // roles to alternate from a user turn), or all of the history.
         let cuts: Vec<usize> = (0..history.len()).filter(|&i| history[i].role == "user").chain(std::iter::once(history.len())).collect();
-        let build = |cut: usize| -> Result<(Vec<TemplateMessage>, Vec<u32>), ApiError> {
+        let build = |cut: usize| -> Result<(Vec<TemplateMessage>, Prompt), ApiError> {
             let messages: Vec<TemplateMessage> = system.iter().chain(&history[cut..]).chain(&new_messages).cloned().collect();
             let prompt = render(model.as_ref(), &shape, messages.clone())?;
             Ok((messages, prompt))

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use super::output::{Governed, Output};
-use super::{Caller, Generation, apply_sampling, blocking, decide, generate_request};
-use crate::engine::Backend;
+use super::{Caller, Generation, apply_sampling, blocking, decide, generate_request, vocab_of};
 use crate::engine::template::TemplateMessage;
+use crate::engine::{Backend, Prompt};
 use crate::error::ApiError;
 use crate::request::{self, CompletionRequest, SamplingFields, ValidPrompt};
 use crate::state::AppState;
@@ -22,12 +22,19 @@ pub async fn start_completion(
     sampling: SamplingFields,
 ) -> Result<Generation, ApiError> {
     let model = state.backend(request.model.as_deref()).await?;
-    let mut valid = request::validate_completion(request, sampling, model.vocab_size(), &state.config.limits)?;
+    let mut valid = request::validate_completion(request, sampling, vocab_of(model.as_ref()), &state.config.limits)?;
     let (mut prompt, mut prompt_text) = match valid.prompt {
         ValidPrompt::Text(text) => encode_text(&model, text).await?,
         ValidPrompt::Tokens(ids) => {
-            let text = model.decode(&ids);
-            (ids, text)
+            // Plugins read the prompt as text: a backend that cannot decode ids (an
+            // upstream's) cannot take them governed.
+            let text = model.decode(&ids).ok_or_else(|| {
+                ApiError::unsupported(
+                    "prompt",
+                    format!("`{}` is served by upstreams (proxy mode): send the prompt as text, not token ids", model.id()),
+                )
+            })?;
+            (Prompt::Tokens(ids), text)
         }
     };
     let mut principal = ANONYMOUS.to_string();
@@ -49,7 +56,7 @@ pub async fn start_completion(
     };
     let job = generate_request(model.as_ref(), prompt, &valid.params, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")?;
     let prompt_tokens = job.prompt.len();
-    let stream = model.generate(job)?;
+    let stream = model.clone().generate(job).await?;
     Ok(Generation {
         model: model.id().to_string(),
         output: Output::new(stream, policies.map(|p| Governed::new(p, prompt_tokens)), None, prompt_tokens, Some(model.clone())),
@@ -64,7 +71,7 @@ pub async fn start_completion(
 }
 
 /// Tokenizes a raw prompt (with the model's BOS) off the async executor.
-async fn encode_text(model: &Arc<dyn Backend>, text: String) -> Result<(Vec<u32>, String), ApiError> {
+async fn encode_text(model: &Arc<dyn Backend>, text: String) -> Result<(Prompt, String), ApiError> {
     let model = model.clone();
-    blocking(move || (model.encode(&text, true), text)).await
+    blocking(move || (model.text_prompt(text.clone()), text)).await
 }

@@ -17,7 +17,7 @@ pub mod turn;
 
 use std::time::Instant;
 
-use crate::engine::{Backend, GenerateRequest};
+use crate::engine::{Backend, GenerateRequest, Prompt};
 use crate::error::ApiError;
 use crate::policy::{self, Decision, PolicySession};
 use crate::request::ValidParams;
@@ -74,19 +74,33 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::engine_failure(format!("tokenizer task failed: {e}")))
 }
 
-/// Checks the prompt against the context and settles `max_tokens`.
+/// The vocabulary size requests are checked against: any id where an upstream checks them.
+fn vocab_of(model: &dyn Backend) -> usize {
+    model.vocab_size().unwrap_or(usize::MAX)
+}
+
+/// Checks the prompt against the context (where the backend knows it; an upstream checks
+/// its own) and settles `max_tokens`.
 fn generate_request(
     model: &dyn Backend,
-    prompt: Vec<u32>,
+    prompt: Prompt,
     params: &ValidParams,
     default_max_tokens: usize,
     prompt_param: &str,
 ) -> Result<GenerateRequest, ApiError> {
-    let context = model.context_length();
     let n = prompt.len();
-    if n == 0 {
+    if prompt.is_empty() || n == 0 {
         return Err(ApiError::invalid(prompt_param, "the prompt is empty after tokenization"));
     }
+    if params.sampling.logprobs.is_some() && model.is_remote() {
+        return Err(ApiError::unsupported(
+            "logprobs",
+            format!("`{}` is served by upstreams (proxy mode), which report no logprobs through wisp", model.id()),
+        ));
+    }
+    let Some(context) = model.context_length() else {
+        return Ok(job(prompt, params.max_tokens.unwrap_or(default_max_tokens), params));
+    };
     if n >= context {
         return Err(ApiError::invalid_code(
             Some(prompt_param),
@@ -113,7 +127,11 @@ fn generate_request(
         Some(max) => max,
         None => default_max_tokens.min(context - n),
     };
-    Ok(GenerateRequest {
+    Ok(job(prompt, max_tokens, params))
+}
+
+fn job(prompt: Prompt, max_tokens: usize, params: &ValidParams) -> GenerateRequest {
+    GenerateRequest {
         prompt,
         max_tokens,
         sampling: params.sampling.clone(),
@@ -121,5 +139,5 @@ fn generate_request(
         constraint: params.constraint.clone(),
         received: Instant::now(),
         span: tracing::Span::current(),
-    })
+    }
 }

@@ -55,6 +55,9 @@ impl Governed {
                 Ok((out, stop))
             }
             StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                // The backend's count wins over the pipeline's (an upstream's real usage
+                // over wisp's estimate).
+                self.prompt_tokens = prompt_tokens;
                 self.generated = completion_tokens;
                 let (mut text, _) = self.session.on_chunk(text).await?;
                 text.push_str(&self.finish(reason.as_str()).await?);
@@ -232,8 +235,10 @@ impl Driver {
 
     /// One engine event through the plugins and into the session turn.
     async fn apply(&mut self, event: StreamEvent) -> Step {
-        if matches!(event, StreamEvent::Token { .. }) {
-            self.generated += 1;
+        match &event {
+            StreamEvent::Token { .. } => self.generated += 1,
+            StreamEvent::Finished { prompt_tokens, .. } => self.prompt_tokens = *prompt_tokens,
+            StreamEvent::Error(_) => {}
         }
         let (events, done) = match &mut self.governed {
             Some(governed) => match governed.apply(event).await {

@@ -18,6 +18,11 @@ pub fn default_model_path() -> PathBuf {
     path
 }
 
+/// The `[[models]]` entry of the default model.
+pub fn default_model_entry() -> String {
+    format!("[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\n", default_model_path().display())
+}
+
 /// A running server; killed on drop.
 pub struct Server {
     pub url: String,
@@ -28,7 +33,7 @@ pub struct Server {
 impl Server {
     /// Serves the default model with `extra` TOML appended to a config that points at it.
     pub fn start(extra: &str) -> Server {
-        Self::start_with_config(&format!("[[models]]\nid = \"gemma-3-270m\"\npath = \"{}\"\n{extra}\n", default_model_path().display()))
+        Self::start_with_config(&format!("{}{extra}\n", default_model_entry()))
     }
 
     /// Serves with a complete config file.
@@ -142,6 +147,19 @@ impl Server {
     /// What the server logged (see [`Server::start_logged`]).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("wisp.log")).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill -9 wisp");
+        self.child.wait().expect("reap wisp");
+    }
+
+    /// The sum of a counter's or gauge's series whose line starts with `name` (a name, or
+    /// a name and the start of its labels) in the Prometheus text.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = client().get(self.url("/metrics")).send().unwrap().text().unwrap();
+        text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 
     /// Sends SIGTERM.

