@@ -23,20 +23,31 @@ wait_ready() {
   echo "bench: $1 never answered"; exit 1
 }
 
-"$LLAMA_BIN/llama-server" -m "$MODEL" -t 2 --port 18091 -np 4 -c 8192 --metrics >"$dir/llama.log" 2>&1 &
+# One thread for llama-server: the other core is the proxy's (in production they would not
+# share a machine; on 2 cores, -t 2 makes wisp wait for llama's spinning threads).
+"$LLAMA_BIN/llama-server" -m "$MODEL" -t 1 --port 18091 -np 4 -c 8192 --metrics >"$dir/llama.log" 2>&1 &
 pids+=($!)
 wait_ready http://127.0.0.1:18091/health
 
-# The default chain of wisp.toml (rate limit, prompt guard, redaction), in front of llama-server.
+# wisp in front of llama-server twice: with the default chain of wisp.toml (rate limit,
+# prompt guard, redaction), and with no plugins.
 dist="$(pwd)/plugins/dist"
-{
-  printf '[server]\nlisten = "127.0.0.1:18090"\n[store]\nurl = "sqlite://%s/wisp.db"\n' "$dir"
-  printf '[[models]]\nid = "proxied"\nupstreams = ["http://127.0.0.1:18091/v1"]\n'
-  sed -n '/^\[\[plugins\]\]/,$p' wisp.toml | sed "s|plugins/dist|$dist|"
-} >"$dir/wisp.toml"
-"$WISP" serve --config "$dir/wisp.toml" >"$dir/wisp.log" 2>&1 &
-pids+=($!)
-wait_ready http://127.0.0.1:18090/ready
+serve_front() {  # serve_front PORT WITH_CHAIN
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\n[store]\nurl = "sqlite://%s/wisp-%s.db"\n' "$1" "$dir" "$1"
+    printf '[[models]]\nid = "proxied"\nupstreams = ["http://127.0.0.1:18091/v1"]\n'
+    [ "$2" = 1 ] && sed -n '/^\[\[plugins\]\]/,$p' wisp.toml | sed "s|plugins/dist|$dist|"
+  } >"$dir/wisp-$1.toml"
+  "$WISP" serve --config "$dir/wisp-$1.toml" >"$dir/wisp-$1.log" 2>&1 &
+  pids+=($!)
+  front_pid=$!
+  wait_ready "http://127.0.0.1:$1/ready"
+}
+serve_front 18090 1
+chain_pid=$front_pid
+serve_front 18092 0
+bare_pid=$front_pid
 
-echo "proxy: $(basename "$MODEL"), llama-server -t 2 -np 4; wisp with wisp.toml's plugins in front"
-python3 scripts/proxy_bench.py --direct http://127.0.0.1:18091 --proxy http://127.0.0.1:18090 --model proxied --pairs "$PAIRS"
+echo "proxy: $(basename "$MODEL"), llama-server -t 1 -np 4; wisp in front with wisp.toml's plugins (chain) and with none (bare)"
+python3 scripts/proxy_bench.py --direct http://127.0.0.1:18091 --proxy "chain=http://127.0.0.1:18090@$chain_pid" \
+  --proxy "bare=http://127.0.0.1:18092@$bare_pid" --model proxied --pairs "$PAIRS"

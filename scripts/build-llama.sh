@@ -35,6 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   cmake -S "$src" -B "$LLAMA_BUILD" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
   echo "llama: building ${missing[*]} (~10-15 minutes on 2 cores, once)" >&2
-  cmake --build "$LLAMA_BUILD" --target "${missing[@]}" -j"$(nproc)" >/dev/null
+  log="$CACHE/build-llama.log"
+  cmake --build "$LLAMA_BUILD" --target "${missing[@]}" -j"$(nproc)" >"$log" 2>&1 \
+    || { echo "llama: the build failed; its log ends:" >&2; tail -30 "$log" >&2; exit 1; }
 fi
 echo "$LLAMA_BIN"

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """What wisp's proxy mode adds to an upstream's latency: the same streamed chat requests,
-alternating between the upstream itself and wisp in front of it, one at a time.
+rotating between the upstream itself and wisps in front of it, one at a time.
 
-Every prompt starts with a unique tag, so no prompt cache answers either side, and the pairs
-alternate which side goes first. Prints, per side, time to first token (TTFT) and the time
+Every prompt starts with a unique tag, so no prompt cache answers any side, and the rounds
+rotate which side goes first. Prints, per side, time to first token (TTFT) and the time
 between streamed chunks (medians and means), and the difference: the proxy's cost.
 
-    python3 scripts/proxy_bench.py --direct http://127.0.0.1:18091 --proxy http://127.0.0.1:18090 \
-        --model MODEL_ID_ON_WISP [--pairs 40] [--max-tokens 32]
+    python3 scripts/proxy_bench.py --direct http://127.0.0.1:18091 --proxy chain=http://127.0.0.1:18090 \
+        [--proxy bare=http://127.0.0.1:18092] --model MODEL_ID_ON_WISP [--pairs 40] [--max-tokens 32]
 
 Standard library only.
 """
 import argparse
 import http.client
 import json
+import os
 import statistics
 import time
 import urllib.parse
@@ -53,29 +54,49 @@ def stream(base, model, tag, max_tokens):
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], len(stamps)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--direct", required=True)
-    p.add_argument("--proxy", required=True)
+    p.add_argument("--proxy", required=True, action="append",
+                   help="NAME=URL[@PID] of a wisp in front of --direct (repeatable); with its PID, its CPU time per chunk is measured")
     p.add_argument("--model", required=True, help="the model id on wisp (the upstream ignores it)")
     p.add_argument("--direct-model", default="any")
     p.add_argument("--pairs", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     a = p.parse_args()
-    sides = {"direct": (a.direct, a.direct_model), "proxy": (a.proxy, a.model)}
+    sides = {"direct": (a.direct, a.direct_model)}
+    pids = {}
+    for spec in a.proxy:
+        name, url = spec.split("=", 1)
+        if "@" in url:
+            url, pid = url.rsplit("@", 1)
+            pids[name] = int(pid)
+        sides[name] = (url, a.model)
     # Warm both (connections, first-request costs).
     for name, (base, model) in sides.items():
         stream(base, model, f"warm-{name}-{time.time()}", 4)
     ttft = {k: [] for k in sides}
     gaps = {k: [] for k in sides}
+    chunks = {k: [] for k in sides}
+    names = list(sides)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     for i in range(a.pairs):
-        order = ["direct", "proxy"] if i % 2 == 0 else ["proxy", "direct"]
+        # Rotate which side goes first.
+        order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             base, model = sides[name]
-            t, g, _ = stream(base, model, f"{name}-{i}-{time.time()}", a.max_tokens)
+            t, g, n = stream(base, model, f"{name}-{i}-{time.time()}", a.max_tokens)
             ttft[name].append(t)
             gaps[name].extend(g)
+            chunks[name].append(n)
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     ms = lambda s: s * 1000
     row = {}
     for name in sides:
@@ -84,18 +105,31 @@ def main():
             "ttft_mean_ms": ms(statistics.mean(ttft[name])),
             "chunk_gap_p50_ms": ms(statistics.median(gaps[name])),
             "chunk_gap_mean_ms": ms(statistics.mean(gaps[name])),
+            "chunks": statistics.mean(chunks[name]),
+            # The proxy's own CPU per chunk it relayed (the upstream's chunks: max_tokens each).
+            "cpu_per_chunk_ms": ms(cpu[name] / (a.pairs * a.max_tokens)) if name in cpu else None,
         }
-    added = {k: row["proxy"][k] - row["direct"][k] for k in row["direct"]}
+    timing = ["ttft_p50_ms", "ttft_mean_ms", "chunk_gap_p50_ms", "chunk_gap_mean_ms"]
+    added = {name: {k: row[name][k] - row["direct"][k] for k in timing} for name in names[1:]}
+    for name in names[1:]:
+        # Each round's difference to the direct request of the same round, then the median:
+        # a slow minute moves both sides of a round alike.
+        added[name]["ttft_paired_p50_ms"] = ms(statistics.median(p - d for p, d in zip(ttft[name], ttft["direct"])))
     if a.json:
-        print(json.dumps({"pairs": a.pairs, "max_tokens": a.max_tokens, **row, "added": added}))
+        print(json.dumps({"rounds": a.pairs, "max_tokens": a.max_tokens, **row, "added": added}))
         return
-    print(f"{a.pairs} pairs, {a.max_tokens} tokens each, one request at a time, alternating")
-    print(f"| side | TTFT p50 ms | TTFT mean ms | chunk gap p50 ms | chunk gap mean ms |")
-    print(f"|---|---:|---:|---:|---:|")
-    for name in ["direct", "proxy"]:
+    print(f"{a.pairs} rounds, {a.max_tokens} tokens each, one request at a time, sides in rotating order")
+    for name in names[1:]:
+        print(f"added by {name}: TTFT {added[name]['ttft_paired_p50_ms']:+.2f} ms (median of the rounds' paired differences)")
+    print("| side | TTFT p50 ms | TTFT mean ms | chunk gap p50 ms | chunk gap mean ms | chunks per reply | proxy CPU per upstream chunk ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
         r = row[name]
-        print(f"| {name} | {r['ttft_p50_ms']:.2f} | {r['ttft_mean_ms']:.2f} | {r['chunk_gap_p50_ms']:.3f} | {r['chunk_gap_mean_ms']:.3f} |")
-    print(f"| added by wisp | {added['ttft_p50_ms']:+.2f} | {added['ttft_mean_ms']:+.2f} | {added['chunk_gap_p50_ms']:+.3f} | {added['chunk_gap_mean_ms']:+.3f} |")
+        cpu_ms = "" if r["cpu_per_chunk_ms"] is None else f"{r['cpu_per_chunk_ms']:.3f}"
+        print(f"| {name} | {r['ttft_p50_ms']:.2f} | {r['ttft_mean_ms']:.2f} | {r['chunk_gap_p50_ms']:.3f} | {r['chunk_gap_mean_ms']:.3f} | {r['chunks']:.1f} | {cpu_ms} |")
+    for name in names[1:]:
+        d = added[name]
+        print(f"| added by {name} | {d['ttft_p50_ms']:+.2f} | {d['ttft_mean_ms']:+.2f} | {d['chunk_gap_p50_ms']:+.3f} | {d['chunk_gap_mean_ms']:+.3f} | | |")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,21 @@ fn a_proxied_model_answers_as_its_upstream_does() {
     assert_eq!(chat_text(&payloads), direct["choices"][0]["message"]["content"].as_str().unwrap());
     assert_eq!(payloads.last().unwrap()["usage"], direct["usage"]);
 
+    // The Responses and Messages front-ends are wisp's: upstream gets the same chat.
+    let reply = direct["choices"][0]["message"]["content"].as_str().unwrap();
+    let (status, response) =
+        post(&front, "/v1/responses", &json!({"model": "remote", "input": "Name a colour.", "max_output_tokens": 12, "temperature": 0}));
+    assert_eq!(status, 200, "{response}");
+    assert_eq!(response["output"][0]["content"][0]["text"], reply, "{response}");
+    let (status, message) = post(
+        &front,
+        "/v1/messages",
+        &json!({"model": "remote", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{message}");
+    assert_eq!(message["content"][0]["text"], reply, "{message}");
+    assert_eq!(message["usage"]["input_tokens"], direct["usage"]["prompt_tokens"], "{message}");
+
     // Completions: the text prompt goes upstream as text.
     let body = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 8, "temperature": 0});
     let (_, direct) = post(&upstream, "/v1/completions", &body);
@@ -129,6 +144,33 @@ fn a_plugin_stop_ends_the_upstream_generation() {
     }
     let generated = upstream.metric("wisp_generation_tokens_total") - before;
     assert!(generated < 100.0, "the upstream generated {generated} tokens after the stop");
+}
+
+/// The rate limit reserves prompt + `max_tokens` when a proxied request arrives and settles
+/// at the end with the usage so far: a hung-up stream gives its reservation back.
+#[test]
+fn a_hung_up_proxied_stream_settles_its_reservation() {
+    use std::io::Read;
+    let upstream = Server::start("");
+    let plugins = "[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nconfig = { tokens_per_minute = 700 }\n";
+    let front = front(&proxied("remote", std::slice::from_ref(&upstream.url), ""), plugins);
+    let body = json!({"model": "remote", "prompt": "1, 2, 3, 4,", "max_tokens": 400, "stream": true});
+    let mut response = client().post(front.url("/v1/completions")).json(&body).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.read(&mut [0u8; 512]).unwrap();
+    drop(response);
+    // Settled to what was used, another 400-token reservation fits (it would not if the
+    // first still held its 400).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client().post(front.url("/v1/completions")).json(&body).send().unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(Instant::now() < deadline, "the hung-up stream's reservation was never settled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Two upstreams; one is killed while both stream: the stream on it ends with an SSE error
@@ -197,6 +239,41 @@ fn unreachable_upstreams_are_a_502() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A proxied default model is ready while an upstream is: a failed health check takes the
+/// upstream out (and `/ready` to 503), a passing one brings it back at once, without
+/// waiting out the cool-down that a failed request would cost.
+#[test]
+fn readiness_follows_the_upstreams_health() {
+    let upstream = Server::start("");
+    let path = common::FaultProxy::start(upstream.url.trim_start_matches("http://"));
+    let url = format!("http://127.0.0.1:{}", path.port);
+    let front = front(&proxied("remote", &[url], "health_check_secs = 1\nupstream_cooldown_secs = 600"), "");
+    let ready = || {
+        let response = client().get(front.url("/ready")).send().unwrap();
+        (response.status().as_u16(), response.text().unwrap())
+    };
+    let wait_for = |status: u16| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (now, body) = ready();
+            if now == status {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/ready stayed {now}: {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    path.set_down(true);
+    let body = wait_for(503);
+    assert!(body.contains("no upstream of the default model `remote` is healthy"), "{body}");
+    let (status, error) = post(&front, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    assert_eq!((status, error["error"]["code"].as_str()), (502, Some("upstream_unavailable")), "{error}");
+    path.set_down(false);
+    wait_for(200);
+    let (status, reply) = post(&front, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    assert_eq!(status, 200, "{reply}");
+}
+
 /// llama.cpp's server, built from the PyPI sdist (scripts/build-llama.sh), on the default
 /// GGUF; killed on drop.
 struct LlamaServer {
@@ -242,8 +319,10 @@ impl Drop for LlamaServer {
 #[test]
 fn a_llama_server_upstream_is_governed() {
     let llama = LlamaServer::start();
-    let plugins = "[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nconfig = { requests_per_minute = 100, tokens_per_minute = 100000 }\n";
-    let front = front(&proxied("llama", std::slice::from_ref(&llama.url), ""), plugins);
+    let plugins = "[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nconfig = { requests_per_minute = 100, tokens_per_minute = 100000 }\n\
+                   [[plugins]]\nname = \"stops\"\nwasm = \"DIST/stop_sequences.wasm\"\nconfig = { models = { \"llama-stop\" = [\"9\"] } }\n";
+    let models = [proxied("llama", std::slice::from_ref(&llama.url), ""), proxied("llama-stop", std::slice::from_ref(&llama.url), "")];
+    let front = front(&models.concat(), plugins);
     let body = json!({"model": "llama", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0});
     let (status, reply) = post(&front, "/v1/chat/completions", &body);
     assert_eq!(status, 200, "{reply}");
@@ -266,6 +345,7 @@ fn a_llama_server_upstream_is_governed() {
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
         "tool_choice": "required",
+        "parallel_tool_calls": false,
         "max_tokens": 60,
         "temperature": 0,
     });
@@ -277,6 +357,23 @@ fn a_llama_server_upstream_is_governed() {
     let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
     assert!(arguments["city"].is_string(), "{reply}");
     assert!(front.metric("wisp_upstream_requests_total{model=\"llama\"") >= 3.0);
+
+    // A plugin's stop hangs up on llama-server, which stops generating (2,000 tokens would
+    // take it half a minute and more).
+    let body = json!({"model": "llama-stop", "prompt": "1, 2, 3, 4,", "max_tokens": 2000, "temperature": 0, "stream": true});
+    let (payloads, done) = sse_payloads(client().post(front.url("/v1/completions")).json(&body).send().unwrap());
+    assert!(done);
+    let text: String = payloads.iter().filter_map(|p| p["choices"][0]["text"].as_str()).collect();
+    assert!(text.contains('8') && !text.contains('9'), "{text:?}");
+    let processing = || {
+        let text = client().get(format!("{}/metrics", llama.url)).send().unwrap().text().unwrap();
+        text.lines().find_map(|l| l.strip_prefix("llamacpp:requests_processing ")?.trim().parse::<f64>().ok()).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processing() > 0.0 {
+        assert!(Instant::now() < deadline, "llama-server kept generating after wisp hung up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn post_url(url: &str, body: &Value) -> (u16, Value) {

@@ -200,9 +200,7 @@ async fn ready(depot: &mut Depot) -> Result<Json<serde_json::Value>, ApiError> {
     if state.shutdown.is_draining() {
         return Err(ApiError::not_ready("the server is shutting down"));
     }
-    if !state.registry.is_ready() {
-        return Err(ApiError::not_ready(format!("the default model `{}` is still loading", state.registry.default_id())));
-    }
+    state.registry.readiness().map_err(ApiError::not_ready)?;
     if let Err(e) = state.store.ping().await {
         return Err(ApiError::not_ready(format!("the session store is unreachable: {e}")));
     }

@@ -402,17 +402,20 @@ impl Registry {
         })
     }
 
-    /// Whether the default model can serve (what `/ready` reports): loaded with its engine
-    /// thread running, or unloaded on purpose after it loaded once (it reloads on demand).
-    pub fn is_ready(&self) -> bool {
-        let Some(slot) = self.slots.get(&self.default_id) else { return false };
-        if let Some(remote) = &slot.remote {
-            return remote.any_healthy();
-        }
-        match slot.current() {
-            Some(model) => model.scheduler.is_alive(),
-            None => slot.ever_loaded.load(std::sync::atomic::Ordering::Relaxed),
-        }
+    /// Whether the default model can serve (what `/ready` reports), or why not: loaded
+    /// with its engine thread running, or unloaded on purpose after it loaded once (it
+    /// reloads on demand); proxied, with an upstream that is not failing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let id = &self.default_id;
+        let Some(slot) = self.slots.get(id) else { return Err(format!("the default model `{id}` is not configured")) };
+        let ready = match (&slot.remote, slot.current()) {
+            (Some(remote), _) => {
+                return remote.any_healthy().then_some(()).ok_or_else(|| format!("no upstream of the default model `{id}` is healthy"));
+            }
+            (None, Some(model)) => model.scheduler.is_alive(),
+            (None, None) => slot.ever_loaded.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        ready.then_some(()).ok_or_else(|| format!("the default model `{id}` is still loading"))
     }
 
     /// The models to load at start: the default one and those with `preload = true`.

@@ -65,7 +65,10 @@ impl RemoteModel {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.upstream_connect_timeout_ms))
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the keep-alive of common servers (llama-server and uvicorn close idle
+            // connections after 5 s): a request on a connection the server has just closed
+            // fails without reaching it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .map_err(|e| fail(format!("building the HTTP client: {e}")))?;
         let upstreams: Vec<Upstream> = config
@@ -150,6 +153,8 @@ impl Backend for RemoteModel {
 
 /// `reported_load` when the upstream exports no load gauges.
 const UNKNOWN: u64 = u64::MAX;
+/// `down_until` after a failed health check: out until a check succeeds.
+const UNTIL_CHECKED: u64 = u64::MAX;
 
 struct UpstreamGauges {
     in_flight: prometheus::IntGauge,
@@ -161,7 +166,8 @@ struct Upstream {
     base: String,
     /// Requests this replica has open there.
     in_flight: AtomicUsize,
-    /// Unix ms until which it is skipped after a failure (0: healthy).
+    /// Unix ms until which it is skipped after a failed request (0: healthy;
+    /// [`UNTIL_CHECKED`]: a health check failed, out until one succeeds).
     down_until: AtomicU64,
     /// Waiting + running requests from its own `/metrics` ([`UNKNOWN`] if it exports none).
     reported_load: AtomicU64,
@@ -181,8 +187,19 @@ impl Upstream {
         }
     }
 
+    /// A request failed on it: skipped for the cool-down (a health check that passes in
+    /// the meantime does not bring it back early: it may answer `/models` and still fail
+    /// requests).
     fn mark_down(&self, cooldown: Duration) {
-        self.down_until.store(now_ms().saturating_add(cooldown.as_millis() as u64), Ordering::Relaxed);
+        let until = now_ms().saturating_add(cooldown.as_millis() as u64).min(UNTIL_CHECKED - 1);
+        // A failed health check's "until checked" stands.
+        let _ = self.down_until.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| (d != UNTIL_CHECKED).then_some(until));
+        self.gauges.healthy.set(0);
+    }
+
+    /// A health check failed: out until one passes.
+    fn mark_unreachable(&self) {
+        self.down_until.store(UNTIL_CHECKED, Ordering::Relaxed);
         self.gauges.healthy.set(0);
     }
 
@@ -273,7 +290,7 @@ impl Pool {
     }
 
     async fn generate(self: Arc<Self>, request: GenerateRequest) -> Result<TokenStream, EngineError> {
-        let (path, body) = self.body(&request)?;
+        let (path, body) = self.body(&request);
         let estimated_prompt = request.prompt.len();
         let mut last = String::new();
         for index in self.order() {
@@ -292,7 +309,10 @@ impl Pool {
                 Err(Failure::Retry { kind, message }) => {
                     tracing::warn!(model = %self.model, upstream = %upstream.base, kind, error = %message, "upstream failed; trying the next");
                     self.metrics.upstream_errors.with_label_values(&[labels[0], labels[1], kind]).inc();
-                    upstream.mark_down(self.cooldown);
+                    // A reused connection the upstream had closed says nothing of its health.
+                    if kind != "transport" {
+                        upstream.mark_down(self.cooldown);
+                    }
                     last = format!("{}: {message}", upstream.base);
                 }
                 Err(Failure::Refused(e)) => {
@@ -305,7 +325,7 @@ impl Pool {
     }
 
     /// The upstream's endpoint and the streamed request wisp sends it.
-    fn body(&self, request: &GenerateRequest) -> Result<(&'static str, Value), EngineError> {
+    fn body(&self, request: &GenerateRequest) -> (&'static str, Value) {
         let s = &request.sampling;
         let mut body = json!({
             "model": self.upstream_model,
@@ -368,7 +388,7 @@ impl Pool {
             }
             None => {}
         }
-        Ok((path, body))
+        (path, body)
     }
 
     /// Sends the request to one upstream and reads up to its first event.
@@ -379,8 +399,8 @@ impl Pool {
         }
         let response = match tokio::time::timeout(self.chunk_timeout, post.send()).await {
             Err(_) => return Err(Failure::Retry { kind: "timeout", message: "no response in time".into() }),
-            Ok(Err(e)) if e.is_connect() => return Err(Failure::Retry { kind: "connect", message: e.to_string() }),
-            Ok(Err(e)) => return Err(Failure::Retry { kind: "transport", message: e.to_string() }),
+            Ok(Err(e)) if e.is_connect() => return Err(Failure::Retry { kind: "connect", message: with_causes(&e) }),
+            Ok(Err(e)) => return Err(Failure::Retry { kind: "transport", message: with_causes(&e) }),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -405,6 +425,18 @@ impl Pool {
             Ok(Ok(Some(events))) => Ok(Started { events, reader }),
         }
     }
+}
+
+/// An error and its causes (reqwest's own message names only the url).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
 }
 
 /// Reads at most `limit` bytes of a response body as text.
@@ -484,7 +516,7 @@ struct SseReader {
 
 impl SseReader {
     fn new(response: reqwest::Response) -> SseReader {
-        SseReader::of(response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string())).boxed())
+        SseReader::of(response.bytes_stream().map(|chunk| chunk.map_err(|e| with_causes(&e))).boxed())
     }
 
     fn of(body: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>) -> SseReader {
@@ -548,16 +580,13 @@ impl Relay {
         let pool = &self.hold.0;
         let upstream = self.hold.upstream();
         let labels = [pool.model.as_str(), upstream.base.as_str()];
-        match &outcome {
-            Err((kind, message)) => {
-                tracing::warn!(model = %pool.model, upstream = %upstream.base, kind, error = %message, "upstream failed mid-stream");
-                pool.metrics.upstream_errors.with_label_values(&[labels[0], labels[1], kind]).inc();
-                if *kind != "upstream_error" {
-                    upstream.mark_down(pool.cooldown);
-                }
-                let _ = self.tx.send(StreamEvent::Error(format!("the upstream {} failed mid-stream: {message}", upstream.base)));
+        if let Err((kind, message)) = &outcome {
+            tracing::warn!(model = %pool.model, upstream = %upstream.base, kind, error = %message, "upstream failed mid-stream");
+            pool.metrics.upstream_errors.with_label_values(&[labels[0], labels[1], kind]).inc();
+            if *kind != "upstream_error" {
+                upstream.mark_down(pool.cooldown);
             }
-            Ok(()) => {}
+            let _ = self.tx.send(StreamEvent::Error(format!("the upstream {} failed mid-stream: {message}", upstream.base)));
         }
         let outcome = match outcome {
             Ok(()) if self.tx.is_closed() => "cancelled",
@@ -668,19 +697,21 @@ async fn check(pool: &Pool, upstream: &Upstream, limit: Duration) {
     }
     match get.send().await {
         Ok(r) if r.status().is_success() => {
-            // Back after its cool-down (a failure within it keeps it out until it ends).
-            if upstream.down_until.load(Ordering::Relaxed) != 0 && upstream.healthy(now_ms()) {
+            // Back at once after a failed check; after a failed request, once its cool-down
+            // is over.
+            let down = upstream.down_until.load(Ordering::Relaxed);
+            if down == UNTIL_CHECKED || (down != 0 && upstream.healthy(now_ms())) {
                 tracing::info!(model = %pool.model, upstream = %upstream.base, "upstream healthy again");
                 upstream.mark_up();
             }
         }
         Ok(r) => {
             tracing::warn!(model = %pool.model, upstream = %upstream.base, status = %r.status(), "upstream health check failed");
-            upstream.mark_down(pool.cooldown);
+            upstream.mark_unreachable();
         }
         Err(e) => {
             tracing::warn!(model = %pool.model, upstream = %upstream.base, error = %e, "upstream health check failed");
-            upstream.mark_down(pool.cooldown);
+            upstream.mark_unreachable();
         }
     }
     let load = match pool.client.get(format!("{}/metrics", upstream.origin())).timeout(limit).send().await {
@@ -743,9 +774,8 @@ mod tests {
         assert_eq!(parse_load("vllm:num_requests_running NaN\n"), None);
     }
 
-    #[test]
-    fn an_upstream_origin_drops_the_api_path() {
-        let upstream = |base: &str| Upstream {
+    fn upstream(base: &str) -> Upstream {
+        Upstream {
             base: base.into(),
             in_flight: AtomicUsize::new(0),
             down_until: AtomicU64::new(0),
@@ -754,7 +784,58 @@ mod tests {
                 in_flight: prometheus::IntGauge::new("a", "a").unwrap(),
                 healthy: prometheus::IntGauge::new("b", "b").unwrap(),
             },
-        };
+        }
+    }
+
+    fn pool(upstreams: Vec<Upstream>) -> Pool {
+        Pool {
+            model: "m".into(),
+            upstream_model: "m".into(),
+            client: reqwest::Client::new(),
+            upstreams,
+            api_key: None,
+            chunk_timeout: Duration::from_secs(1),
+            cooldown: Duration::from_secs(60),
+            next: AtomicUsize::new(0),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    #[test]
+    fn requests_go_to_the_least_loaded_healthy_upstream() {
+        let pool = pool(vec![upstream("http://a/v1"), upstream("http://b/v1"), upstream("http://c/v1")]);
+        // Equal loads rotate.
+        assert_eq!(pool.order(), [0, 1, 2]);
+        assert_eq!(pool.order(), [1, 2, 0]);
+        // Own in-flight requests, or the upstream's reported queue, whichever is larger.
+        pool.upstreams[0].in_flight.store(2, Ordering::Relaxed);
+        pool.upstreams[1].reported_load.store(5, Ordering::Relaxed);
+        assert_eq!(pool.order(), [2, 0, 1]);
+        // A failed upstream is left out while others are healthy...
+        pool.upstreams[2].mark_down(pool.cooldown);
+        assert_eq!(pool.order(), [0, 1]);
+        // ...and tried last-failed-last when none is.
+        pool.upstreams[0].mark_unreachable();
+        pool.upstreams[1].mark_down(pool.cooldown);
+        assert_eq!(pool.order()[2], 0);
+    }
+
+    #[test]
+    fn a_failed_check_keeps_an_upstream_out_until_one_passes() {
+        let u = upstream("http://a/v1");
+        u.mark_unreachable();
+        assert!(!u.healthy(now_ms()));
+        // A failed request meanwhile does not shorten "until a check passes".
+        u.mark_down(Duration::from_secs(0));
+        assert_eq!(u.down_until.load(Ordering::Relaxed), UNTIL_CHECKED);
+        u.mark_up();
+        assert!(u.healthy(now_ms()));
+        u.mark_down(Duration::from_secs(0));
+        assert!(u.healthy(now_ms() + 1), "a cool-down ends by itself");
+    }
+
+    #[test]
+    fn an_upstream_origin_drops_the_api_path() {
         assert_eq!(upstream("http://10.0.0.1:8080/v1").origin(), "http://10.0.0.1:8080");
         assert_eq!(upstream("http://host:1").origin(), "http://host:1");
     }
