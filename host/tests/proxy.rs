@@ -161,16 +161,7 @@ fn a_hung_up_proxied_stream_settles_its_reservation() {
     drop(response);
     // Settled to what was used, another 400-token reservation fits (it would not if the
     // first still held its 400).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = client().post(front.url("/v1/completions")).json(&body).send().unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert_eq!(r.status(), 429);
-        assert!(Instant::now() < deadline, "the hung-up stream's reservation was never settled");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::until_allowed(|| client().post(front.url("/v1/completions")).json(&body).send().unwrap());
 }
 
 /// Two upstreams; one is killed while both stream: the stream on it ends with an SSE error

@@ -188,6 +188,21 @@ impl Drop for Server {
     }
 }
 
+/// Sends a request until a rate limiter lets it through (200) within ten seconds; any answer
+/// but 200 or 429 fails, as does the limiter never giving back.
+pub fn until_allowed(send: impl Fn() -> reqwest::blocking::Response) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = send();
+        if response.status() == 200 {
+            return;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(Instant::now() < deadline, "the reservation was never settled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A blocking HTTP client with a generous timeout (the model is real and runs on CPU).
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().expect("http client")
