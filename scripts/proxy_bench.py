@@ -54,6 +54,23 @@ def stream(base, model, tag, max_tokens):
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], len(stamps)
 
 
+def first_event_seconds(base):
+    """Sum and count of wisp's wisp_upstream_first_event_seconds (the upstream's own time to
+    its first event, as wisp saw it)."""
+    url = urllib.parse.urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("wisp_upstream_first_event_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("wisp_upstream_first_event_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def cpu_seconds(pid):
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -87,6 +104,7 @@ def main():
     chunks = {k: [] for k in sides}
     names = list(sides)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    upstream_before = {name: first_event_seconds(sides[name][0]) for name in list(sides)[1:]}
     for i in range(a.pairs):
         # Rotate which side goes first.
         order = names[i % len(names):] + names[:i % len(names)]
@@ -97,6 +115,14 @@ def main():
             gaps[name].extend(g)
             chunks[name].append(n)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    # wisp's own share of each request's TTFT, free of the upstream's variance: the client's
+    # mean TTFT through wisp minus the upstream's mean time to its first event, measured by
+    # wisp on the same requests.
+    own = {}
+    for name, (t0, n0) in upstream_before.items():
+        t1, n1 = first_event_seconds(sides[name][0])
+        if n1 > n0:
+            own[name] = statistics.mean(ttft[name]) - (t1 - t0) / (n1 - n0)
     ms = lambda s: s * 1000
     row = {}
     for name in sides:
@@ -116,11 +142,13 @@ def main():
         # a slow minute moves both sides of a round alike.
         added[name]["ttft_paired_p50_ms"] = ms(statistics.median(p - d for p, d in zip(ttft[name], ttft["direct"])))
     if a.json:
-        print(json.dumps({"rounds": a.pairs, "max_tokens": a.max_tokens, **row, "added": added}))
+        print(json.dumps({"rounds": a.pairs, "max_tokens": a.max_tokens, **row, "added": added, "own_ttft_ms": {k: ms(v) for k, v in own.items()}}))
         return
     print(f"{a.pairs} rounds, {a.max_tokens} tokens each, one request at a time, sides in rotating order")
     for name in names[1:]:
         print(f"added by {name}: TTFT {added[name]['ttft_paired_p50_ms']:+.2f} ms (median of the rounds' paired differences)")
+        if name in own:
+            print(f"  {name}'s own time in TTFT: {ms(own[name]):.2f} ms (client TTFT minus the upstream's first event, same requests)")
     print("| side | TTFT p50 ms | TTFT mean ms | chunk gap p50 ms | chunk gap mean ms | chunks per reply | proxy CPU per upstream chunk ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:

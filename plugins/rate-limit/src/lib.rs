@@ -3,7 +3,9 @@
 //! they survive reloads and are shared by replicas on one store.
 //!
 //! Tokens are reserved when a request arrives (prompt tokens + its `max_tokens`, or
-//! `default_reserve` when it gives none) and settled at the end with the real usage.
+//! `default_reserve` when it gives none) and settled at the end with the real usage. Both
+//! counts of a window live under one key, read and written once per request; a refused
+//! request counts for neither.
 //!
 //! ```toml
 //! config = { requests_per_minute = 60, tokens_per_minute = 100000 }
@@ -62,21 +64,37 @@ impl Policy for RateLimit {
             None => format!("client {}", request.client_addr),
         };
         let now = clock::wall_ms();
-        let window = now / WINDOW_MS;
-        if let Some(limit) = self.config.requests_per_minute {
-            let count = kv::incr(&format!("rpm:{who}:{window}"), 1, Some(KEY_TTL_MS));
-            if count > limit {
-                return self.refuse("requests", limit, &who, now);
+        let key = format!("rate:{who}:{}", now / WINDOW_MS);
+        let want = match self.config.tokens_per_minute {
+            Some(_) => request.prompt_tokens as i64 + request.sampling.max_tokens.map(i64::from).unwrap_or(self.config.default_reserve),
+            None => 0,
+        };
+        let verdict = update(&key, |(requests, tokens)| {
+            if let Some(limit) = self.config.requests_per_minute
+                && requests + 1 > limit
+            {
+                return Err(self.refuse("requests", limit, &who, now));
             }
+            if let Some(limit) = self.config.tokens_per_minute
+                && tokens.saturating_add(want) > limit
+            {
+                return Err(self.refuse("tokens", limit, &who, now));
+            }
+            Ok((requests + 1, tokens.saturating_add(want)))
+        });
+        match verdict {
+            Err(refused) => return refused,
+            // Lost every race for the counters: refused, never let through uncounted.
+            Ok(false) => {
+                return Verdict::Deny(Denial {
+                    status: 429,
+                    code: "rate_limit_exceeded".into(),
+                    message: format!("Too many concurrent requests for {who}; retry"),
+                });
+            }
+            Ok(true) => {}
         }
-        if let Some(limit) = self.config.tokens_per_minute {
-            let want = request.prompt_tokens as i64 + request.sampling.max_tokens.map(i64::from).unwrap_or(self.config.default_reserve);
-            let key = format!("tpm:{who}:{window}");
-            let used = kv::incr(&key, want, Some(KEY_TTL_MS));
-            if used > limit {
-                kv::incr(&key, -want, Some(KEY_TTL_MS));
-                return self.refuse("tokens", limit, &who, now);
-            }
+        if self.config.tokens_per_minute.is_some() {
             self.reserved = Some((key, want));
         }
         Verdict::Allow
@@ -85,10 +103,38 @@ impl Policy for RateLimit {
     fn on_finish(&mut self, finish: &Finish) -> String {
         if let Some((key, reserved)) = self.reserved.take() {
             let used = i64::from(finish.usage.prompt_tokens) + i64::from(finish.usage.completion_tokens);
-            kv::incr(&key, used - reserved, Some(KEY_TTL_MS));
+            let _ = update(&key, |(requests, tokens)| Ok::<_, ()>((requests, tokens.saturating_add(used - reserved))));
         }
         String::new()
     }
+}
+
+/// How often a window's counters are re-read after another request changed them first.
+const MAX_ATTEMPTS: usize = 32;
+
+/// Applies `change` to a window's counters (requests, tokens), kept together under one key
+/// and written with one compare-and-swap: a request reads and writes the store once each
+/// (two counters with `incr` took twice that), and concurrent requests on other replicas
+/// never lose an update. A refusal (`Err`) writes nothing; `Ok(false)`: every attempt lost
+/// its race.
+fn update<E>(key: &str, change: impl Fn((i64, i64)) -> Result<(i64, i64), E>) -> Result<bool, E> {
+    for _ in 0..MAX_ATTEMPTS {
+        let current = kv::get(key);
+        let counters = current.as_deref().map(parse).unwrap_or((0, 0));
+        let (requests, tokens) = change(counters)?;
+        if kv::compare_and_swap(key, current.as_deref(), format!("{requests} {tokens}").as_bytes(), Some(KEY_TTL_MS)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `"REQUESTS TOKENS"`; anything else (which only another writer could have left) counts as
+/// zero.
+fn parse(value: &[u8]) -> (i64, i64) {
+    let text = std::str::from_utf8(value).unwrap_or_default();
+    let mut parts = text.split(' ').map(|n| n.parse::<i64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 wisp_sdk::export_policy!(RateLimit);
