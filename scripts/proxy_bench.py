@@ -103,26 +103,31 @@ def main():
     gaps = {k: [] for k in sides}
     chunks = {k: [] for k in sides}
     names = list(sides)
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    upstream_before = {name: first_event_seconds(sides[name][0]) for name in list(sides)[1:]}
+    # wisp's own share of each request's TTFT, free of the upstream's variance: the client's
+    # TTFT through wisp minus the upstream's time to its first event, which wisp measured on
+    # that same request (read from its /metrics after each request, outside the timing).
+    own = {name: [] for name in names[1:]}
+    cpu_used = {name: 0.0 for name in pids}
     for i in range(a.pairs):
         # Rotate which side goes first.
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             base, model = sides[name]
+            before = first_event_seconds(base) if name in own else None
+            cpu0 = cpu_seconds(pids[name]) if name in pids else None
             t, g, n = stream(base, model, f"{name}-{i}-{time.time()}", a.max_tokens)
+            if cpu0 is not None:
+                cpu_used[name] += cpu_seconds(pids[name]) - cpu0
+            if before is not None:
+                after = first_event_seconds(base)
+                if after[1] == before[1] + 1:
+                    own[name].append(t - (after[0] - before[0]))
             ttft[name].append(t)
             gaps[name].extend(g)
             chunks[name].append(n)
-    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-    # wisp's own share of each request's TTFT, free of the upstream's variance: the client's
-    # mean TTFT through wisp minus the upstream's mean time to its first event, measured by
-    # wisp on the same requests.
-    own = {}
-    for name, (t0, n0) in upstream_before.items():
-        t1, n1 = first_event_seconds(sides[name][0])
-        if n1 > n0:
-            own[name] = statistics.mean(ttft[name]) - (t1 - t0) / (n1 - n0)
+    cpu = cpu_used
+    own_all = {name: sorted(v) for name, v in own.items() if v}
+    own = {name: statistics.median(v) for name, v in own_all.items()}
     ms = lambda s: s * 1000
     row = {}
     for name in sides:
@@ -148,7 +153,9 @@ def main():
     for name in names[1:]:
         print(f"added by {name}: TTFT {added[name]['ttft_paired_p50_ms']:+.2f} ms (median of the rounds' paired differences)")
         if name in own:
-            print(f"  {name}'s own time in TTFT: {ms(own[name]):.2f} ms (client TTFT minus the upstream's first event, same requests)")
+            v = own_all[name]
+            print(f"  {name}'s own time in TTFT: {ms(own[name]):.2f} ms (median over requests of the client's TTFT minus the upstream's first event on that request; "
+                  f"p90 {ms(v[int(len(v) * 0.9)]):.2f}, mean {ms(statistics.mean(v)):.2f}, max {ms(v[-1]):.2f})")
     print("| side | TTFT p50 ms | TTFT mean ms | chunk gap p50 ms | chunk gap mean ms | chunks per reply | proxy CPU per upstream chunk ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:

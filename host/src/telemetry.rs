@@ -60,6 +60,8 @@ pub struct Metrics {
     /// KV cache in use by running sequences, as a fraction of the model's capacity
     /// (`max_batch` sequences of its whole context).
     pub kv_cache_usage: GaugeVec,
+    pub kv_cache_bytes: IntGaugeVec,
+    pub prefix_cache_bytes: IntGaugeVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_request_seconds: HistogramVec,
@@ -124,6 +126,11 @@ impl Metrics {
             kv_cache_usage: float_gauge(
                 "wisp_kv_cache_usage_ratio",
                 "KV cache held by running sequences, as a fraction of max_batch sequences of the whole context",
+            ),
+            kv_cache_bytes: gauge("wisp_kv_cache_bytes", "Bytes of KV cache allocated to running sequences"),
+            prefix_cache_bytes: gauge(
+                "wisp_prefix_cache_bytes",
+                "Bytes of KV cache kept from finished sequences for prefix reuse (within limits.prefix_cache_mb)",
             ),
             upstream_requests: counter(
                 "wisp_upstream_requests_total",

@@ -508,6 +508,16 @@ fn the_next_turn_reuses_the_previous_turns_kv_and_answers_the_same() {
     };
     let (first, first_prompt) = turn(&with_reuse, &history);
     assert_eq!(counter(&with_reuse, "wisp_prefix_cache_hit_tokens_total"), 0.0);
+    // The finished sequence's KV is kept, and /metrics says how much memory that is; none
+    // is held by running sequences once the reply is out.
+    // (The engine keeps it just after the reply's last event: poll briefly.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while counter(&with_reuse, "wisp_kv_cache_bytes{") != 0.0 || counter(&with_reuse, "wisp_prefix_cache_bytes{") == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the finished sequence's KV never moved to the prefix cache");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kept = counter(&with_reuse, "wisp_prefix_cache_bytes{");
+    assert!(kept <= (1024 << 20) as f64, "prefix cache bytes over the default budget: {kept}");
     let mut next = history.as_array().unwrap().clone();
     next.push(json!({"role": "assistant", "content": first}));
     next.push(json!({"role": "user", "content": "And today?"}));
@@ -518,6 +528,7 @@ fn the_next_turn_reuses_the_previous_turns_kv_and_answers_the_same() {
     assert_eq!(turn(&without, &history).0, first);
     assert_eq!(turn(&without, &next).0, reply, "reuse changes nothing in the output");
     assert_eq!(counter(&without, "wisp_prefix_cache_hit_tokens_total"), 0.0);
+    assert_eq!(counter(&without, "wisp_prefix_cache_bytes{"), 0.0);
 }
 
 #[test]

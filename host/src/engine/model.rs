@@ -9,10 +9,9 @@
 //! - RoPE tables are built once per frequency base, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
-//! - Q5_0 weights (which candle only has scalar kernels for) are widened exactly to Q8_0
-//!   at load;
-//! - on the CPU, Q8_0 matrices (those widened ones and the tied embedding/output table) run
-//!   on wisp's own repacked int8 kernel ([`super::qgemm`]), the rest on candle's; Gemma's
+//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 matrices (and a tied embedding/output table of
+//!   those types) are widened exactly to int8 at load and run on wisp's own repacked
+//!   kernel ([`super::qgemm`]), the K-quants on candle's; Gemma's
 //!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
 //! - on the CPU, attention is one pass per layer over every sequence of the step
 //!   ([`super::attention`]) on caches that are plain host buffers; on GPUs it is candle's
@@ -24,7 +23,7 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
@@ -209,7 +208,7 @@ impl RmsNorm {
 
 /// A weight matrix and the kernel that multiplies by it.
 enum Weight {
-    /// Q8_0 (and Q5_0 widened to it) on the CPU: wisp's repacked kernel (`qgemm`).
+    /// Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 on the CPU: wisp's repacked kernel (`qgemm`).
     Int8(Arc<Int8Matrix>),
     /// Anything else: candle's quantised matmul.
     Candle(QMatMul),
@@ -354,9 +353,9 @@ impl Model {
     ) -> Result<Model> {
         let mut tensor = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
         let eps = hp.rms_eps as f32;
-        let embed = fast_dtype(tensor("token_embd.weight")?)?;
+        let embed = tensor("token_embd.weight")?;
         let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
-            (Embedding::Quantized(Arc::new(embed)), Weight::new(fast_dtype(tensor("output.weight")?)?)?)
+            (Embedding::Quantized(Arc::new(embed)), Weight::new(tensor("output.weight")?)?)
         } else if let Some(w) = Weight::int8(&embed)? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Int8(w.clone()), Weight::Int8(w))
@@ -371,7 +370,7 @@ impl Model {
             let mut t = |name: &str| tensor(&format!("blk.{i}.{name}"));
             let has = |name: &str| content.tensor_infos.contains_key(&format!("blk.{i}.{name}"));
             let mut linear = |name: &str| -> Result<Linear> {
-                let weight = fast_dtype(t(&format!("{name}.weight"))?)?;
+                let weight = t(&format!("{name}.weight"))?;
                 let bias = match has(&format!("{name}.bias")) {
                     true => Some(t(&format!("{name}.bias"))?.dequantize(device)?),
                     false => None,
@@ -677,54 +676,4 @@ struct Span {
     n: usize,
     pos: usize,
     masks: [Option<Tensor>; 2],
-}
-
-/// Converts Q5_0 weights, for which candle has only a scalar CPU kernel, to Q8_0, which has
-/// SIMD kernels: decode 1.3x and prompt processing 2x faster on the default model
-/// (shared/notes/candle-gemma3.md). The conversion is exact: a Q5_0 value is `d * q` with
-/// `q` in -16..=15, which Q8_0 holds with the same scale `d` and `q` as an int8. (Going
-/// through f32 and `QTensor::quantize` would pick a new scale and round every weight;
-/// measured here, that cost 3 of 160 greedy tokens of agreement with llama.cpp.)
-fn fast_dtype(t: QTensor) -> Result<QTensor> {
-    if t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
-        return Ok(t);
-    }
-    let q5_0_block = GgmlDType::Q5_0.type_size(); // f16 d, u32 high bits, 16 bytes of low nibbles
-    let q8_0_block = GgmlDType::Q8_0.type_size(); // f16 d, 32 x i8
-    let data = t.data()?;
-    let mut out = Vec::with_capacity(data.len() / q5_0_block * q8_0_block);
-    for block in data.chunks_exact(q5_0_block) {
-        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-        let qs = &block[6..22];
-        let mut q = [0u8; 32];
-        for j in 0..16 {
-            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
-            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
-            q[j] = ((qs[j] & 0x0f) | hi0).wrapping_sub(16);
-            q[j + 16] = ((qs[j] >> 4) | hi1).wrapping_sub(16);
-        }
-        out.extend_from_slice(&block[..2]);
-        out.extend_from_slice(&q);
-    }
-    let device = t.device();
-    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &device, GgmlDType::Q8_0)?;
-    QTensor::new(storage, t.shape().clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q5_0_to_q8_0_is_exact() {
-        let device = Device::Cpu;
-        let values: Vec<f32> = (0..256).map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0).collect();
-        let x = Tensor::from_vec(values, (4, 64), &device).unwrap();
-        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
-        let want = q5.dequantize(&device).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let q8 = fast_dtype(q5).unwrap();
-        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
-        let got = q8.dequantize(&device).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(got, want);
-    }
 }

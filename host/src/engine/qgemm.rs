@@ -1,5 +1,6 @@
-//! wisp's CPU matrix multiply for 8-bit block-quantised weights (Q8_0, and Q5_0 widened to
-//! Q8_0 at load).
+//! wisp's CPU matrix multiply for block-quantised weights of 32-element blocks: Q8_0, and
+//! Q5_0, Q5_1, Q4_0 and Q4_1 widened exactly to int8 at load (Q4_1 and Q5_1 keep their
+//! per-block minimum).
 //!
 //! Why not candle's: candle runs a Q8_0 matmul as one dot product per (input row, weight
 //! row), four weight rows at a time; its register-tiled, repacked x86 kernels exist only for
@@ -22,6 +23,14 @@
 //! Every output element is computed by the same sequence of operations whatever the number
 //! of input rows or how they fall into tiles (one lane, blocks in order), so a sequence
 //! decoded alone gets bit-identical logits to the same sequence decoded in a batch.
+//!
+//! The 4- and 5-bit types are widened because candle's kernels for them are one dot product
+//! per (input row, weight row) (and scalar for Q5_0): every value of those types is an int8
+//! times the block's scale (Q4_0: `d·(q − 8)`, Q5_0: `d·(q − 16)`), except Q4_1's and Q5_1's
+//! `d·q + m`, whose minimum is added per block as `m · Σx` (llama.cpp's Q4_1 × Q8_1 dot
+//! product: the activations' block sums are kept beside their quants). The price is memory:
+//! a widened 4-bit matrix takes 9 (with a minimum: 10) bits per weight instead of 4.5 (5),
+//! a widened 5-bit one 9 (10) instead of 5.5 (6).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
@@ -39,7 +48,8 @@ struct Quants([u8; BLOCK]);
 
 const ZERO: Quants = Quants([0; BLOCK]);
 
-/// A weight matrix `W` (out × in) for `y = x Wᵀ` on the CPU, repacked from Q8_0.
+/// A weight matrix `W` (out × in) for `y = x Wᵀ` on the CPU, repacked from a 32-element
+/// block type (see [`Int8Matrix::from_qtensor`]).
 pub struct Int8Matrix {
     rows: usize,
     /// Blocks per row.
@@ -49,19 +59,66 @@ pub struct Int8Matrix {
     quants: Vec<Quants>,
     /// Per group, per block: the 8 rows' scales.
     scales: Vec<[f32; COLS]>,
+    /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1: a value is `scale · q + min`).
+    mins: Option<Vec<[f32; COLS]>>,
 }
 
-/// Input rows quantised to int8 blocks (llama.cpp's Q8_0 activations).
+/// Input rows quantised to int8 blocks (llama.cpp's Q8_0 activations, with Q8_1's block
+/// sums).
 struct Activations {
     rows: usize,
     blocks: usize,
     quants: Vec<Quants>,
     scales: Vec<f32>,
+    /// Per block: `scale · Σ q`, the block's sum as the kernel sees it.
+    sums: Vec<f32>,
+}
+
+/// The weight types [`Int8Matrix`] takes, and how one block of each widens to 32 int8
+/// values, a scale and a minimum (0 but for Q4_1 and Q5_1).
+fn widen_block(dtype: GgmlDType, block: &[u8]) -> Option<(f32, f32, [u8; BLOCK])> {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let mut q = [0u8; BLOCK];
+    let nibbles = |q: &mut [u8; BLOCK], qs: &[u8], offset: u8| {
+        for j in 0..16 {
+            q[j] = (qs[j] & 0x0f).wrapping_sub(offset);
+            q[j + 16] = (qs[j] >> 4).wrapping_sub(offset);
+        }
+    };
+    let fifth_bits = |q: &mut [u8; BLOCK], qh: &[u8], qs: &[u8], offset: u8| {
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for j in 0..16 {
+            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
+            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
+            q[j] = ((qs[j] & 0x0f) | hi0).wrapping_sub(offset);
+            q[j + 16] = ((qs[j] >> 4) | hi1).wrapping_sub(offset);
+        }
+    };
+    match dtype {
+        // f16 d, 32 × i8
+        GgmlDType::Q8_0 => q.copy_from_slice(&block[2..34]),
+        // f16 d, 16 bytes of nibbles: d · (q − 8)
+        GgmlDType::Q4_0 => nibbles(&mut q, &block[2..18], 8),
+        // f16 d, f16 m, 16 bytes of nibbles: d · q + m
+        GgmlDType::Q4_1 => {
+            nibbles(&mut q, &block[4..20], 0);
+            return Some((d, f16::from_le_bytes([block[2], block[3]]).to_f32(), q));
+        }
+        // f16 d, u32 of fifth bits, 16 bytes of nibbles: d · (q − 16)
+        GgmlDType::Q5_0 => fifth_bits(&mut q, &block[2..6], &block[6..22], 16),
+        // f16 d, f16 m, u32 of fifth bits, 16 bytes of nibbles: d · q + m
+        GgmlDType::Q5_1 => {
+            fifth_bits(&mut q, &block[4..8], &block[8..24], 0);
+            return Some((d, f16::from_le_bytes([block[2], block[3]]).to_f32(), q));
+        }
+        _ => return None,
+    }
+    Some((d, 0.0, q))
 }
 
 impl Activations {
     const fn new() -> Activations {
-        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new() }
+        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), sums: Vec::new() }
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
@@ -73,13 +130,18 @@ impl Activations {
         let n = xs.len() / BLOCK;
         self.quants.resize(n, ZERO);
         self.scales.resize(n, 0.0);
-        for ((x, q), d) in xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales) {
+        self.sums.resize(n, 0.0);
+        for (((x, q), d), sum) in xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.sums) {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             *d = amax / 127.0;
             let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
+            let mut total = 0i32;
             for (q, &v) in q.0.iter_mut().zip(x) {
-                *q = (v * id).round() as i8 as u8;
+                let r = (v * id).round() as i8;
+                total += r as i32;
+                *q = r as u8;
             }
+            *sum = *d * total as f32;
         }
     }
 }
@@ -90,30 +152,42 @@ thread_local! {
 }
 
 impl Int8Matrix {
-    /// The weights of a 2-D Q8_0 tensor (GGUF block: f16 scale, 32 × i8); `None` for any
-    /// other type.
+    /// The weights of a 2-D tensor of Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1, repacked block by block
+    /// (no whole-tensor copy beside the result); `None` for any other type.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Int8Matrix>> {
-        let q8_0_block = GgmlDType::Q8_0.type_size(); // f16 scale, 32 × i8
-        if t.dtype() != GgmlDType::Q8_0 {
+        let dtype = t.dtype();
+        if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_0 | GgmlDType::Q4_1) {
             return Ok(None);
         }
+        let block_bytes = dtype.type_size();
         let (rows, cols) = t.shape().dims2()?;
         if cols % BLOCK != 0 {
             candle_core::bail!("row length {cols} is not a multiple of {BLOCK}")
         }
         let data = t.data()?;
         let blocks = cols / BLOCK;
-        if data.len() != rows * blocks * q8_0_block {
-            candle_core::bail!("Q8_0 tensor of {rows}×{cols} holds {} bytes", data.len())
+        if data.len() != rows * blocks * block_bytes {
+            candle_core::bail!("{dtype:?} tensor of {rows}×{cols} holds {} bytes", data.len())
         }
         let groups = rows.div_ceil(COLS);
-        let mut m = Int8Matrix { rows, blocks, quants: vec![ZERO; groups * blocks * COLS], scales: vec![[0.0; COLS]; groups * blocks] };
-        for (r, row) in data.chunks_exact(blocks * q8_0_block).enumerate() {
+        let tiles = groups * blocks;
+        let mut m = Int8Matrix {
+            rows,
+            blocks,
+            quants: vec![ZERO; tiles * COLS],
+            scales: vec![[0.0; COLS]; tiles],
+            mins: matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1).then(|| vec![[0.0; COLS]; tiles]),
+        };
+        for (r, row) in data.chunks_exact(blocks * block_bytes).enumerate() {
             let (group, lane) = (r / COLS, r % COLS);
-            for (b, block) in row.chunks_exact(q8_0_block).enumerate() {
+            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
                 let tile = group * blocks + b;
-                m.scales[tile][lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for (g, quad) in block[2..].chunks_exact(4).enumerate() {
+                let (d, min, q) = widen_block(dtype, block).expect("a type checked above");
+                m.scales[tile][lane] = d;
+                if let Some(mins) = &mut m.mins {
+                    mins[tile][lane] = min;
+                }
+                for (g, quad) in q.chunks_exact(4).enumerate() {
                     m.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4].copy_from_slice(quad);
                 }
             }
@@ -142,9 +216,10 @@ impl Int8Matrix {
             for b in 0..self.blocks {
                 let tile = group * self.blocks + b;
                 let d = self.scales[tile][lane];
+                let min = self.mins.as_ref().map_or(0.0, |m| m[tile][lane]);
                 for g in 0..COLS {
                     let quad = &self.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4];
-                    out.extend(quad.iter().map(|&q| d * q as i8 as f32));
+                    out.extend(quad.iter().map(|&q| d.mul_add(q as i8 as f32, min)));
                 }
             }
         }
@@ -240,7 +315,7 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
     use std::arch::x86_64::*;
     let kb = t.x.blocks;
     // SAFETY: AVX2 and FMA are enabled at compile time (the cfg above). The quants and
-    // scales are read at rows i..i+R of x and group `group` of w, all inside their buffers
+    // scales (and sums, mins) are read at rows i..i+R of x and group `group` of w, all inside their buffers
     // (R rows remain from i, and the repacked w holds kb × COLS vectors per group, 32-byte
     // aligned for the aligned load); `store` writes only this tile's outputs.
     unsafe {
@@ -248,6 +323,8 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
         let xd = t.x.scales.as_ptr().add(t.i * kb);
         let wq = t.w.quants.as_ptr().add(t.group * kb * COLS) as *const __m256i;
         let wd = t.w.scales.as_ptr().add(t.group * kb);
+        let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
+        let xs = t.x.sums.as_ptr().add(t.i * kb);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..kb {
@@ -269,6 +346,12 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
             for (row, acc) in acc.iter_mut().enumerate() {
                 let d = _mm256_mul_ps(ws, _mm256_set1_ps(*xd.add(row * kb + b)));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[row]), d, *acc);
+            }
+            if let Some(wm) = wm {
+                let mins = _mm256_loadu_ps(wm.add(b) as *const f32);
+                for (row, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(mins, _mm256_set1_ps(*xs.add(row * kb + b)), *acc);
+                }
             }
         }
         for (row, &a) in acc.iter().enumerate() {
@@ -303,6 +386,9 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
                     }
                 }
                 *acc = (sum as f32).mul_add(t.w.scales[tile][lane] * t.x.scales[xi + b], *acc);
+                if let Some(mins) = &t.w.mins {
+                    *acc = mins[tile][lane].mul_add(t.x.sums[xi + b], *acc);
+                }
             }
         }
         // SAFETY: the caller of `tile` guarantees `out` holds x.rows × w.rows elements.
@@ -320,11 +406,15 @@ mod tests {
             .collect()
     }
 
-    fn weights(n: usize, k: usize, seed: u32) -> (Int8Matrix, Vec<f32>) {
+    /// The 32-element block types the kernel takes.
+    const TYPES: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1];
+
+    /// A seeded n × k matrix quantised to `dtype`, repacked, and candle's dequantised values.
+    fn weights(n: usize, k: usize, seed: u32, dtype: GgmlDType) -> (Int8Matrix, Vec<f32>) {
         let t = Tensor::from_vec(seeded(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (Int8Matrix::from_qtensor(&q).unwrap().expect("Q8_0 is served"), want)
+        (Int8Matrix::from_qtensor(&q).unwrap().expect("a served type"), want)
     }
 
     fn activations(xs: &[f32], k: usize) -> Activations {
@@ -335,35 +425,46 @@ mod tests {
 
     #[test]
     fn weights_unpack_to_candles_dequantised_values() {
-        // 13 rows: one full group of 8 and one padded group.
-        let (w, want) = weights(13, 96, 3);
-        let ids: Vec<u32> = (0..13).collect();
-        assert_eq!(w.gather(&ids).unwrap(), want);
-        assert!(w.gather(&[13]).is_err());
-        let q4 = QTensor::quantize(&Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K);
-        assert!(Int8Matrix::from_qtensor(&q4.unwrap()).unwrap().is_none(), "only Q8_0 is repacked");
+        for dtype in TYPES {
+            // 13 rows: one full group of 8 and one padded group.
+            let (w, want) = weights(13, 96, 3, dtype);
+            let ids: Vec<u32> = (0..13).collect();
+            let got = w.gather(&ids).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // d·q + m is one fused step here, two roundings in candle.
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{dtype:?} [{i}]: {g} vs {w}");
+            }
+            if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+                assert_eq!(got, want, "{dtype:?} widens exactly");
+            }
+            assert!(w.gather(&[13]).is_err());
+        }
+        let q4k = QTensor::quantize(&Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K);
+        assert!(Int8Matrix::from_qtensor(&q4k.unwrap()).unwrap().is_none(), "K-quants stay with candle");
     }
 
     #[test]
     fn matmul_matches_the_product_of_the_dequantised_values() {
         let (k, n) = (640, 37);
-        let (w, wf) = weights(n, k, 1);
-        for m in [1, 2, 3, 4, 5, 9] {
-            let x = activations(&seeded(m * k, 2 + m as u32), k);
-            let mut out = vec![0f32; m * n];
-            matmul(&x, &w, &mut out);
-            for i in 0..m {
-                // The activations as the kernel sees them: quantised to int8 blocks.
-                let xi: Vec<f64> = (0..k)
-                    .map(|e| {
-                        let b = i * x.blocks + e / BLOCK;
-                        x.scales[b] as f64 * x.quants[b].0[e % BLOCK] as i8 as f64
-                    })
-                    .collect();
-                for j in 0..n {
-                    let want: f64 = xi.iter().zip(&wf[j * k..(j + 1) * k]).map(|(a, &b)| a * b as f64).sum();
-                    let got = out[i * n + j] as f64;
-                    assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "m={m} ({i},{j}): {got} vs {want}");
+        for dtype in TYPES {
+            let (w, wf) = weights(n, k, 1, dtype);
+            for m in [1, 2, 3, 4, 5, 9] {
+                let x = activations(&seeded(m * k, 2 + m as u32), k);
+                let mut out = vec![0f32; m * n];
+                matmul(&x, &w, &mut out);
+                for i in 0..m {
+                    // The activations as the kernel sees them: quantised to int8 blocks.
+                    let xi: Vec<f64> = (0..k)
+                        .map(|e| {
+                            let b = i * x.blocks + e / BLOCK;
+                            x.scales[b] as f64 * x.quants[b].0[e % BLOCK] as i8 as f64
+                        })
+                        .collect();
+                    for j in 0..n {
+                        let want: f64 = xi.iter().zip(&wf[j * k..(j + 1) * k]).map(|(a, &b)| a * b as f64).sum();
+                        let got = out[i * n + j] as f64;
+                        assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype:?} m={m} ({i},{j}): {got} vs {want}");
+                    }
                 }
             }
         }
@@ -372,14 +473,16 @@ mod tests {
     #[test]
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
         let (k, n) = (640, 50);
-        let (w, _) = weights(n, k, 7);
-        let xs = seeded(11 * k, 8);
-        let mut batched = vec![0f32; 11 * n];
-        matmul(&activations(&xs, k), &w, &mut batched);
-        for i in 0..11 {
-            let mut alone = vec![0f32; n];
-            matmul(&activations(&xs[i * k..(i + 1) * k], k), &w, &mut alone);
-            assert_eq!(alone, batched[i * n..(i + 1) * n], "row {i}");
+        for dtype in TYPES {
+            let (w, _) = weights(n, k, 7, dtype);
+            let xs = seeded(11 * k, 8);
+            let mut batched = vec![0f32; 11 * n];
+            matmul(&activations(&xs, k), &w, &mut batched);
+            for i in 0..11 {
+                let mut alone = vec![0f32; n];
+                matmul(&activations(&xs[i * k..(i + 1) * k], k), &w, &mut alone);
+                assert_eq!(alone, batched[i * n..(i + 1) * n], "{dtype:?} row {i}");
+            }
         }
     }
 }

@@ -142,6 +142,8 @@ struct ModelMetrics {
     running: prometheus::IntGauge,
     waiting: prometheus::IntGauge,
     kv_usage: prometheus::Gauge,
+    kv_bytes: prometheus::IntGauge,
+    prefix_bytes: prometheus::IntGauge,
     grammar_mask: prometheus::Histogram,
 }
 
@@ -159,6 +161,8 @@ impl ModelMetrics {
             running: metrics.requests_running.with_label_values(&label),
             waiting: metrics.requests_waiting.with_label_values(&label),
             kv_usage: metrics.kv_cache_usage.with_label_values(&label),
+            kv_bytes: metrics.kv_cache_bytes.with_label_values(&label),
+            prefix_bytes: metrics.prefix_cache_bytes.with_label_values(&label),
             grammar_mask: metrics.grammar_mask_seconds.with_label_values(&label),
         }
     }
@@ -297,13 +301,15 @@ impl Worker {
             }
             self.prefixes.borrow_mut().clear();
             self.per_model.running.set(0);
-            self.per_model.kv_usage.set(0.0);
+            self.report_kv_usage(&live);
         }
     }
 
     fn run(&self, rx: &mut mpsc::UnboundedReceiver<Job>, queue: &mut VecDeque<Job>, live: &mut Vec<Sequence>) {
         loop {
             if live.is_empty() && queue.is_empty() {
+                // Idle: the KV caches of the sequences that just finished go back to the OS.
+                super::release_free_memory();
                 match rx.blocking_recv() {
                     Some(job) => queue.push_back(job),
                     None => return,
@@ -348,11 +354,16 @@ impl Worker {
     }
 
     /// The KV positions the running sequences hold, as a fraction of `max_batch` whole
-    /// contexts (what the inference gateway's endpoint picker reads as KV-cache usage).
+    /// contexts (what the inference gateway's endpoint picker reads as KV-cache usage), and
+    /// the bytes of KV cache held by them and by the prefix cache.
     fn report_kv_usage(&self, live: &[Sequence]) {
         let held: usize = live.iter().map(|s| s.cache.capacity()).sum();
         let capacity = (self.max_batch * self.model.max_len()).max(1);
         self.per_model.kv_usage.set(held as f64 / capacity as f64);
+        let bytes: usize = live.iter().map(|s| s.cache.bytes()).sum();
+        self.per_model.kv_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let kept = self.prefixes.borrow().bytes;
+        self.per_model.prefix_bytes.set(i64::try_from(kept).unwrap_or(i64::MAX));
     }
 
     fn fail(&self, events: &mpsc::UnboundedSender<StreamEvent>, e: &candle_core::Error) {

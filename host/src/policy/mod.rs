@@ -9,7 +9,7 @@
 //!    it (cached by content and config hash) and pre-instantiate it;
 //! 2. **per request** — [`PolicyChain::start`] gives every plugin a fresh store and an
 //!    instance of its snapshot (nothing leaks between requests or principals; `init` has
-//!    already run);
+//!    already run), made ahead in the background while the previous request ran;
 //!    [`PolicySession`] then runs `on-request` down the chain, `on-chunk` over the output
 //!    and `on-finish` at the end.
 //!
@@ -380,6 +380,21 @@ pub struct PolicyChain {
     plugins: Vec<LoadedPlugin>,
     /// Counts the chains built by this process (0 = the first): tells a reload happened.
     generation: u64,
+    /// Fresh instances of every plugin, made in the background when a request ends, for
+    /// the next one: instantiating the chain is then not on a request's path to its first
+    /// token (nor competing with it for the CPU, as making it at the start would).
+    spare: Mutex<Option<Spare>>,
+    /// Told when a spare is put in place (a request waiting for pool slots takes it: the
+    /// spare may hold the slots it waits for).
+    spare_ready: tokio::sync::Notify,
+    /// A task is making the spare.
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+/// One request's worth of instances, never called yet, and the pool slots they hold.
+struct Spare {
+    live: Vec<LivePlugin>,
+    slots: OwnedSemaphorePermit,
 }
 
 /// The generation the next chain gets.
@@ -406,7 +421,14 @@ impl PolicyChain {
             plugins.push(plugin);
         }
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(PolicyChain { engine, plugins, generation })
+        Ok(PolicyChain {
+            engine,
+            plugins,
+            generation,
+            spare: Mutex::new(None),
+            spare_ready: tokio::sync::Notify::new(),
+            refilling: false.into(),
+        })
     }
 
     /// Which chain this is, in load order within the process.
@@ -435,13 +457,41 @@ impl PolicyChain {
             .collect()
     }
 
-    /// Fresh instances of every plugin for one request (waiting for pool slots if the
-    /// pool is full).
+    /// Fresh instances of every plugin for one request: the spare made ahead if there is
+    /// one, else made now (waiting for pool slots if the pool is full).
     pub async fn start(self: &Arc<Self>) -> Result<PolicySession, PolicyError> {
-        let slots = match self.plugins.is_empty() {
-            true => None,
-            false => Some(self.engine.slots(self.plugins.len()).await),
+        let session = |live, slots| PolicySession {
+            chain: self.clone(),
+            live,
+            usage: Usage { prompt_tokens: 0, completion_tokens: 0 },
+            _slots: slots,
+            finisher: false,
         };
+        if self.plugins.is_empty() {
+            return Ok(session(Vec::new(), None));
+        }
+        let take = || self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut spare = take();
+        while spare.is_none() {
+            // Slots for new instances, or a spare put in place meanwhile (it may hold the
+            // last free slots).
+            tokio::select! {
+                slots = self.engine.slots(self.plugins.len()) => {
+                    let live = self.instantiate().await?;
+                    return Ok(session(live, Some(slots)));
+                }
+                () = self.spare_ready.notified() => spare = take(),
+            }
+        }
+        let Spare { mut live, slots } = spare.expect("the loop ends with a spare");
+        for plugin in &mut live {
+            plugin.store.data_mut().started = Instant::now();
+        }
+        Ok(session(live, Some(slots)))
+    }
+
+    /// Instances of every plugin, made now (a plugin failing open is left out).
+    async fn instantiate(&self) -> Result<Vec<LivePlugin>, PolicyError> {
         let mut live = Vec::with_capacity(self.plugins.len());
         for (idx, plugin) in self.plugins.iter().enumerate() {
             match LivePlugin::start(&self.engine, plugin, idx).await {
@@ -453,13 +503,39 @@ impl PolicyChain {
                 }
             }
         }
-        Ok(PolicySession {
-            chain: self.clone(),
-            live,
-            usage: Usage { prompt_tokens: 0, completion_tokens: 0 },
-            _slots: slots,
-            finisher: false,
-        })
+        Ok(live)
+    }
+
+    /// Begins making the next spare (when a request ends), unless there is one, one is
+    /// being made, or the pool has no free slots (a spare never makes a request wait). A
+    /// plugin that fails to start leaves no spare: the request that finds none starts the
+    /// chain itself and reports the failure.
+    fn refill(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.spare.lock().unwrap_or_else(|e| e.into_inner()).is_some() || self.refilling.swap(true, AcqRel) {
+            return;
+        }
+        let n = u32::try_from(self.plugins.len()).unwrap_or(u32::MAX).min(limits::POOL_INSTANCES);
+        let Ok(slots) = self.engine.slots.clone().try_acquire_many_owned(n) else {
+            self.refilling.store(false, Release);
+            return;
+        };
+        let chain = self.clone();
+        runtime.spawn(async move {
+            let mut live = Vec::with_capacity(chain.plugins.len());
+            for (idx, plugin) in chain.plugins.iter().enumerate() {
+                match LivePlugin::start(&chain.engine, plugin, idx).await {
+                    Ok(p) => live.push(p),
+                    Err(_) => break,
+                }
+            }
+            if live.len() == chain.plugins.len() {
+                *chain.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(Spare { live, slots });
+                chain.spare_ready.notify_one();
+            }
+            chain.refilling.store(false, Release);
+        });
     }
 
     /// Records a failure; `Some` if the plugin fails closed (the request must fail).
@@ -728,6 +804,9 @@ impl Drop for PolicySession {
     fn drop(&mut self) {
         if self.finisher {
             return;
+        }
+        if !self.chain.plugins.is_empty() {
+            self.chain.refill();
         }
         let owed: Vec<LivePlugin> = std::mem::take(&mut self.live).into_iter().filter(LivePlugin::owes_finish).collect();
         if owed.is_empty() {
