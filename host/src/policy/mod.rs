@@ -9,7 +9,7 @@
 //!    it (cached by content and config hash) and pre-instantiate it;
 //! 2. **per request** — [`PolicyChain::start`] gives every plugin a fresh store and an
 //!    instance of its snapshot (nothing leaks between requests or principals; `init` has
-//!    already run), made ahead in the background while the previous request ran;
+//!    already run), made ahead in the background when the previous request ended;
 //!    [`PolicySession`] then runs `on-request` down the chain, `on-chunk` over the output
 //!    and `on-finish` at the end.
 //!
