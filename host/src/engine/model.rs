@@ -215,21 +215,6 @@ enum Weight {
 }
 
 impl Weight {
-    fn new(weight: QTensor) -> Result<Weight> {
-        match Weight::int8(&weight)? {
-            Some(w) => Ok(Weight::Int8(w)),
-            None => Ok(Weight::Candle(QMatMul::from_qtensor(weight)?)),
-        }
-    }
-
-    /// The weights in wisp's kernel's layout, if it serves them.
-    fn int8(weight: &QTensor) -> Result<Option<Arc<Int8Matrix>>> {
-        if !weight.device().is_cpu() {
-            return Ok(None);
-        }
-        Ok(Int8Matrix::from_qtensor(weight)?.map(Arc::new))
-    }
-
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Int8(w) => w.forward(xs),
@@ -246,15 +231,15 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Linear> {
+    fn new((weight, dtype): (Weight, GgmlDType), bias: Option<Tensor>) -> Linear {
         // candle picks a different x86 kernel for Q6_K with one row (compact weights) than
         // with several (repacked tiles), and the two round differently: a sequence decoded
         // alone would not produce the tokens it produces beside others. Padding one row to
         // two keeps every row on the tiled kernel, so batched output equals single-stream
         // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
         // kernel needs no such care.
-        let pad_single_row = weight.dtype() == GgmlDType::Q6K;
-        Ok(Linear { weight: Weight::new(weight)?, bias, pad_single_row })
+        let pad_single_row = matches!(weight, Weight::Candle(_)) && dtype == GgmlDType::Q6K;
+        Linear { weight, bias, pad_single_row }
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -284,6 +269,54 @@ impl Embedding {
             Embedding::Int8(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
             Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
         }
+    }
+}
+
+/// A GGUF's tensors. The matrices wisp's int8 kernel serves are repacked straight from the
+/// file a few rows at a time, never held whole beside their repacked copy (candle's
+/// reader would hold the file's bytes twice, as read and as typed blocks: for the default
+/// model's 168 MB embedding table, a load peak of ~350 MB).
+struct Tensors<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+}
+
+impl<R: Read + Seek> Tensors<'_, R> {
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(self.reader, name, self.device)
+    }
+
+    /// The matrix `name` in wisp's int8 kernel's layout, if that kernel serves its type on
+    /// this device; `None` (nothing read) otherwise.
+    fn int8(&mut self, name: &str) -> Result<Option<Arc<Int8Matrix>>> {
+        let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
+        if !self.device.is_cpu() || !Int8Matrix::serves(info.ggml_dtype) {
+            return Ok(None);
+        }
+        let (rows, cols) = info.shape.dims2()?;
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        // As candle's reader does: a tensor must lie inside the file before anything is
+        // allocated for it.
+        let bytes =
+            (rows as u64).saturating_mul((cols / info.ggml_dtype.block_size()) as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
+        let file_size = self.reader.seek(std::io::SeekFrom::End(0))?;
+        if start.saturating_add(bytes) > file_size {
+            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({file_size} bytes)")
+        }
+        self.reader.seek(std::io::SeekFrom::Start(start))?;
+        Ok(Some(Arc::new(Int8Matrix::read(self.reader, info.ggml_dtype, rows, cols)?)))
+    }
+
+    /// A weight matrix with the kernel that multiplies by it, and its file type.
+    fn weight(&mut self, name: &str) -> Result<(Weight, GgmlDType)> {
+        if let Some(w) = self.int8(name)? {
+            let dtype = self.content.tensor_infos[name].ggml_dtype;
+            return Ok((Weight::Int8(w), dtype));
+        }
+        let t = self.tensor(name)?;
+        let dtype = t.dtype();
+        Ok((Weight::Candle(QMatMul::from_qtensor(t)?), dtype))
     }
 }
 
@@ -351,36 +384,34 @@ impl Model {
         max_len: usize,
         device: &Device,
     ) -> Result<Model> {
-        let mut tensor = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
+        let mut file = Tensors { content, reader, device };
         let eps = hp.rms_eps as f32;
-        let embed = tensor("token_embd.weight")?;
         let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
-            (Embedding::Quantized(Arc::new(embed)), Weight::new(tensor("output.weight")?)?)
-        } else if let Some(w) = Weight::int8(&embed)? {
+            (Embedding::Quantized(Arc::new(file.tensor("token_embd.weight")?)), file.weight("output.weight")?.0)
+        } else if let Some(w) = file.int8("token_embd.weight")? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Int8(w.clone()), Weight::Int8(w))
         } else {
-            let t = Arc::new(embed);
+            let t = Arc::new(file.tensor("token_embd.weight")?);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
-        let norm = RmsNorm { weight: tensor("output_norm.weight")?.dequantize(device)?, eps };
+        let norm = RmsNorm { weight: file.tensor("output_norm.weight")?.dequantize(device)?, eps };
         let gemma = hp.family == Family::Gemma3;
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
-            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}"));
             let has = |name: &str| content.tensor_infos.contains_key(&format!("blk.{i}.{name}"));
             let mut linear = |name: &str| -> Result<Linear> {
-                let weight = t(&format!("{name}.weight"))?;
+                let weight = file.weight(&format!("blk.{i}.{name}.weight"))?;
                 let bias = match has(&format!("{name}.bias")) {
-                    true => Some(t(&format!("{name}.bias"))?.dequantize(device)?),
+                    true => Some(file.tensor(&format!("blk.{i}.{name}.bias"))?.dequantize(device)?),
                     false => None,
                 };
-                Linear::new(weight, bias)
+                Ok(Linear::new(weight, bias))
             };
             let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
             let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             let mut norm = |name: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm { weight: tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
+                Ok(RmsNorm { weight: file.tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
             };
             let optional_norm = |norm: &mut dyn FnMut(&str) -> Result<RmsNorm>, name: &str| {
                 if gemma { norm(name).map(Some) } else { Ok(None) }

@@ -32,7 +32,7 @@
 //! a widened 4-bit matrix takes 9 (with a minimum: 10) bits per weight instead of 4.5 (5),
 //! a widened 5-bit one 9 (10) instead of 5.5 (6).
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
@@ -49,7 +49,7 @@ struct Quants([u8; BLOCK]);
 const ZERO: Quants = Quants([0; BLOCK]);
 
 /// A weight matrix `W` (out × in) for `y = x Wᵀ` on the CPU, repacked from a 32-element
-/// block type (see [`Int8Matrix::from_qtensor`]).
+/// block type (see [`Int8Matrix::read`]).
 pub struct Int8Matrix {
     rows: usize,
     /// Blocks per row.
@@ -152,25 +152,25 @@ thread_local! {
 }
 
 impl Int8Matrix {
-    /// The weights of a 2-D tensor of Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1, repacked block by block
-    /// (no whole-tensor copy beside the result); `None` for any other type.
-    pub fn from_qtensor(t: &QTensor) -> Result<Option<Int8Matrix>> {
-        let dtype = t.dtype();
-        if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_0 | GgmlDType::Q4_1) {
-            return Ok(None);
+    /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1).
+    pub fn serves(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
+    }
+
+    /// The `rows × cols` weights of a served type, read from `reader` (positioned at the
+    /// tensor's data, GGUF layout: row-major blocks) a few row groups at a time and
+    /// repacked as they come: the file's bytes are never all in memory beside the result.
+    pub fn read(reader: &mut impl std::io::Read, dtype: GgmlDType, rows: usize, cols: usize) -> Result<Int8Matrix> {
+        /// Bytes read at once.
+        const CHUNK: usize = 1 << 20;
+        if !Int8Matrix::serves(dtype) {
+            candle_core::bail!("{dtype:?} weights are not served by the int8 kernel")
         }
-        let block_bytes = dtype.type_size();
-        let (rows, cols) = t.shape().dims2()?;
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("row length {cols} is not a multiple of {BLOCK}")
         }
-        let data = t.data()?;
         let blocks = cols / BLOCK;
-        if data.len() != rows * blocks * block_bytes {
-            candle_core::bail!("{dtype:?} tensor of {rows}×{cols} holds {} bytes", data.len())
-        }
-        let groups = rows.div_ceil(COLS);
-        let tiles = groups * blocks;
+        let tiles = rows.div_ceil(COLS) * blocks;
         let mut m = Int8Matrix {
             rows,
             blocks,
@@ -178,21 +178,32 @@ impl Int8Matrix {
             scales: vec![[0.0; COLS]; tiles],
             mins: matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1).then(|| vec![[0.0; COLS]; tiles]),
         };
-        for (r, row) in data.chunks_exact(blocks * block_bytes).enumerate() {
-            let (group, lane) = (r / COLS, r % COLS);
-            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                let tile = group * blocks + b;
-                let (d, min, q) = widen_block(dtype, block).expect("a type checked above");
-                m.scales[tile][lane] = d;
-                if let Some(mins) = &mut m.mins {
-                    mins[tile][lane] = min;
+        let block_bytes = dtype.type_size();
+        let row_bytes = blocks * block_bytes;
+        let rows_per_read = (CHUNK / row_bytes.max(1)).max(1);
+        let mut buf = vec![0u8; rows_per_read.min(rows) * row_bytes];
+        let mut r = 0;
+        while r < rows {
+            let n = (rows - r).min(rows_per_read);
+            let bytes = &mut buf[..n * row_bytes];
+            reader.read_exact(bytes)?;
+            for row in bytes.chunks_exact(row_bytes) {
+                let (group, lane) = (r / COLS, r % COLS);
+                for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+                    let tile = group * blocks + b;
+                    let (d, min, q) = widen_block(dtype, block).expect("a served type");
+                    m.scales[tile][lane] = d;
+                    if let Some(mins) = &mut m.mins {
+                        mins[tile][lane] = min;
+                    }
+                    for (g, quad) in q.chunks_exact(4).enumerate() {
+                        m.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4].copy_from_slice(quad);
+                    }
                 }
-                for (g, quad) in q.chunks_exact(4).enumerate() {
-                    m.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4].copy_from_slice(quad);
-                }
+                r += 1;
             }
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
     pub fn rows(&self) -> usize {
@@ -399,6 +410,7 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
 
     fn seeded(n: usize, seed: u32) -> Vec<f32> {
         (0..n as u32)
@@ -414,7 +426,8 @@ mod tests {
         let t = Tensor::from_vec(seeded(n * k, seed), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (Int8Matrix::from_qtensor(&q).unwrap().expect("a served type"), want)
+        let bytes = q.data().unwrap();
+        (Int8Matrix::read(&mut std::io::Cursor::new(&bytes[..]), dtype, n, k).unwrap(), want)
     }
 
     fn activations(xs: &[f32], k: usize) -> Activations {
@@ -439,8 +452,17 @@ mod tests {
             }
             assert!(w.gather(&[13]).is_err());
         }
-        let q4k = QTensor::quantize(&Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K);
-        assert!(Int8Matrix::from_qtensor(&q4k.unwrap()).unwrap().is_none(), "K-quants stay with candle");
+        assert!(!Int8Matrix::serves(GgmlDType::Q4K), "K-quants stay with candle");
+        assert!(Int8Matrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 256).is_err());
+    }
+
+    #[test]
+    fn a_matrix_read_in_several_chunks_is_the_same() {
+        // 3001 rows of 640 Q8_0 values: 2 MB, read 1 MiB at a time (1542 rows, not a whole
+        // number of row groups).
+        let (w, want) = weights(3001, 640, 5, GgmlDType::Q8_0);
+        let ids: Vec<u32> = (0..3001).collect();
+        assert_eq!(w.gather(&ids).unwrap(), want);
     }
 
     #[test]
