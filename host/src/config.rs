@@ -265,8 +265,10 @@ pub struct Limits {
     /// Sequences a model generates together (continuous batching); more wait in the queue.
     pub max_batch: usize,
     /// Memory per model for the KV of finished sequences, reused by prompts that start with
-    /// them (a session's next turn, a shared system prompt); 0 turns reuse off.
-    pub prefix_cache_mb: usize,
+    /// them (a session's next turn, a shared system prompt); 0 turns reuse off. Unset: sized
+    /// against the model, the KV of `max_batch` sequences of [`PREFIX_CACHE_TOKENS`] each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_mb: Option<usize>,
     /// `max_tokens` used when a request gives none: the rest of the context, capped here.
     pub default_max_tokens: usize,
     /// At most this many `stop` strings per request (OpenAI: 4).
@@ -277,12 +279,25 @@ pub struct Limits {
     pub max_messages: usize,
 }
 
+/// Tokens per batch slot that the default prefix cache holds (see [`Limits::prefix_cache_mb`]).
+pub const PREFIX_CACHE_TOKENS: usize = 2048;
+
+impl Limits {
+    /// The prefix cache's budget in bytes for a model whose KV takes `kv_bytes_per_token`.
+    pub fn prefix_cache_bytes(&self, kv_bytes_per_token: usize) -> usize {
+        match self.prefix_cache_mb {
+            Some(mb) => mb << 20,
+            None => self.max_batch * PREFIX_CACHE_TOKENS * kv_bytes_per_token,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_queue: 64,
             max_batch: 8,
-            prefix_cache_mb: 1024,
+            prefix_cache_mb: None,
             default_max_tokens: 4096,
             max_stop_sequences: 4,
             max_stop_bytes: 256,
@@ -551,6 +566,16 @@ mod tests {
         assert!(e.contains("limits.max_queue"), "{e}");
         let e = Config::from_toml("[server]\nlisten = \"nowhere\"").unwrap_err().to_string();
         assert!(e.contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn the_prefix_cache_is_sized_against_the_model_unless_set() {
+        let limits = Config::from_toml("[limits]\nmax_batch = 4").unwrap().limits;
+        assert_eq!(limits.prefix_cache_bytes(1000), 4 * PREFIX_CACHE_TOKENS * 1000);
+        let limits = Config::from_toml("[limits]\nprefix_cache_mb = 3").unwrap().limits;
+        assert_eq!(limits.prefix_cache_bytes(1000), 3 << 20);
+        let limits = Config::from_toml("[limits]\nprefix_cache_mb = 0").unwrap().limits;
+        assert_eq!(limits.prefix_cache_bytes(1000), 0);
     }
 
     #[test]

@@ -1,22 +1,28 @@
-//! The tokenizer built from the default model's GGUF metadata, checked token for token
-//! against llama.cpp's on a multilingual corpus (fixture made by
-//! scripts/make-tokenizer-fixture.py), and incremental detokenizing checked against
-//! whole-sequence decoding.
+//! The tokenizers built from GGUF metadata, checked token for token against llama.cpp's on
+//! a multilingual corpus (fixtures made by scripts/make-tokenizer-fixture.py) for the
+//! default model (SentencePiece) and SmolLM2 (byte-level BPE), and incremental
+//! detokenizing checked against whole-sequence decoding.
 
 mod common;
+
+use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use serde_json::Value;
 use wisp::engine::tokenizer::{Detokenizer, GgufTokenizer};
 
-fn tokenizer() -> GgufTokenizer {
-    let mut file = std::fs::File::open(common::default_model_path()).unwrap();
+fn load(path: &Path) -> GgufTokenizer {
+    let mut file = std::fs::File::open(path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     GgufTokenizer::from_gguf(&content).unwrap()
 }
 
-fn cases() -> Vec<(String, Vec<u32>)> {
-    let path = common::workspace_root().join("host/tests/fixtures/tokenizer_expected.json");
+fn tokenizer() -> GgufTokenizer {
+    load(&common::default_model_path())
+}
+
+fn cases(fixture: &str) -> Vec<(String, Vec<u32>)> {
+    let path = common::workspace_root().join("host/tests/fixtures").join(fixture);
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     fixture["cases"]
         .as_array()
@@ -29,10 +35,8 @@ fn cases() -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-#[test]
-fn matches_llama_cpp_token_for_token() {
-    let tok = tokenizer();
-    let cases = cases();
+fn check_against_llama_cpp(tok: &GgufTokenizer, fixture: &str) {
+    let cases = cases(fixture);
     assert!(cases.len() >= 50);
     let mismatches: Vec<String> = cases
         .iter()
@@ -42,6 +46,17 @@ fn matches_llama_cpp_token_for_token() {
         })
         .collect();
     assert!(mismatches.is_empty(), "{} of {} lines differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
+}
+
+#[test]
+fn matches_llama_cpp_token_for_token() {
+    check_against_llama_cpp(&tokenizer(), "tokenizer_expected.json");
+}
+
+#[test]
+fn a_byte_level_bpe_matches_llama_cpp_token_for_token() {
+    let smollm2 = load(&common::workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    check_against_llama_cpp(&smollm2, "tokenizer_expected_smollm2.json");
 }
 
 #[test]
@@ -58,7 +73,7 @@ fn special_ids_come_from_the_metadata() {
 #[test]
 fn streaming_detokenizing_equals_whole_decoding() {
     let tok = tokenizer();
-    for (text, ids) in cases() {
+    for (text, ids) in cases("tokenizer_expected.json") {
         let mut detok = Detokenizer::new();
         let mut streamed = String::new();
         for id in &ids {

@@ -1,5 +1,7 @@
-//! Attention on the CPU: every sequence of a batched step in one pass over plain `f32`
-//! buffers, with the keys and values written in place into each sequence's cache.
+//! Attention on the CPU: every sequence of a batched step in one pass over plain buffers,
+//! with the keys and values written in place into each sequence's cache. The cache holds
+//! them in `f16` (as llama.cpp's default `-ctk f16 -ctv f16`): half the memory of `f32`
+//! and half the bytes a decode step reads; the arithmetic stays `f32`.
 //!
 //! Why not candle's ops: run per sequence, attention was ~15 candle ops per layer (narrow,
 //! reshape, transpose, contiguous, norms, RoPE, `slice_set`, mask, two matmuls, softmax),
@@ -15,6 +17,9 @@
 //! in the batch and however rows fall into work units, so a sequence decoded alone gets
 //! the bits it gets in a batch (tested below and in host/tests/models.rs).
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use super::ops::SyncPtr;
 
 /// Head geometry of a layer.
@@ -27,14 +32,19 @@ pub struct Heads {
 
 /// One layer's keys and values of one sequence, each laid out `[kv_head][position][dim]`.
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
 }
 
 impl LayerKv {
     pub fn zeros(heads: Heads, capacity: usize) -> LayerKv {
         let n = heads.n_kv_head * capacity * heads.head_dim;
-        LayerKv { k: vec![0.0; n], v: vec![0.0; n] }
+        LayerKv { k: vec![f16::ZERO; n], v: vec![f16::ZERO; n] }
+    }
+
+    /// Bytes of keys and values held (the capacity, not the length).
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * size_of::<f16>()
     }
 
     /// Copies positions `0..n` of `src` (a cache of `src_capacity` positions) into this one
@@ -114,8 +124,8 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
             for h in 0..n_kv_head {
                 prepare(spec, &mut k_row[h * d..(h + 1) * d], spec.k_norm, pos);
                 let at = (h * seq.capacity + pos) * d;
-                seq.kv.k[at..at + d].copy_from_slice(&k_row[h * d..(h + 1) * d]);
-                seq.kv.v[at..at + d].copy_from_slice(&v_row[h * d..(h + 1) * d]);
+                seq.kv.k[at..at + d].convert_from_f32_slice(&k_row[h * d..(h + 1) * d]);
+                seq.kv.v[at..at + d].convert_from_f32_slice(&v_row[h * d..(h + 1) * d]);
             }
         }
     }
@@ -136,13 +146,16 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
     let seqs: &[SeqRows<'_>] = seqs;
     let q: &[f32] = q;
     candle_core::utils::barrier_pool().execute_chunked(units.len(), |range| {
-        let mut scores = Vec::new();
+        let (mut scores, mut keys, mut values) = (Vec::new(), Vec::new(), Vec::new());
         for &(s, qh, start, end) in &units[range] {
             let seq = &seqs[s];
-            // The KV head this query head reads (grouped-query attention).
+            // The KV head this query head reads (grouped-query attention), and the positions
+            // any row of the block sees, widened to f32 once for all the block's rows.
             let h = qh / groups;
-            let keys_k = &seq.kv.k[h * seq.capacity * d..(h + 1) * seq.capacity * d];
-            let keys_v = &seq.kv.v[h * seq.capacity * d..(h + 1) * seq.capacity * d];
+            let first = first_key(seq.pos + start, spec.window);
+            let cached = (h * seq.capacity + first) * d..(h * seq.capacity + seq.pos + end) * d;
+            widen(&seq.kv.k[cached.clone()], &mut keys);
+            widen(&seq.kv.v[cached], &mut values);
             for i in start..end {
                 let (row, pos) = (seq.offset + i, seq.pos + i);
                 let at = row * q_width + qh * d;
@@ -151,11 +164,18 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
                 // write the same `d` values; `out` has rows × q_width values and lives until
                 // the pool has joined.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), d) };
-                head_attention(&q[at..at + d], keys_k, keys_v, first_key(pos, spec.window)..pos + 1, d, &mut scores, o);
+                let visible = first_key(pos, spec.window) - first..pos + 1 - first;
+                head_attention(&q[at..at + d], &keys, &values, visible, d, &mut scores, o);
             }
         }
     });
     out
+}
+
+/// `src` as f32 in `dst` (resized to fit).
+fn widen(src: &[f16], dst: &mut Vec<f32>) {
+    dst.resize(src.len(), 0.0);
+    src.convert_to_f32_slice(dst);
 }
 
 /// RMS norm (if any) and RoPE at `pos`, in place, on one head's `d` values.
@@ -250,7 +270,7 @@ mod tests {
         let to = |x: &[f32], heads: usize| {
             Tensor::from_vec(x.to_vec(), (1, n, heads, d), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
         };
-        let (mut qt, mut kt, vt) = (to(q, n_head), to(k, n_kv_head), to(v, n_kv_head));
+        let (mut qt, mut kt, mut vt) = (to(q, n_head), to(k, n_kv_head), to(v, n_kv_head));
         let norm = |t: &Tensor, w: Option<&[f32]>| match w {
             Some(w) => candle_nn::ops::rms_norm(t, &Tensor::new(w, &dev).unwrap(), spec.eps).unwrap(),
             None => t.clone(),
@@ -260,6 +280,9 @@ mod tests {
         let sin = Tensor::from_vec(spec.sin[pos * half..(pos + n) * half].to_vec(), (n, half), &dev).unwrap();
         let rope = if spec.interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
         (qt, kt) = (rope(&qt, &cos, &sin).unwrap(), rope(&kt, &cos, &sin).unwrap());
+        // The cache keeps keys and values in f16.
+        let round = |t: &Tensor| t.to_dtype(candle_core::DType::F16).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        (kt, vt) = (round(&kt), round(&vt));
         let past = |x: &[f32]| Tensor::from_vec(x.to_vec(), (1, n_kv_head, pos, d), &dev).unwrap();
         let k_all = Tensor::cat(&[&past(k_past), &kt], 2).unwrap();
         let v_all = Tensor::cat(&[&past(v_past), &vt], 2).unwrap();
@@ -294,14 +317,15 @@ mod tests {
     }
 
     /// A cache of `capacity` whose first `pos` positions hold seeded keys and values;
-    /// returns it with those values in `[kv_head][pos][d]` order.
+    /// returns it with those values (as the cache holds them) in `[kv_head][pos][d]` order.
     fn cache(pos: usize, capacity: usize, seed: u32) -> (LayerKv, Vec<f32>, Vec<f32>) {
         let d = HEADS.head_dim;
-        let (k, v) = (seeded(HEADS.n_kv_head * pos * d, seed), seeded(HEADS.n_kv_head * pos * d, seed + 1));
+        let half = |x: Vec<f32>| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let src = LayerKv { k: half(seeded(HEADS.n_kv_head * pos * d, seed)), v: half(seeded(HEADS.n_kv_head * pos * d, seed + 1)) };
         let mut kv = LayerKv::zeros(HEADS, capacity);
-        let src = LayerKv { k: k.clone(), v: v.clone() };
         kv.copy_prefix(&src, HEADS, pos, pos, capacity);
-        (kv, k, v)
+        let wide = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect();
+        (kv, wide(&src.k), wide(&src.v))
     }
 
     #[test]

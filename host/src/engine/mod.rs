@@ -471,6 +471,8 @@ impl Registry {
             .spawn(move || {
                 lower_thread_priority();
                 let _ = warm.grammars();
+                // The build's temporaries are freed by now; hand their pages back.
+                release_free_memory();
             })
             .map_err(|e| EngineError::Load { id: id.to_string(), message: e.to_string() })?;
         Ok(loaded)
@@ -658,13 +660,15 @@ pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
 fn load(config: &ModelConfig, limits: &Limits, metrics: Arc<Metrics>) -> Result<LoadedModel, EngineError> {
     let ModelParts { family, model, tokenizer, template, own_template, context_length } = load_parts(config)?;
     let tokenizer = Arc::new(tokenizer);
+    let prefix_cache_bytes = limits.prefix_cache_bytes(model.kv_bytes_per_token());
+    tracing::info!(model = %config.id, prefix_cache_mb = prefix_cache_bytes >> 20, "prefix cache budget");
     let scheduler = Scheduler::start(
         scheduler::SchedulerConfig {
             model_id: config.id.clone(),
             max_queue: limits.max_queue,
             max_batch: limits.max_batch,
             prefill_chunk: config.prefill_chunk,
-            prefix_cache_bytes: limits.prefix_cache_mb << 20,
+            prefix_cache_bytes,
         },
         model,
         tokenizer.clone(),

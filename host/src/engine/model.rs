@@ -166,7 +166,7 @@ impl SeqCache {
     /// Bytes of keys and values this cache holds (its capacity, not its length).
     pub fn bytes(&self) -> usize {
         match &self.kv {
-            Kv::Host(layers) => layers.iter().map(|l| (l.k.len() + l.v.len()) * size_of::<f32>()).sum(),
+            Kv::Host(layers) => layers.iter().map(LayerKv::bytes).sum(),
             Kv::Device { k, v } => k.iter().chain(v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
         }
     }
@@ -484,6 +484,13 @@ impl Model {
             Kv::Device { k: zeros()?, v: zeros()? }
         };
         Ok(SeqCache { kv, heads, len: 0, capacity })
+    }
+
+    /// Bytes of keys and values one position takes in a cache of this model (f16 in the
+    /// CPU's caches, f32 in a GPU's).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let elem = if self.host_attention { size_of::<half::f16>() } else { DType::F32.size_in_bytes() };
+        self.hp.n_layer * 2 * self.hp.n_kv_head * self.hp.head_dim * elem
     }
 
     fn heads(&self) -> Heads {

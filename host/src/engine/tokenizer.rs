@@ -11,15 +11,24 @@
 //! - `gpt2` (byte-level BPE: Qwen 2, Llama 3): merges from `tokenizer.ggml.merges`, the
 //!   pre-tokenizer regex chosen by `tokenizer.ggml.pre`.
 //!
-//! `tokenizers` has no programmatic builder for this, so the tokenizer.json is generated in
-//! memory and loaded.
+//! The tokenizer is assembled with `tokenizers`' builders. (Generating a tokenizer.json in
+//! memory and loading it, as wisp first did, peaked at ~670 MB above the GGUF for the
+//! default model's 262k tokens and 514k merges: serde buffers the whole model section
+//! twice before `tokenizers` reads it.)
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use serde_json::{Value as Json, json};
-use tokenizers::Tokenizer;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TYPE_NORMAL: i32 = 1;
@@ -57,25 +66,25 @@ impl GgufTokenizer {
             Some(Value::Array(v)) => v.iter().map(|x| x.to_i32().unwrap_or(TYPE_NORMAL)).collect(),
             _ => vec![TYPE_NORMAL; tokens.len()],
         };
-        let json = match model.as_str() {
+        let tokenizer = match model.as_str() {
             "llama" => {
                 let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
                     Some(Value::Array(v)) => v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect(),
                     _ => return Err(TokenizerError::Metadata("`tokenizer.ggml.scores` is missing".into())),
                 };
                 let add_space_prefix = md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
-                spm_json(&tokens, &scores, &types, add_space_prefix, id(md, "tokenizer.ggml.unknown_token_id"))
+                spm(&tokens, &scores, &types, add_space_prefix, id(md, "tokenizer.ggml.unknown_token_id"))
             }
             "gpt2" => {
                 let merges = strings(md, "tokenizer.ggml.merges")?;
                 let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
-                gpt2_json(&tokens, &merges, &types, pre.unwrap_or("default"))
+                gpt2(&tokens, &merges, &types, pre.unwrap_or("default"))
             }
             other => {
                 return Err(TokenizerError::Metadata(format!("tokenizer model `{other}` is not supported (supported: llama, gpt2)")));
             }
-        };
-        let tokenizer = Tokenizer::from_str(&json.to_string()).map_err(|e| TokenizerError::Build(e.to_string()))?;
+        }
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
         let bos = id(md, "tokenizer.ggml.bos_token_id");
         let eos = id(md, "tokenizer.ggml.eos_token_id");
         let default_add_bos = model == "llama";
@@ -121,27 +130,27 @@ fn id(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
 
 /// Control, unknown and unused tokens are special (matched whole, skipped in output);
 /// user-defined tokens are matched whole on raw text but decoded as text.
-fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<Json> {
+fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<AddedToken> {
     tokens
         .iter()
         .zip(types)
-        .enumerate()
-        .filter(|(_, (_, t))| matches!(**t, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNUSED))
-        .map(|(id, (content, t))| {
-            json!({
-                "id": id, "content": content, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": *t != TYPE_USER_DEFINED,
-            })
-        })
+        .filter(|(_, t)| matches!(**t, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNUSED))
+        .map(|(content, t)| AddedToken::from(content.clone(), *t != TYPE_USER_DEFINED).normalized(false))
         .collect()
 }
 
-fn vocab_json(tokens: &[String]) -> serde_json::Map<String, Json> {
-    tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect()
+/// A byte-pair model over the GGUF's vocabulary (a token listed twice keeps its last id).
+fn bpe(tokens: &[String], merges: Vec<(String, String)>, unk: Option<&String>, byte_fallback: bool) -> tokenizers::Result<BPE> {
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(byte_fallback);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk.clone());
+    }
+    builder.build()
 }
 
 /// SentencePiece vocabulary as a byte-fallback BPE with merges derived from scores.
-fn spm_json(tokens: &[String], scores: &[f32], types: &[i32], add_space_prefix: bool, unk: Option<u32>) -> Json {
+fn spm(tokens: &[String], scores: &[f32], types: &[i32], add_space_prefix: bool, unk: Option<u32>) -> tokenizers::Result<Tokenizer> {
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     // (score of merged token, merged id, split offset) → (left, right). Higher scores merge
     // first; ties break on the merged id, then the split, so the order is deterministic.
@@ -157,38 +166,23 @@ fn spm_json(tokens: &[String], scores: &[f32], types: &[i32], add_space_prefix: 
             }
         }
     }
+    drop(index);
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let merges: Vec<Json> = merges.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect();
+    let merges = merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect();
+    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, unk.and_then(|u| tokens.get(u as usize)), true)?);
     let mut normalizers = vec![];
     if add_space_prefix {
-        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+        normalizers.push(Prepend::new("▁".into()).into());
     }
-    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-    let mut decoders = vec![
-        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
-        json!({"type": "ByteFallback"}),
-        json!({"type": "Fuse"}),
-    ];
+    normalizers.push(Replace::new(" ", "▁")?.into());
+    tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)))?;
+    let mut decoders = vec![Replace::new("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
-        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        decoders.push(Strip::new(' ', 1, 0).into());
     }
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens(tokens, types),
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": null,
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE", "dropout": null,
-            "unk_token": unk.and_then(|u| tokens.get(u as usize)),
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-            "vocab": vocab_json(tokens), "merges": merges,
-        },
-    })
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    tokenizer.add_tokens(added_tokens(tokens, types))?;
+    Ok(tokenizer)
 }
 
 /// The split regexes of llama.cpp's `tokenizer.ggml.pre` values (`llama-vocab.cpp`).
@@ -205,27 +199,15 @@ fn pre_tokenizer_regex(pre: &str) -> &'static str {
 }
 
 /// Byte-level BPE (GPT-2 style) with the GGUF's merges.
-fn gpt2_json(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> Json {
-    let merges: Vec<Json> = merges.iter().filter_map(|m| m.split_once(' ').map(|(l, r)| json!([l, r]))).collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens(tokens, types),
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pre_tokenizer_regex(pre)}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        ]},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab_json(tokens), "merges": merges,
-        },
-    })
+fn gpt2(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> tokenizers::Result<Tokenizer> {
+    let merges = merges.iter().filter_map(|m| m.split_once(' ').map(|(l, r)| (l.to_string(), r.to_string()))).collect();
+    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, None, false)?);
+    let byte_level = ByteLevel::new(false, false, false);
+    let split = Split::new(SplitPattern::Regex(pre_tokenizer_regex(pre).into()), SplitDelimiterBehavior::Isolated, false)?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), byte_level.into()])));
+    tokenizer.with_decoder(Some(byte_level));
+    tokenizer.add_tokens(added_tokens(tokens, types))?;
+    Ok(tokenizer)
 }
 
 /// Turns a stream of token ids into text deltas, never splitting a UTF-8 character:

@@ -218,7 +218,10 @@ impl SessionStore {
         };
         let mut options = AnyPoolOptions::new().max_connections(config.max_connections).acquire_timeout(Duration::from_secs(10));
         if backend == Backend::Sqlite {
-            options = options.after_connect(|conn, _| {
+            // A SQLite connection is a handle in this process: nothing can hang up on it, so
+            // sqlx's ping before each checkout (a round trip to the connection's worker
+            // thread, on every query: the rate limit's hook paid it twice) tests nothing.
+            options = options.test_before_acquire(false).after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL lets readers run beside the writer; NORMAL sync loses nothing on a
                     // process crash. busy_timeout queues writers instead of failing them.
