@@ -17,6 +17,8 @@
 //! in the batch and however rows fall into work units, so a sequence decoded alone gets
 //! the bits it gets in a batch (tested below and in host/tests/models.rs).
 
+use std::ops::Range;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -146,29 +148,93 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
     let seqs: &[SeqRows<'_>] = seqs;
     let q: &[f32] = q;
     candle_core::utils::barrier_pool().execute_chunked(units.len(), |range| {
-        let (mut scores, mut keys, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scratch = Scratch::default();
         for &(s, qh, start, end) in &units[range] {
             let seq = &seqs[s];
-            // The KV head this query head reads (grouped-query attention), and the positions
-            // any row of the block sees, widened to f32 once for all the block's rows.
+            // The KV head this query head reads (grouped-query attention).
             let h = qh / groups;
-            let first = first_key(seq.pos + start, spec.window);
-            let cached = (h * seq.capacity + first) * d..(h * seq.capacity + seq.pos + end) * d;
-            widen(&seq.kv.k[cached.clone()], &mut keys);
-            widen(&seq.kv.v[cached], &mut values);
-            for i in start..end {
-                let (row, pos) = (seq.offset + i, seq.pos + i);
-                let at = row * q_width + qh * d;
+            let cache = h * seq.capacity * d..(h + 1) * seq.capacity * d;
+            let rows: Vec<(usize, usize)> = (start..end).map(|i| (seq.offset + i, seq.pos + i)).collect();
+            let qs: Vec<&[f32]> = rows.iter().map(|&(row, _)| &q[row * q_width + qh * d..][..d]).collect();
+            let visible: Vec<_> = rows.iter().map(|&(_, pos)| first_key(pos, spec.window)..pos + 1).collect();
+            let result = block_attention(&qs, &visible, &seq.kv.k[cache.clone()], &seq.kv.v[cache], d, &mut scratch);
+            for (&(row, _), values) in rows.iter().zip(result.chunks_exact(d)) {
                 // SAFETY: sequences' rows are disjoint and inside `out` (asserted above) and
                 // each (row, query head) belongs to exactly one unit, so no two workers
                 // write the same `d` values; `out` has rows × q_width values and lives until
                 // the pool has joined.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), d) };
-                let visible = first_key(pos, spec.window) - first..pos + 1 - first;
-                head_attention(&q[at..at + d], &keys, &values, visible, d, &mut scores, o);
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * q_width + qh * d), d) };
+                o.copy_from_slice(values);
             }
         }
     });
+    out
+}
+
+/// Cached positions widened from f16 at once: 64 × 256 values fit in L2 beside the scores.
+const KEY_CHUNK: usize = 64;
+
+/// A worker's buffers, reused across its work units.
+#[derive(Default)]
+struct Scratch {
+    /// One chunk of keys or values as f32.
+    chunk: Vec<f32>,
+    /// Each row's scores, then probabilities, over the block's positions.
+    scores: Vec<f32>,
+    /// Each row's output.
+    out: Vec<f32>,
+}
+
+/// softmax(q · K[keys]ᵀ) · V[keys] for a block of one query head's rows: `qs[r]` sees
+/// positions `visible[r]` of `k` and `v` (one KV head's cache, `d` values per position,
+/// f16). Positions are widened KEY_CHUNK at a time for all the rows (a decode step reads
+/// the cache once, with no copy of it in f32). Each row's scores are summed and applied in
+/// position order, so its result does not depend on the other rows or on chunk bounds.
+/// Returns the rows' outputs, `d` values each.
+fn block_attention<'s>(qs: &[&[f32]], visible: &[Range<usize>], k: &[f16], v: &[f16], d: usize, scratch: &'s mut Scratch) -> &'s [f32] {
+    let first = visible.iter().map(|r| r.start).min().unwrap_or(0);
+    let last = visible.iter().map(|r| r.end).max().unwrap_or(0);
+    let span = last - first;
+    let Scratch { chunk, scores, out } = scratch;
+    scores.clear();
+    scores.resize(qs.len() * span, 0.0);
+    out.clear();
+    out.resize(qs.len() * d, 0.0);
+    // In `[c0, c1)`, the positions row `r` sees.
+    let seen = |r: usize, c0: usize, c1: usize| visible[r].start.max(c0)..visible[r].end.min(c1);
+    for c0 in (first..last).step_by(KEY_CHUNK) {
+        let c1 = (c0 + KEY_CHUNK).min(last);
+        widen(&k[c0 * d..c1 * d], chunk);
+        for (r, q) in qs.iter().enumerate() {
+            for j in seen(r, c0, c1) {
+                scores[r * span + j - first] = dot(q, &chunk[(j - c0) * d..(j - c0 + 1) * d]);
+            }
+        }
+    }
+    let mut sums = Vec::with_capacity(qs.len());
+    for (r, range) in visible.iter().enumerate() {
+        let row = &mut scores[r * span + range.start - first..r * span + range.end - first];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        sums.push(sum);
+    }
+    for c0 in (first..last).step_by(KEY_CHUNK) {
+        let c1 = (c0 + KEY_CHUNK).min(last);
+        widen(&v[c0 * d..c1 * d], chunk);
+        for (r, sum) in sums.iter().enumerate() {
+            let o = &mut out[r * d..(r + 1) * d];
+            for j in seen(r, c0, c1) {
+                let p = scores[r * span + j - first] / sum;
+                for (o, x) in o.iter_mut().zip(&chunk[(j - c0) * d..(j - c0 + 1) * d]) {
+                    *o = p.mul_add(*x, *o);
+                }
+            }
+        }
+    }
     out
 }
 
@@ -199,26 +265,6 @@ fn prepare(spec: &Spec<'_>, x: &mut [f32], norm: Option<&[f32]>, pos: usize) {
             let (x1, x2) = (*a, *b);
             *a = x1 * c - x2 * s;
             *b = x1 * s + x2 * c;
-        }
-    }
-}
-
-/// softmax(q · K[keys]ᵀ) · V[keys] for one query head; `k` and `v` hold one KV head's
-/// positions of `d` values each.
-fn head_attention(q: &[f32], k: &[f32], v: &[f32], keys: std::ops::Range<usize>, d: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
-    scores.clear();
-    scores.extend(keys.clone().map(|j| dot(q, &k[j * d..(j + 1) * d])));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (j, p) in keys.zip(scores.iter()) {
-        let p = p / sum;
-        for (o, x) in out.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-            *o = p.mul_add(*x, *o);
         }
     }
 }
