@@ -15,14 +15,7 @@ CTX=1024
 LLAMA_BIN=$(scripts/build-llama.sh llama-server)
 cargo build --release --bin wisp -q
 WISP=$(realpath "${CARGO_TARGET_DIR:-target}/release/wisp")
-dir=$(mktemp -d)
-server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$dir"; }
-trap cleanup EXIT
-wait_ready() {
-  for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: $1 never answered"; exit 1
-}
+source scripts/bench-lib.sh
 kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 load() {  # load PORT MODEL_ID: 8 concurrent completions, ~120-token prompts, 64 tokens each
   python3 - "$1" "$2" "$SEQS" <<'PY'
@@ -46,19 +39,19 @@ measure() {  # measure LABEL PORT MODEL_ID: the server must be starting as $serv
   load "$2" "$3"
   sleep 1
   echo "$1|$peak_load|$ready|$(kb "$server" VmRSS)|$(kb "$server" VmHWM)" >> "$dir/rows"
-  kill "$server"; wait "$server" 2>/dev/null || true; server=""
+  stop "$server"
 }
 
 echo "memory: $(basename "$MODEL"), $SEQS sequences x $CTX tokens, $THREADS threads, $(date -u +%FT%TZ)"
 "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18095 -np "$SEQS" -c $((SEQS * CTX)) >"$dir/llama.log" 2>&1 &
-server=$!
+server=$!; pids+=("$server")
 measure "llama-server -np $SEQS -c $((SEQS * CTX)) (f16 KV)" 18095 any health
 for prefix in default 0; do
   printf '[[models]]\nid = "m"\npath = "%s"\ndevice = "cpu"\ncontext_length = %s\n[limits]\nmax_batch = %s\n' \
     "$MODEL" "$CTX" "$SEQS" > "$dir/wisp.toml"
   [ "$prefix" = default ] || echo "prefix_cache_mb = $prefix" >> "$dir/wisp.toml"
   (cd "$dir" && RAYON_NUM_THREADS=$THREADS RUST_LOG=warn exec "$WISP" serve --listen 127.0.0.1:18096 --config wisp.toml >"$dir/wisp.log" 2>&1) &
-  server=$!
+  server=$!; pids+=("$server")
   measure "wisp, max_batch $SEQS, context $CTX, prefix_cache_mb $prefix" 18096 m ready
 done
 echo

@@ -18,14 +18,7 @@ cargo build --release --bin wisp -q
 target="${CARGO_TARGET_DIR:-target}"
 WISP=$(realpath "$target/release/wisp")
 
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
-wait_ready() {
-  for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  echo "bench: $1 never answered"; exit 1
-}
+source scripts/bench-lib.sh
 
 # One thread for llama-server: the other core is the proxy's (in production they would not
 # share a machine; on 2 cores, -t 2 makes wisp wait for llama's spinning threads).

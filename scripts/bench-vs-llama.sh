@@ -35,15 +35,8 @@ WISP=$(realpath "$target/release/wisp")
 PY=.venv/bin/python
 "$PY" -c "import httpx" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "httpx==0.28.1"
 
-dir=$(mktemp -d)
+source scripts/bench-lib.sh
 results="$dir/results.jsonl"
-server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$dir"; }
-trap cleanup EXIT
-wait_ready() {  # wait_ready URL: until the server answers 200, else its log and exit
-  for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  echo "bench: $1 never answered; the server's log ends:"; grep -v "^ *[0-9]*: \|^ *at " "$dir/server.log" | tail -20; exit 1
-}
 
 echo "bench: $MODEL, $THREADS threads, pp$PP / tg$TG, $REPS repetitions, $(date -u +%FT%TZ)"
 echo
@@ -65,10 +58,9 @@ serve_wisp() {  # serve_wisp PREFIX_CACHE_MB: wisp on 127.0.0.1:18080 with that 
   printf '[[models]]\nid = "bench"\npath = "%s"\ndevice = "cpu"\n[limits]\nmax_batch = %s\nprefix_cache_mb = %s\n' \
     "$(realpath "$MODEL")" "$BATCH" "$1" > "$dir/wisp.toml"
   (cd "$dir" && RAYON_NUM_THREADS=$THREADS RUST_LOG=warn exec "$WISP" serve --listen 127.0.0.1:18080 --config wisp.toml >"$dir/server.log" 2>&1) &
-  server=$!
-  wait_ready http://127.0.0.1:18080/ready
+  server=$!; pids+=("$server")
+  wait_ready http://127.0.0.1:18080/ready "$dir/server.log"
 }
-stop_server() { kill "$server"; wait "$server" 2>/dev/null || true; server=""; }
 serve_load() {  # serve_load LABEL URL
   "$PY" scripts/serve_bench.py --base-url "$2" --model bench --concurrency "1,$BATCH" --max-tokens "$TG" \
     --prompt-tokens "$PP" --jsonl "$results" --label "$1"
@@ -80,21 +72,21 @@ serve_wisp 1024
 serve_load wisp http://127.0.0.1:18080
 echo "turns: wisp with prefix reuse"
 "$PY" scripts/turn_bench.py --base-url http://127.0.0.1:18080 --model bench --reps 2 --jsonl "$dir/turn-reuse.jsonl"
-stop_server
+stop "$server"
 echo "turns: wisp without prefix reuse (prefix_cache_mb = 0)"
 serve_wisp 0
 "$PY" scripts/turn_bench.py --base-url http://127.0.0.1:18080 --model bench --reps 2 --jsonl "$dir/turn-none.jsonl"
-stop_server
+stop "$server"
 sed 's/^{/{"reuse": true, /' "$dir/turn-reuse.jsonl" >> "$results"
 sed 's/^{/{"reuse": false, /' "$dir/turn-none.jsonl" >> "$results"
 
 "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --port 18081 -np "$BATCH" -c 8192 --cont-batching >"$dir/server.log" 2>&1 &
-server=$!
-wait_ready http://127.0.0.1:18081/health
+server=$!; pids+=("$server")
+wait_ready http://127.0.0.1:18081/health "$dir/server.log"
 echo
 echo "serve: llama-server (-np $BATCH, continuous batching), $THREADS threads"
 serve_load llama-server http://127.0.0.1:18081
-stop_server
+stop "$server"
 
 echo
 "$PY" scripts/bench_summary.py "$results" --pp "$PP" --tg "$TG" --batch "$BATCH" --threads "$THREADS"

@@ -285,7 +285,7 @@ fn loaded(server: &Server, id: &str) -> bool {
 #[test]
 fn models_load_and_unload_without_a_restart() {
     let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let server = Server::start_with_config(&format!(
+    let server = Server::start_logged(&format!(
         "{}[[models]]\nid = \"smol\"\npath = \"{}\"\nkeep_alive = 2\n[admin]\nkey = \"admin-key\"\n",
         model(),
         instruct.display()
@@ -296,11 +296,16 @@ fn models_load_and_unload_without_a_restart() {
     };
     let ask = |model: &str| chat(&server, None, json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}));
     assert!(!loaded(&server, "smol"), "not preloaded");
+    // The default model's token trie is built in the background after its load; measure
+    // once it stands, or its ~50 MB land between `before` and `after`.
+    const TRIE_BUILT: &str = "token trie for constrained decoding built";
+    server.wait_for_log(TRIE_BUILT, 1);
     let before = rss_mb(&server);
 
     // On demand: the request waits for the load.
     assert_eq!(ask("smol").status(), 200);
     assert!(loaded(&server, "smol"));
+    server.wait_for_log(TRIE_BUILT, 2);
     let with_model = rss_mb(&server);
     // Idle past keep_alive (2 s): unloaded, memory back.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -308,7 +313,7 @@ fn models_load_and_unload_without_a_restart() {
         assert!(Instant::now() < deadline, "keep_alive did not unload the model");
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    server.wait_for_log("model memory freed", 1);
     let after = rss_mb(&server);
     eprintln!("RSS: {before} MB without the model, {with_model} MB with it, {after} MB after keep_alive unloaded it");
     assert!(after + (with_model - before) / 2 < with_model, "memory did not go back: {before} → {with_model} → {after} MB");

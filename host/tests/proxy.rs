@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, default_model_path, workspace_root};
+use common::{Server, client, default_model_path, wait_for_200, workspace_root};
 use serde_json::{Value, json};
 use wisp::store::testing::TestDatabase;
 
@@ -288,11 +288,7 @@ impl LlamaServer {
             .spawn()
             .expect("spawn llama-server");
         let server = LlamaServer { url: format!("http://127.0.0.1:{port}"), child };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while client().get(format!("{}/health", server.url)).send().map(|r| r.status().as_u16()).ok() != Some(200) {
-            assert!(Instant::now() < deadline, "llama-server did not become ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_200(&format!("{}/health", server.url), "llama-server");
         server
     }
 }

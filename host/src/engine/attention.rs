@@ -33,12 +33,16 @@ pub struct Heads {
 }
 
 /// One layer's keys and values of one sequence, each laid out `[kv_head][position][dim]`.
+/// Held as f16 ([`LayerKv::ELEMENT_BYTES`] a value).
 pub struct LayerKv {
     pub k: Vec<f16>,
     pub v: Vec<f16>,
 }
 
 impl LayerKv {
+    /// Bytes of one cached value.
+    pub const ELEMENT_BYTES: usize = size_of::<f16>();
+
     pub fn zeros(heads: Heads, capacity: usize) -> LayerKv {
         let n = heads.n_kv_head * capacity * heads.head_dim;
         LayerKv { k: vec![f16::ZERO; n], v: vec![f16::ZERO; n] }
@@ -46,7 +50,7 @@ impl LayerKv {
 
     /// Bytes of keys and values held (the capacity, not the length).
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * size_of::<f16>()
+        (self.k.len() + self.v.len()) * Self::ELEMENT_BYTES
     }
 
     /// Copies positions `0..n` of `src` (a cache of `src_capacity` positions) into this one

@@ -280,6 +280,8 @@ struct Tensors<'a, R> {
     content: &'a gguf_file::Content,
     reader: &'a mut R,
     device: &'a Device,
+    /// The file's length, read once: every tensor must lie inside it.
+    file_size: u64,
 }
 
 impl<R: Read + Seek> Tensors<'_, R> {
@@ -287,31 +289,29 @@ impl<R: Read + Seek> Tensors<'_, R> {
         self.content.tensor(self.reader, name, self.device)
     }
 
-    /// The matrix `name` in wisp's int8 kernel's layout, if that kernel serves its type on
-    /// this device; `None` (nothing read) otherwise.
-    fn int8(&mut self, name: &str) -> Result<Option<Arc<Int8Matrix>>> {
+    /// The matrix `name` in wisp's int8 kernel's layout with its file type, if that kernel
+    /// serves the type on this device; `None` (nothing read) otherwise.
+    fn int8(&mut self, name: &str) -> Result<Option<(Arc<Int8Matrix>, GgmlDType)>> {
         let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
-        if !self.device.is_cpu() || !Int8Matrix::serves(info.ggml_dtype) {
+        let dtype = info.ggml_dtype;
+        if !self.device.is_cpu() || !Int8Matrix::serves(dtype) {
             return Ok(None);
         }
         let (rows, cols) = info.shape.dims2()?;
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         // As candle's reader does: a tensor must lie inside the file before anything is
         // allocated for it.
-        let bytes =
-            (rows as u64).saturating_mul((cols / info.ggml_dtype.block_size()) as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
-        let file_size = self.reader.seek(std::io::SeekFrom::End(0))?;
-        if start.saturating_add(bytes) > file_size {
-            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({file_size} bytes)")
+        let bytes = (rows as u64).saturating_mul((cols / dtype.block_size()) as u64).saturating_mul(dtype.type_size() as u64);
+        if start.saturating_add(bytes) > self.file_size {
+            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({} bytes)", self.file_size)
         }
         self.reader.seek(std::io::SeekFrom::Start(start))?;
-        Ok(Some(Arc::new(Int8Matrix::read(self.reader, info.ggml_dtype, rows, cols)?)))
+        Ok(Some((Arc::new(Int8Matrix::read(self.reader, dtype, rows, cols)?), dtype)))
     }
 
     /// A weight matrix with the kernel that multiplies by it, and its file type.
     fn weight(&mut self, name: &str) -> Result<(Weight, GgmlDType)> {
-        if let Some(w) = self.int8(name)? {
-            let dtype = self.content.tensor_infos[name].ggml_dtype;
+        if let Some((w, dtype)) = self.int8(name)? {
             return Ok((Weight::Int8(w), dtype));
         }
         let t = self.tensor(name)?;
@@ -384,11 +384,12 @@ impl Model {
         max_len: usize,
         device: &Device,
     ) -> Result<Model> {
-        let mut file = Tensors { content, reader, device };
+        let file_size = reader.seek(std::io::SeekFrom::End(0))?;
+        let mut file = Tensors { content, reader, device, file_size };
         let eps = hp.rms_eps as f32;
         let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
             (Embedding::Quantized(Arc::new(file.tensor("token_embd.weight")?)), file.weight("output.weight")?.0)
-        } else if let Some(w) = file.int8("token_embd.weight")? {
+        } else if let Some((w, _)) = file.int8("token_embd.weight")? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Int8(w.clone()), Weight::Int8(w))
         } else {
@@ -489,7 +490,7 @@ impl Model {
     /// Bytes of keys and values one position takes in a cache of this model (f16 in the
     /// CPU's caches, f32 in a GPU's).
     pub fn kv_bytes_per_token(&self) -> usize {
-        let elem = if self.host_attention { size_of::<half::f16>() } else { DType::F32.size_in_bytes() };
+        let elem = if self.host_attention { LayerKv::ELEMENT_BYTES } else { DType::F32.size_in_bytes() };
         self.hp.n_layer * 2 * self.hp.n_kv_head * self.hp.head_dim * elem
     }
 

@@ -118,17 +118,7 @@ impl Server {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let client = client();
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(self.url("/ready")).send()
-                && r.status().as_u16() == 200
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("wisp did not become ready in time");
+        wait_for_200(&self.url("/ready"), "wisp");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -147,6 +137,17 @@ impl Server {
     /// What the server logged (see [`Server::start_logged`]).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("wisp.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log (see [`Server::start_logged`]) holds `needle` at least `times`
+    /// times: for background work a test must not race, such as a trie build or an unload's
+    /// release of memory.
+    pub fn wait_for_log(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.log().matches(needle).count() < times {
+            assert!(Instant::now() < deadline, "the log never showed `{needle}` {times} times:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
@@ -185,6 +186,16 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `url` until it answers 200, for up to two minutes (a server starting: `what`).
+pub fn wait_for_200(url: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let client = client();
+    while client.get(url).send().map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "{what} did not become ready in time ({url})");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
