@@ -1,6 +1,6 @@
-//! wisp's CPU matrix multiply for block-quantised weights of 32-element blocks: Q8_0, and
-//! Q5_0, Q5_1, Q4_0 and Q4_1 widened exactly to int8 at load (Q4_1 and Q5_1 keep their
-//! per-block minimum).
+//! wisp's CPU matrix multiply for block-quantised weights of 32-element blocks: Q8_0, Q5_0,
+//! Q5_1, Q4_0 and Q4_1, each kept at its own width (Q4_1 and Q5_1 with their per-block
+//! minimum).
 //!
 //! Why not candle's: candle runs a Q8_0 matmul as one dot product per (input row, weight
 //! row), four weight rows at a time; its register-tiled, repacked x86 kernels exist only for
@@ -8,29 +8,36 @@
 //! Gemma 3 270M's 640-wide projections (q, k, v, gate, up: two thirds of the model's
 //! multiply-adds, and the tied 262144 × 640 output projection) never use them. Prompt
 //! processing ran at 0.42× llama.cpp. (Its Q4_K and Q6_K tiles do apply here, and measured
-//! faster than anything below would be for them, so those stay with candle.)
+//! faster than anything below would be for them, so those stay with candle.) Its kernels
+//! for the 4- and 5-bit types are one dot product per (input row, weight row), and scalar
+//! for Q5_0.
 //!
 //! The weights are repacked at load in groups of [`COLS`] output rows: for each block of 32
-//! inputs, the group's 8 rows are interleaved 4 bytes at a time, so one 256-bit register
-//! holds 4 consecutive inputs of 8 rows. A prompt's rows are quantised once to int8 blocks
-//! of 32 (llama.cpp's Q8_0 activations); 4 input bytes are broadcast to all lanes and
-//! multiplied against 8 rows at once, integer sums run over a whole block before one
-//! conversion to f32, and each lane ends as one output element: no horizontal sums. A
-//! register tile covers up to [`RM`] input rows × 8 output rows (the layout of candle's own
-//! repacked K-quant tiles and of llama.cpp's repacked Q4_0/IQ4_NL kernels). Work is split
-//! across candle's worker threads by panels of groups.
+//! inputs, the group's 8 rows are interleaved 4 values at a time, so one 256-bit register
+//! holds 4 consecutive inputs of 8 rows (a 4-bit type: two such sets, one per nibble, see
+//! [`Packing`]). A prompt's rows are quantised once to int8 blocks of 32 (llama.cpp's Q8_0
+//! activations); 4 input bytes are broadcast to all lanes and multiplied against 8 rows at
+//! once, integer sums run over a whole block before one conversion to f32, and each lane
+//! ends as one output element: no horizontal sums. A register tile covers up to [`RM`]
+//! input rows × 8 output rows (the layout of candle's own repacked K-quant tiles and of
+//! llama.cpp's repacked Q4_0/IQ4_NL kernels). Work is split across candle's worker threads
+//! by panels of groups.
+//!
+//! The multiply is of unsigned bytes by signed ones (AVX-VNNI's `vpdpbusd`, or AVX2's
+//! `vpmaddubsw` + `vpmaddwd`), so every weight is stored unsigned: the 4- and 5-bit types as
+//! in the file (Q4_0's weight is `d·(q − 8)`, Q5_0's `d·(q − 16)`), Q8_0's int8 biased by
+//! 128. They multiply as they are and the offset comes off the integer sum as
+//! `offset · Σx`; Q4_1's and Q5_1's `d·q + m` add their minimum per block as `m · Σx`
+//! (llama.cpp's Q4_1 × Q8_1 dot product: the activations' block sums are kept beside their
+//! quants). AVX2's 16-bit pair sums would overflow on Q8_0's full bytes, so there it is
+//! unbiased and multiplied as `|w| · (x with w's sign)`. A 4-bit type takes 4.5 (with a
+//! minimum: 5) bits per weight as in the file, a 5-bit one 8.5 (9): its fifth bit is
+//! widened into a byte.
 //!
 //! Every output element is computed by the same sequence of operations whatever the number
-//! of input rows or how they fall into tiles (one lane, blocks in order), so a sequence
-//! decoded alone gets bit-identical logits to the same sequence decoded in a batch.
-//!
-//! The 4- and 5-bit types are widened because candle's kernels for them are one dot product
-//! per (input row, weight row) (and scalar for Q5_0): every value of those types is an int8
-//! times the block's scale (Q4_0: `d·(q − 8)`, Q5_0: `d·(q − 16)`), except Q4_1's and Q5_1's
-//! `d·q + m`, whose minimum is added per block as `m · Σx` (llama.cpp's Q4_1 × Q8_1 dot
-//! product: the activations' block sums are kept beside their quants). The price is memory:
-//! a widened 4-bit matrix takes 9 (with a minimum: 10) bits per weight instead of 4.5 (5),
-//! a widened 5-bit one 9 (10) instead of 5.5 (6).
+//! of input rows or how they fall into tiles (one lane, blocks in order; the integer sums
+//! are exact), so a sequence decoded alone gets bit-identical logits to the same sequence
+//! decoded in a batch, and every kernel (AVX-VNNI, AVX2, plain Rust) gets the same bits.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
@@ -48,19 +55,61 @@ struct Quants([u8; BLOCK]);
 
 const ZERO: Quants = Quants([0; BLOCK]);
 
+/// How a group's block of weights is held: registers of 4 inputs × 8 rows of unsigned
+/// values, for input quads `g = 0..8` of the block.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Packing {
+    /// Q8_0: 8 registers of full bytes (int8 + 128), register `g` for quad `g`.
+    Int8,
+    /// Q5_0, Q5_1: 8 registers of bytes under 32, register `g` for quad `g`.
+    Bytes,
+    /// Q4_0, Q4_1: 4 registers of unsigned nibbles (0..16), register `p` holding quad `p`
+    /// in its low nibbles and quad `p + 4` in its high ones.
+    Nibbles,
+}
+
+impl Packing {
+    /// Registers per group and block.
+    const fn registers(self) -> usize {
+        match self {
+            Packing::Nibbles => COLS / 2,
+            Packing::Int8 | Packing::Bytes => COLS,
+        }
+    }
+
+    /// Where quad `g` is held: its register and the shift of its bits in each byte.
+    const fn place(self, g: usize) -> (usize, u32) {
+        match self {
+            Packing::Nibbles => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
+            Packing::Int8 | Packing::Bytes => (g, 0),
+        }
+    }
+
+    /// The bits of one value once shifted down.
+    const fn mask(self) -> u8 {
+        match self {
+            Packing::Nibbles => 0x0f,
+            Packing::Int8 | Packing::Bytes => 0xff,
+        }
+    }
+}
+
 /// A weight matrix `W` (out × in) for `y = x Wᵀ` on the CPU, repacked from a 32-element
 /// block type (see [`Int8Matrix::read`]).
 pub struct Int8Matrix {
     rows: usize,
     /// Blocks per row.
     blocks: usize,
-    /// Per group of [`COLS`] rows (the last one padded with zero rows), per block: 8
-    /// registers, register `g` holding inputs `4g..4g + 4` of each of the 8 rows.
+    packing: Packing,
+    /// A weight is `scale · (u − offset)` (`+ min` with minimums) for a stored `u`.
+    offset: i32,
+    /// Per group of [`COLS`] rows (the last one padded with zero rows), per block:
+    /// `packing.registers()` registers.
     quants: Vec<Quants>,
-    /// Per group, per block: the 8 rows' scales.
-    scales: Vec<[f32; COLS]>,
-    /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1: a value is `scale · q + min`).
-    mins: Option<Vec<[f32; COLS]>>,
+    /// Per group, per block: the 8 rows' scales (f16 in every served type).
+    scales: Vec<[f16; COLS]>,
+    /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1).
+    mins: Option<Vec<[f16; COLS]>>,
 }
 
 /// Input rows quantised to int8 blocks (llama.cpp's Q8_0 activations, with Q8_1's block
@@ -70,55 +119,80 @@ struct Activations {
     blocks: usize,
     quants: Vec<Quants>,
     scales: Vec<f32>,
-    /// Per block: `scale · Σ q`, the block's sum as the kernel sees it.
+    /// Per block: `Σ q`, for the weights' offset.
+    totals: Vec<i32>,
+    /// Per block: `scale · Σ q`, the block's sum as the kernel sees it, for the weights'
+    /// minimum.
     sums: Vec<f32>,
 }
 
-/// The weight types [`Int8Matrix`] takes, and how one block of each widens to 32 int8
-/// values, a scale and a minimum (0 but for Q4_1 and Q5_1).
-fn widen_block(dtype: GgmlDType, block: &[u8]) -> Option<(f32, f32, [u8; BLOCK])> {
-    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-    let mut q = [0u8; BLOCK];
-    let nibbles = |q: &mut [u8; BLOCK], qs: &[u8], offset: u8| {
-        for j in 0..16 {
-            q[j] = (qs[j] & 0x0f).wrapping_sub(offset);
-            q[j + 16] = (qs[j] >> 4).wrapping_sub(offset);
-        }
-    };
-    let fifth_bits = |q: &mut [u8; BLOCK], qh: &[u8], qs: &[u8], offset: u8| {
-        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-        for j in 0..16 {
-            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
-            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
-            q[j] = ((qs[j] & 0x0f) | hi0).wrapping_sub(offset);
-            q[j + 16] = ((qs[j] >> 4) | hi1).wrapping_sub(offset);
-        }
-    };
-    match dtype {
-        // f16 d, 32 × i8
-        GgmlDType::Q8_0 => q.copy_from_slice(&block[2..34]),
-        // f16 d, 16 bytes of nibbles: d · (q − 8)
-        GgmlDType::Q4_0 => nibbles(&mut q, &block[2..18], 8),
-        // f16 d, f16 m, 16 bytes of nibbles: d · q + m
-        GgmlDType::Q4_1 => {
-            nibbles(&mut q, &block[4..20], 0);
-            return Some((d, f16::from_le_bytes([block[2], block[3]]).to_f32(), q));
-        }
-        // f16 d, u32 of fifth bits, 16 bytes of nibbles: d · (q − 16)
-        GgmlDType::Q5_0 => fifth_bits(&mut q, &block[2..6], &block[6..22], 16),
-        // f16 d, f16 m, u32 of fifth bits, 16 bytes of nibbles: d · q + m
-        GgmlDType::Q5_1 => {
-            fifth_bits(&mut q, &block[4..8], &block[8..24], 0);
-            return Some((d, f16::from_le_bytes([block[2], block[3]]).to_f32(), q));
-        }
+/// How each served type is held: its packing, its values' offset, whether it has a
+/// per-block minimum.
+fn format(dtype: GgmlDType) -> Option<(Packing, i32, bool)> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => (Packing::Int8, 128, false),
+        GgmlDType::Q5_0 => (Packing::Bytes, 16, false),
+        GgmlDType::Q5_1 => (Packing::Bytes, 0, true),
+        GgmlDType::Q4_0 => (Packing::Nibbles, 8, false),
+        GgmlDType::Q4_1 => (Packing::Nibbles, 0, true),
         _ => return None,
-    }
-    Some((d, 0.0, q))
+    })
+}
+
+/// One block of a served type: its scale, its minimum (0 without one), and its 32 values
+/// as stored (unsigned, before their offset).
+fn unpack_block(dtype: GgmlDType, block: &[u8]) -> (f16, f16, [u8; BLOCK]) {
+    let f16_at = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
+    let mut q = [0u8; BLOCK];
+    let nibbles = |q: &mut [u8; BLOCK], qs: &[u8]| {
+        for j in 0..16 {
+            q[j] = qs[j] & 0x0f;
+            q[j + 16] = qs[j] >> 4;
+        }
+    };
+    let fifth_bits = |q: &mut [u8; BLOCK], qh: &[u8], qs: &[u8]| {
+        nibbles(q, qs);
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for (j, q) in q.iter_mut().enumerate() {
+            *q |= (((qh >> j) & 1) << 4) as u8;
+        }
+    };
+    let min = match dtype {
+        // f16 d, 32 × i8
+        GgmlDType::Q8_0 => {
+            for (q, &b) in q.iter_mut().zip(&block[2..34]) {
+                *q = b ^ 0x80;
+            }
+            None
+        }
+        // f16 d, 16 bytes of nibbles
+        GgmlDType::Q4_0 => {
+            nibbles(&mut q, &block[2..18]);
+            None
+        }
+        // f16 d, f16 m, 16 bytes of nibbles
+        GgmlDType::Q4_1 => {
+            nibbles(&mut q, &block[4..20]);
+            Some(f16_at(2))
+        }
+        // f16 d, u32 of fifth bits, 16 bytes of nibbles
+        GgmlDType::Q5_0 => {
+            fifth_bits(&mut q, &block[2..6], &block[6..22]);
+            None
+        }
+        // f16 d, f16 m, u32 of fifth bits, 16 bytes of nibbles
+        GgmlDType::Q5_1 => {
+            fifth_bits(&mut q, &block[4..8], &block[8..24]);
+            Some(f16_at(2))
+        }
+        _ => unreachable!("{dtype:?} is not a served type"),
+    };
+    (f16_at(0), min.unwrap_or(f16::ZERO), q)
 }
 
 impl Activations {
     const fn new() -> Activations {
-        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), sums: Vec::new() }
+        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), totals: Vec::new(), sums: Vec::new() }
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
@@ -130,18 +204,20 @@ impl Activations {
         let n = xs.len() / BLOCK;
         self.quants.resize(n, ZERO);
         self.scales.resize(n, 0.0);
+        self.totals.resize(n, 0);
         self.sums.resize(n, 0.0);
-        for (((x, q), d), sum) in xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.sums) {
+        let blocks = xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.totals);
+        for ((((x, q), d), total), sum) in blocks.zip(&mut self.sums) {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             *d = amax / 127.0;
             let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
-            let mut total = 0i32;
+            *total = 0;
             for (q, &v) in q.0.iter_mut().zip(x) {
                 let r = (v * id).round() as i8;
-                total += r as i32;
+                *total += r as i32;
                 *q = r as u8;
             }
-            *sum = *d * total as f32;
+            *sum = *d * *total as f32;
         }
     }
 }
@@ -154,7 +230,7 @@ thread_local! {
 impl Int8Matrix {
     /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1).
     pub fn serves(dtype: GgmlDType) -> bool {
-        matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
+        format(dtype).is_some()
     }
 
     /// The `rows × cols` weights of a served type, read from `reader` (positioned at the
@@ -163,20 +239,23 @@ impl Int8Matrix {
     pub fn read(reader: &mut impl std::io::Read, dtype: GgmlDType, rows: usize, cols: usize) -> Result<Int8Matrix> {
         /// Bytes read at once.
         const CHUNK: usize = 1 << 20;
-        if !Int8Matrix::serves(dtype) {
+        let Some((packing, offset, with_min)) = format(dtype) else {
             candle_core::bail!("{dtype:?} weights are not served by the int8 kernel")
-        }
+        };
         if !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("row length {cols} is not a multiple of {BLOCK}")
         }
         let blocks = cols / BLOCK;
         let tiles = rows.div_ceil(COLS) * blocks;
+        let regs = packing.registers();
         let mut m = Int8Matrix {
             rows,
             blocks,
-            quants: vec![ZERO; tiles * COLS],
-            scales: vec![[0.0; COLS]; tiles],
-            mins: matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1).then(|| vec![[0.0; COLS]; tiles]),
+            packing,
+            offset,
+            quants: vec![ZERO; tiles * regs],
+            scales: vec![[f16::ZERO; COLS]; tiles],
+            mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
         };
         let block_bytes = dtype.type_size();
         let row_bytes = blocks * block_bytes;
@@ -191,13 +270,17 @@ impl Int8Matrix {
                 let (group, lane) = (r / COLS, r % COLS);
                 for (b, block) in row.chunks_exact(block_bytes).enumerate() {
                     let tile = group * blocks + b;
-                    let (d, min, q) = widen_block(dtype, block).expect("a served type");
+                    let (d, min, q) = unpack_block(dtype, block);
                     m.scales[tile][lane] = d;
                     if let Some(mins) = &mut m.mins {
                         mins[tile][lane] = min;
                     }
                     for (g, quad) in q.chunks_exact(4).enumerate() {
-                        m.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4].copy_from_slice(quad);
+                        let (reg, shift) = packing.place(g);
+                        let held = &mut m.quants[tile * regs + reg].0[lane * 4..lane * 4 + 4];
+                        for (held, &u) in held.iter_mut().zip(quad) {
+                            *held |= u << shift;
+                        }
                     }
                 }
                 r += 1;
@@ -215,6 +298,18 @@ impl Int8Matrix {
         self.blocks * BLOCK
     }
 
+    /// The integer weights of quad `g` (inputs `4g..4g + 4`) of row `lane` in a tile.
+    fn quad(&self, tile: usize, g: usize, lane: usize) -> [i32; 4] {
+        let (reg, shift) = self.packing.place(g);
+        let held = &self.quants[tile * self.packing.registers() + reg].0[lane * 4..lane * 4 + 4];
+        std::array::from_fn(|e| ((held[e] >> shift) & self.packing.mask()) as i32 - self.offset)
+    }
+
+    /// The scale and minimum (0 without one) of row `lane` in a tile.
+    fn scale_and_min(&self, tile: usize, lane: usize) -> (f32, f32) {
+        (self.scales[tile][lane].to_f32(), self.mins.as_ref().map_or(0.0, |m| m[tile][lane].to_f32()))
+    }
+
     /// Dequantised rows `ids`, as `(ids.len(), cols)` f32 values (an embedding lookup).
     pub fn gather(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(ids.len() * self.cols());
@@ -226,11 +321,9 @@ impl Int8Matrix {
             let (group, lane) = (id / COLS, id % COLS);
             for b in 0..self.blocks {
                 let tile = group * self.blocks + b;
-                let d = self.scales[tile][lane];
-                let min = self.mins.as_ref().map_or(0.0, |m| m[tile][lane]);
+                let (d, min) = self.scale_and_min(tile, lane);
                 for g in 0..COLS {
-                    let quad = &self.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4];
-                    out.extend(quad.iter().map(|&q| d.mul_add(q as i8 as f32, min)));
+                    out.extend(self.quad(tile, g, lane).map(|q| d.mul_add(q as f32, min)));
                 }
             }
         }
@@ -249,12 +342,41 @@ impl Int8Matrix {
             SCRATCH.with(|scratch| {
                 let mut xq = scratch.borrow_mut();
                 xq.quantize(xs, k);
-                matmul(&xq, self, &mut out);
+                matmul(&xq, self, &mut out, Kernel::FASTEST);
             })
         })?;
         *dims.last_mut().expect("checked above") = n;
         Tensor::from_vec(out, dims, &Device::Cpu)
     }
+}
+
+/// The code that computes the tiles. Each gets the same bits (tested).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernel {
+    /// Plain Rust, for CPUs without AVX2.
+    #[cfg_attr(avx2_kernels, allow(dead_code, reason = "tested against the SIMD kernels"))]
+    Plain,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` for the byte dot products.
+    #[cfg(avx2_kernels)]
+    #[cfg_attr(target_feature = "avxvnni", allow(dead_code, reason = "tested against AVX-VNNI"))]
+    Avx2,
+    /// AVX-VNNI: one `vpdpbusd` for them.
+    #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
+    AvxVnni,
+}
+
+impl Kernel {
+    /// The fastest this build's CPU features allow (`target-cpu=native`, see
+    /// `.cargo/config.toml`).
+    const FASTEST: Kernel = {
+        #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
+        let fastest = Kernel::AvxVnni;
+        #[cfg(all(avx2_kernels, not(target_feature = "avxvnni")))]
+        let fastest = Kernel::Avx2;
+        #[cfg(not(avx2_kernels))]
+        let fastest = Kernel::Plain;
+        fastest
+    };
 }
 
 /// Groups of output rows one worker takes at a time.
@@ -264,7 +386,7 @@ const PANEL: usize = 2;
 const RM: usize = 4;
 
 /// `out (m × n) = x (m × k) · wᵀ (k × n)`, on candle's worker threads.
-fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
+fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32], kernel: Kernel) {
     assert_eq!(x.blocks, w.blocks);
     assert_eq!(out.len(), x.rows * w.rows);
     let dst = super::ops::SyncPtr(out.as_mut_ptr());
@@ -278,11 +400,12 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
                 // SAFETY: groups are disjoint, so no two workers write the same element;
                 // `out` has x.rows × w.rows elements (asserted above).
                 unsafe {
-                    match rm {
-                        4 => tile::<4>(t, dst.get()),
-                        3 => tile::<3>(t, dst.get()),
-                        2 => tile::<2>(t, dst.get()),
-                        _ => tile::<1>(t, dst.get()),
+                    match kernel {
+                        Kernel::Plain => plain(t, rm, dst.get()),
+                        #[cfg(avx2_kernels)]
+                        Kernel::Avx2 => simd::tiles::<false>(t, rm, dst.get()),
+                        #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
+                        Kernel::AvxVnni => simd::tiles::<true>(t, rm, dst.get()),
                     }
                 }
                 i += rm;
@@ -291,7 +414,7 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32]) {
     });
 }
 
-/// One register tile: input rows `i..i + R` × the 8 output rows of `group`.
+/// One register tile: input rows `i..i + rm` × the 8 output rows of `group`.
 struct Tile<'a> {
     x: &'a Activations,
     w: &'a Int8Matrix,
@@ -315,74 +438,15 @@ impl Tile<'_> {
     }
 }
 
-/// One tile: R rows of x against the 8 outputs of w's group `group`.
+/// A tile in plain Rust, the same arithmetic per output element as the SIMD kernels: an
+/// integer sum per block, scaled and accumulated in block order.
 ///
 /// # Safety
 /// `out` must hold `x.rows × w.rows` elements, and no other thread may write this tile's
 /// outputs while it runs.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-#[inline(always)]
-unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
-    use std::arch::x86_64::*;
+unsafe fn plain(t: Tile<'_>, rows: usize, out: *mut f32) {
     let kb = t.x.blocks;
-    // SAFETY: AVX2 and FMA are enabled at compile time (the cfg above). The quants and
-    // scales (and sums, mins) are read at rows i..i+R of x and group `group` of w, all inside their buffers
-    // (R rows remain from i, and the repacked w holds kb × COLS vectors per group, 32-byte
-    // aligned for the aligned load); `store` writes only this tile's outputs.
-    unsafe {
-        let xq = t.x.quants.as_ptr().add(t.i * kb);
-        let xd = t.x.scales.as_ptr().add(t.i * kb);
-        let wq = t.w.quants.as_ptr().add(t.group * kb * COLS) as *const __m256i;
-        let wd = t.w.scales.as_ptr().add(t.group * kb);
-        let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
-        let xs = t.x.sums.as_ptr().add(t.i * kb);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..kb {
-            let mut sums = [_mm256_setzero_si256(); R];
-            for g in 0..COLS {
-                let w = _mm256_load_si256(wq.add(b * COLS + g));
-                let wa = _mm256_sign_epi8(w, w);
-                for (row, sum) in sums.iter_mut().enumerate() {
-                    // Inputs 4g..4g+4 of this row, in every lane.
-                    let quad = (xq.add(row * kb + b) as *const i32).add(g).read();
-                    let x = _mm256_set1_epi32(quad);
-                    // |w| · (x with w's sign) = w · x, in the unsigned × signed form the
-                    // instruction takes; pairs of i16 sums widened to one i32 per lane.
-                    let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w));
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
-                }
-            }
-            let ws = _mm256_loadu_ps(wd.add(b) as *const f32);
-            for (row, acc) in acc.iter_mut().enumerate() {
-                let d = _mm256_mul_ps(ws, _mm256_set1_ps(*xd.add(row * kb + b)));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[row]), d, *acc);
-            }
-            if let Some(wm) = wm {
-                let mins = _mm256_loadu_ps(wm.add(b) as *const f32);
-                for (row, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(mins, _mm256_set1_ps(*xs.add(row * kb + b)), *acc);
-                }
-            }
-        }
-        for (row, &a) in acc.iter().enumerate() {
-            let mut lanes = [0f32; COLS];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-            t.store(out, row, &lanes);
-        }
-    }
-}
-
-/// Portable version, the same arithmetic per output element: an integer sum per block,
-/// scaled and accumulated in block order.
-///
-/// # Safety
-/// As for the AVX2 version.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-#[inline(always)]
-unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
-    let kb = t.x.blocks;
-    for row in 0..R {
+    for row in 0..rows {
         let xi = (t.i + row) * kb;
         let mut acc = [0f32; COLS];
         for b in 0..kb {
@@ -391,19 +455,164 @@ unsafe fn tile<const R: usize>(t: Tile<'_>, out: *mut f32) {
             for (lane, acc) in acc.iter_mut().enumerate() {
                 let mut sum = 0i32;
                 for g in 0..COLS {
-                    let wq = &t.w.quants[tile * COLS + g].0[lane * 4..lane * 4 + 4];
-                    for e in 0..4 {
-                        sum += wq[e] as i8 as i32 * xq[g * 4 + e] as i8 as i32;
+                    for (e, w) in t.w.quad(tile, g, lane).into_iter().enumerate() {
+                        sum += w * xq[g * 4 + e] as i8 as i32;
                     }
                 }
-                *acc = (sum as f32).mul_add(t.w.scales[tile][lane] * t.x.scales[xi + b], *acc);
-                if let Some(mins) = &t.w.mins {
-                    *acc = mins[tile][lane].mul_add(t.x.sums[xi + b], *acc);
+                let (d, min) = t.w.scale_and_min(tile, lane);
+                *acc = (sum as f32).mul_add(d * t.x.scales[xi + b], *acc);
+                if t.w.mins.is_some() {
+                    *acc = min.mul_add(t.x.sums[xi + b], *acc);
                 }
             }
         }
-        // SAFETY: the caller of `tile` guarantees `out` holds x.rows × w.rows elements.
+        // SAFETY: the caller guarantees `out` holds x.rows × w.rows elements.
         unsafe { t.store(out, row, &acc) };
+    }
+}
+
+/// The x86 kernels.
+#[cfg(avx2_kernels)]
+mod simd {
+    use super::{COLS, Packing, Quants, Tile};
+    use std::arch::x86_64::*;
+
+    /// The three packings as const parameters.
+    const INT8: u8 = 0;
+    const BYTES: u8 = 1;
+    const NIBBLES: u8 = 2;
+
+    /// A tile of `rows` (1..=4) input rows, by packing and row count.
+    ///
+    /// # Safety
+    /// As for [`super::plain`].
+    #[inline(always)]
+    pub(super) unsafe fn tiles<const VNNI: bool>(t: Tile<'_>, rows: usize, out: *mut f32) {
+        // SAFETY: passed on from the caller.
+        unsafe {
+            match t.w.packing {
+                Packing::Int8 => by_rows::<VNNI, INT8>(t, rows, out),
+                Packing::Bytes => by_rows::<VNNI, BYTES>(t, rows, out),
+                Packing::Nibbles => by_rows::<VNNI, NIBBLES>(t, rows, out),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn by_rows<const VNNI: bool, const P: u8>(t: Tile<'_>, rows: usize, out: *mut f32) {
+        // SAFETY: passed on from the caller.
+        unsafe {
+            match rows {
+                4 => tile::<VNNI, P, 4>(t, out),
+                3 => tile::<VNNI, P, 3>(t, out),
+                2 => tile::<VNNI, P, 2>(t, out),
+                _ => tile::<VNNI, P, 1>(t, out),
+            }
+        }
+    }
+
+    /// `acc + Σ u · x` over each 32-bit lane's 4 byte pairs, `u` unsigned and `x` signed.
+    /// Exact both ways for `u` ≤ 128 and `|x|` ≤ 127 (`vpmaddubsw`'s 16-bit pair sums
+    /// saturate past 32767); `vpdpbusd` takes any `u`.
+    #[inline(always)]
+    unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the instructions' features are enabled at compile time (cfg(avx2_kernels),
+        // and avxvnni for `vpdpbusd`); they touch only registers.
+        unsafe {
+            #[cfg(target_feature = "avxvnni")]
+            if VNNI {
+                return _mm256_dpbusd_avx_epi32(acc, u, x);
+            }
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// Inputs `4g..4g + 4` of an activation block, in every lane.
+    #[inline(always)]
+    unsafe fn quad(block: *const Quants, g: usize) -> __m256i {
+        // SAFETY: g < 8, inside the 32-byte block the caller points at.
+        unsafe { _mm256_set1_epi32((block as *const i32).add(g).read_unaligned()) }
+    }
+
+    /// One tile: R rows of x against the 8 outputs of w's group, w held as `P`.
+    ///
+    /// # Safety
+    /// As for [`super::plain`].
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const P: u8, const R: usize>(t: Tile<'_>, out: *mut f32) {
+        let kb = t.x.blocks;
+        let regs = t.w.packing.registers();
+        // SAFETY: the features are enabled at compile time (cfg(avx2_kernels)). The quants, scales,
+        // totals and sums are read at rows i..i+R of x and group `group` of w, all inside
+        // their buffers (R rows remain from i, and the repacked w holds kb × regs vectors
+        // per group, 32-byte aligned for the aligned load); `store` writes only this tile's
+        // outputs.
+        unsafe {
+            let xq = t.x.quants.as_ptr().add(t.i * kb);
+            let xd = t.x.scales.as_ptr().add(t.i * kb);
+            let xt = t.x.totals.as_ptr().add(t.i * kb);
+            let xs = t.x.sums.as_ptr().add(t.i * kb);
+            let wq = t.w.quants.as_ptr().add(t.group * kb * regs) as *const __m256i;
+            let wd = t.w.scales.as_ptr().add(t.group * kb);
+            let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
+            let offset = t.w.offset;
+            let low = _mm256_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let x = |row: usize| xq.add(row * kb + b);
+                let mut sums = [_mm256_setzero_si256(); R];
+                if P == NIBBLES {
+                    for p in 0..COLS / 2 {
+                        let w = _mm256_load_si256(wq.add(b * regs + p));
+                        let lo = _mm256_and_si256(w, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                        for (row, sum) in sums.iter_mut().enumerate() {
+                            *sum = dot::<VNNI>(*sum, lo, quad(x(row), p));
+                            *sum = dot::<VNNI>(*sum, hi, quad(x(row), p + COLS / 2));
+                        }
+                    }
+                } else {
+                    for g in 0..COLS {
+                        let w = _mm256_load_si256(wq.add(b * regs + g));
+                        if P == INT8 && !VNNI {
+                            // Unbiased, |w| · (x with w's sign) = w · x in the unsigned ×
+                            // signed form, each byte under 129.
+                            let w = _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN));
+                            let wa = _mm256_sign_epi8(w, w);
+                            for (row, sum) in sums.iter_mut().enumerate() {
+                                *sum = dot::<VNNI>(*sum, wa, _mm256_sign_epi8(quad(x(row), g), w));
+                            }
+                        } else {
+                            for (row, sum) in sums.iter_mut().enumerate() {
+                                *sum = dot::<VNNI>(*sum, w, quad(x(row), g));
+                            }
+                        }
+                    }
+                }
+                // The offset of the stored values (taken off Q8_0's already under AVX2).
+                if offset != 0 && (P != INT8 || VNNI) {
+                    for (row, sum) in sums.iter_mut().enumerate() {
+                        *sum = _mm256_sub_epi32(*sum, _mm256_set1_epi32(offset * *xt.add(row * kb + b)));
+                    }
+                }
+                let ws = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b) as *const __m128i));
+                for (row, acc) in acc.iter_mut().enumerate() {
+                    let d = _mm256_mul_ps(ws, _mm256_set1_ps(*xd.add(row * kb + b)));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[row]), d, *acc);
+                }
+                if let Some(wm) = wm {
+                    let mins = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b) as *const __m128i));
+                    for (row, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(mins, _mm256_set1_ps(*xs.add(row * kb + b)), *acc);
+                    }
+                }
+            }
+            for (row, &a) in acc.iter().enumerate() {
+                let mut lanes = [0f32; COLS];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                t.store(out, row, &lanes);
+            }
+        }
     }
 }
 
@@ -473,7 +682,7 @@ mod tests {
             for m in [1, 2, 3, 4, 5, 9] {
                 let x = activations(&seeded(m * k, 2 + m as u32), k);
                 let mut out = vec![0f32; m * n];
-                matmul(&x, &w, &mut out);
+                matmul(&x, &w, &mut out, Kernel::FASTEST);
                 for i in 0..m {
                     // The activations as the kernel sees them: quantised to int8 blocks.
                     let xi: Vec<f64> = (0..k)
@@ -499,12 +708,48 @@ mod tests {
             let (w, _) = weights(n, k, 7, dtype);
             let xs = seeded(11 * k, 8);
             let mut batched = vec![0f32; 11 * n];
-            matmul(&activations(&xs, k), &w, &mut batched);
+            matmul(&activations(&xs, k), &w, &mut batched, Kernel::FASTEST);
             for i in 0..11 {
                 let mut alone = vec![0f32; n];
-                matmul(&activations(&xs[i * k..(i + 1) * k], k), &w, &mut alone);
+                matmul(&activations(&xs[i * k..(i + 1) * k], k), &w, &mut alone, Kernel::FASTEST);
                 assert_eq!(alone, batched[i * n..(i + 1) * n], "{dtype:?} row {i}");
             }
         }
+    }
+
+    #[test]
+    fn every_kernel_gets_the_same_bits() {
+        let kernels = [
+            Kernel::Plain,
+            #[cfg(avx2_kernels)]
+            Kernel::Avx2,
+            #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
+            Kernel::AvxVnni,
+        ];
+        assert!(kernels.contains(&Kernel::FASTEST));
+        let (k, n) = (640, 21);
+        for dtype in TYPES {
+            let (w, _) = weights(n, k, 11, dtype);
+            // 7 rows: tiles of 4 and 3.
+            let x = activations(&seeded(7 * k, 12), k);
+            let results: Vec<Vec<f32>> = kernels
+                .iter()
+                .map(|&kernel| {
+                    let mut out = vec![0f32; 7 * n];
+                    matmul(&x, &w, &mut out, kernel);
+                    out
+                })
+                .collect();
+            for (kernel, got) in kernels.iter().zip(&results) {
+                assert_eq!(got, &results[0], "{dtype:?}: {kernel:?} against {:?}", kernels[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn four_bit_types_keep_their_width() {
+        let (w, _) = weights(16, 640, 3, GgmlDType::Q4_0);
+        let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2) * 8;
+        assert_eq!(bits as f64 / (16 * 640) as f64, 4.5, "bits per weight, as in the file");
     }
 }
