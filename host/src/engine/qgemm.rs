@@ -196,7 +196,7 @@ impl Activations {
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
-    /// `q = round(x / scale)`), reusing the buffers.
+    /// `q = round(x / scale)`, ties to even), reusing the buffers.
     fn quantize(&mut self, xs: &[f32], cols: usize) {
         debug_assert!(cols.is_multiple_of(BLOCK) && xs.len().is_multiple_of(cols));
         self.rows = xs.len() / cols;
@@ -208,18 +208,31 @@ impl Activations {
         self.sums.resize(n, 0.0);
         let blocks = xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.totals);
         for ((((x, q), d), total), sum) in blocks.zip(&mut self.sums) {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *d = amax / 127.0;
-            let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
-            *total = 0;
-            for (q, &v) in q.0.iter_mut().zip(x) {
-                let r = (v * id).round() as i8;
-                *total += r as i32;
-                *q = r as u8;
-            }
-            *sum = *d * *total as f32;
+            let x = x.try_into().expect("chunks of BLOCK");
+            #[cfg(avx2_kernels)]
+            // SAFETY: the features are enabled at compile time (cfg(avx2_kernels)).
+            let (scale, t) = unsafe { simd::quantize_block(x, q) };
+            #[cfg(not(avx2_kernels))]
+            let (scale, t) = quantize_block(x, q);
+            (*d, *total, *sum) = (scale, t, scale * t as f32);
         }
     }
+}
+
+/// One block of activations to int8: its quants, scale and `Σ q` (the SIMD version gets
+/// the same bits, tested).
+#[cfg_attr(avx2_kernels, allow(dead_code, reason = "tested against the SIMD version"))]
+fn quantize_block(x: &[f32; BLOCK], q: &mut Quants) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut total = 0;
+    for (q, &v) in q.0.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even() as i8;
+        total += r as i32;
+        *q = r as u8;
+    }
+    (d, total)
 }
 
 thread_local! {
@@ -527,6 +540,37 @@ mod simd {
         }
     }
 
+    /// [`super::quantize_block`], 32 values at a time (llama.cpp's AVX2 `quantize_row_q8_0`).
+    ///
+    /// # Safety
+    /// Needs the features of cfg(avx2_kernels).
+    #[inline(always)]
+    pub(super) unsafe fn quantize_block(x: &[f32; super::BLOCK], q: &mut Quants) -> (f32, i32) {
+        // SAFETY: the loads read x's 32 values and the aligned store writes q's 32 bytes.
+        unsafe {
+            let p = x.as_ptr();
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let sign = _mm256_set1_ps(-0.0);
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let i = v.map(|v| _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+            let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+            // The packs interleave 128-bit lanes: dwords 0, 4, 1, 5, ... back in order.
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_store_si256(q.0.as_mut_ptr() as *mut __m256i, bytes);
+            (d, total)
+        }
+    }
+
     /// Inputs `4g..4g + 4` of an activation block, in every lane.
     #[inline(always)]
     unsafe fn quad(block: *const Quants, g: usize) -> __m256i {
@@ -744,6 +788,23 @@ mod tests {
                 assert_eq!(got, &results[0], "{dtype:?}: {kernel:?} against {:?}", kernels[0]);
             }
         }
+    }
+
+    #[test]
+    fn activations_quantise_to_the_same_bits_in_plain_rust_and_simd() {
+        let mut xs = seeded(64 * BLOCK, 21);
+        // A block of exact ties (scale 1): they round to even.
+        xs[..BLOCK].copy_from_slice(&std::array::from_fn::<f32, BLOCK, _>(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 }));
+        // And a block of zeros (scale 0).
+        xs[BLOCK..2 * BLOCK].fill(0.0);
+        let a = activations(&xs, 8 * BLOCK);
+        for (b, x) in xs.chunks_exact(BLOCK).enumerate() {
+            let mut q = ZERO;
+            let (d, total) = quantize_block(x.try_into().unwrap(), &mut q);
+            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b]), (q.0, d, total), "block {b}");
+            assert_eq!(total, q.0.iter().map(|&q| q as i8 as i32).sum::<i32>());
+        }
+        assert_eq!(a.quants[0].0[1..5].iter().map(|&q| q as i8).collect::<Vec<_>>(), [-14, -14, -12, -12], "ties to even");
     }
 
     #[test]
