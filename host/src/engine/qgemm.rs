@@ -31,8 +31,8 @@
 //! (llama.cpp's Q4_1 × Q8_1 dot product: the activations' block sums are kept beside their
 //! quants). AVX2's 16-bit pair sums would overflow on Q8_0's full bytes, so there it is
 //! unbiased and multiplied as `|w| · (x with w's sign)`. A 4-bit type takes 4.5 (with a
-//! minimum: 5) bits per weight as in the file, a 5-bit one 8.5 (9): its fifth bit is
-//! widened into a byte.
+//! minimum: 5) bits per weight as in the file, a 5-bit one 5.5 (6): its fifth bits are a
+//! bit plane put back on the nibbles in registers.
 //!
 //! Every output element is computed by the same sequence of operations whatever the number
 //! of input rows or how they fall into tiles (one lane, blocks in order; the integer sums
@@ -61,35 +61,40 @@ const ZERO: Quants = Quants([0; BLOCK]);
 enum Packing {
     /// Q8_0: 8 registers of full bytes (int8 + 128), register `g` for quad `g`.
     Int8,
-    /// Q5_0, Q5_1: 8 registers of bytes under 32, register `g` for quad `g`.
-    Bytes,
     /// Q4_0, Q4_1: 4 registers of unsigned nibbles (0..16), register `p` holding quad `p`
     /// in its low nibbles and quad `p + 4` in its high ones.
     Nibbles,
+    /// Q5_0, Q5_1: the low 4 bits as `Nibbles`, and a fifth register ([`FIFTHS`]) whose
+    /// byte `j` holds in bit `g` the fifth bit of quad `g`'s byte `j`.
+    Fives,
 }
+
+/// The register of a [`Packing::Fives`] block that holds the fifth bits.
+const FIFTHS: usize = COLS / 2;
 
 impl Packing {
     /// Registers per group and block.
     const fn registers(self) -> usize {
         match self {
+            Packing::Int8 => COLS,
             Packing::Nibbles => COLS / 2,
-            Packing::Int8 | Packing::Bytes => COLS,
+            Packing::Fives => COLS / 2 + 1,
         }
     }
 
-    /// Where quad `g` is held: its register and the shift of its bits in each byte.
+    /// Where quad `g`'s low bits are held: their register and shift in each byte.
     const fn place(self, g: usize) -> (usize, u32) {
         match self {
-            Packing::Nibbles => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
-            Packing::Int8 | Packing::Bytes => (g, 0),
+            Packing::Int8 => (g, 0),
+            Packing::Nibbles | Packing::Fives => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
         }
     }
 
-    /// The bits of one value once shifted down.
+    /// The low bits of one value once shifted down.
     const fn mask(self) -> u8 {
         match self {
-            Packing::Nibbles => 0x0f,
-            Packing::Int8 | Packing::Bytes => 0xff,
+            Packing::Int8 => 0xff,
+            Packing::Nibbles | Packing::Fives => 0x0f,
         }
     }
 }
@@ -131,8 +136,8 @@ struct Activations {
 fn format(dtype: GgmlDType) -> Option<(Packing, i32, bool)> {
     Some(match dtype {
         GgmlDType::Q8_0 => (Packing::Int8, 128, false),
-        GgmlDType::Q5_0 => (Packing::Bytes, 16, false),
-        GgmlDType::Q5_1 => (Packing::Bytes, 0, true),
+        GgmlDType::Q5_0 => (Packing::Fives, 16, false),
+        GgmlDType::Q5_1 => (Packing::Fives, 0, true),
         GgmlDType::Q4_0 => (Packing::Nibbles, 8, false),
         GgmlDType::Q4_1 => (Packing::Nibbles, 0, true),
         _ => return None,
@@ -290,9 +295,11 @@ impl Int8Matrix {
                     }
                     for (g, quad) in q.chunks_exact(4).enumerate() {
                         let (reg, shift) = packing.place(g);
-                        let held = &mut m.quants[tile * regs + reg].0[lane * 4..lane * 4 + 4];
-                        for (held, &u) in held.iter_mut().zip(quad) {
-                            *held |= u << shift;
+                        for (e, &u) in quad.iter().enumerate() {
+                            m.quants[tile * regs + reg].0[lane * 4 + e] |= (u & packing.mask()) << shift;
+                            if packing == Packing::Fives {
+                                m.quants[tile * regs + FIFTHS].0[lane * 4 + e] |= (u >> 4) << g;
+                            }
                         }
                     }
                 }
@@ -314,8 +321,14 @@ impl Int8Matrix {
     /// The integer weights of quad `g` (inputs `4g..4g + 4`) of row `lane` in a tile.
     fn quad(&self, tile: usize, g: usize, lane: usize) -> [i32; 4] {
         let (reg, shift) = self.packing.place(g);
-        let held = &self.quants[tile * self.packing.registers() + reg].0[lane * 4..lane * 4 + 4];
-        std::array::from_fn(|e| ((held[e] >> shift) & self.packing.mask()) as i32 - self.offset)
+        let block = &self.quants[tile * self.packing.registers()..];
+        std::array::from_fn(|e| {
+            let mut u = (block[reg].0[lane * 4 + e] >> shift) & self.packing.mask();
+            if self.packing == Packing::Fives {
+                u |= ((block[FIFTHS].0[lane * 4 + e] >> g) & 1) << 4;
+            }
+            u as i32 - self.offset
+        })
     }
 
     /// The scale and minimum (0 without one) of row `lane` in a tile.
@@ -489,13 +502,13 @@ unsafe fn plain(t: Tile<'_>, rows: usize, out: *mut f32) {
 /// The x86 kernels.
 #[cfg(avx2_kernels)]
 mod simd {
-    use super::{COLS, Packing, Quants, Tile};
+    use super::{COLS, FIFTHS, Packing, Quants, Tile};
     use std::arch::x86_64::*;
 
     /// The three packings as const parameters.
     const INT8: u8 = 0;
-    const BYTES: u8 = 1;
-    const NIBBLES: u8 = 2;
+    const NIBBLES: u8 = 1;
+    const FIVES: u8 = 2;
 
     /// A tile of `rows` (1..=RM) input rows, by packing and row count.
     ///
@@ -507,8 +520,8 @@ mod simd {
         unsafe {
             match t.w.packing {
                 Packing::Int8 => by_rows::<VNNI, INT8>(t, rows, out),
-                Packing::Bytes => by_rows::<VNNI, BYTES>(t, rows, out),
                 Packing::Nibbles => by_rows::<VNNI, NIBBLES>(t, rows, out),
+                Packing::Fives => by_rows::<VNNI, FIVES>(t, rows, out),
             }
         }
     }
@@ -611,11 +624,21 @@ mod simd {
             for b in 0..kb {
                 let x = |row: usize| xq.add(row * kb + b);
                 let mut sums = [_mm256_setzero_si256(); R];
-                if P == NIBBLES {
+                if P == NIBBLES || P == FIVES {
+                    let fifths = if P == FIVES { _mm256_load_si256(wq.add(b * regs + FIFTHS)) } else { _mm256_setzero_si256() };
+                    // Quad g's fifth bits as 0x10 in each byte.
+                    let fifth = |g: usize| {
+                        let bit = _mm256_set1_epi8((1u8 << g) as i8);
+                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(fifths, bit), bit), _mm256_set1_epi8(0x10))
+                    };
                     for p in 0..COLS / 2 {
                         let w = _mm256_load_si256(wq.add(b * regs + p));
-                        let lo = _mm256_and_si256(w, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                        let mut lo = _mm256_and_si256(w, low);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                        if P == FIVES {
+                            lo = _mm256_or_si256(lo, fifth(p));
+                            hi = _mm256_or_si256(hi, fifth(p + COLS / 2));
+                        }
                         for (row, sum) in sums.iter_mut().enumerate() {
                             *sum = dot::<VNNI>(*sum, lo, quad(x(row), p));
                             *sum = dot::<VNNI>(*sum, hi, quad(x(row), p + COLS / 2));
@@ -814,9 +837,11 @@ mod tests {
     }
 
     #[test]
-    fn four_bit_types_keep_their_width() {
-        let (w, _) = weights(16, 640, 3, GgmlDType::Q4_0);
-        let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2) * 8;
-        assert_eq!(bits as f64 / (16 * 640) as f64, 4.5, "bits per weight, as in the file");
+    fn four_and_five_bit_types_keep_their_width() {
+        for (dtype, width) in [(GgmlDType::Q4_0, 4.5), (GgmlDType::Q5_0, 5.5)] {
+            let (w, _) = weights(16, 640, 3, dtype);
+            let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2) * 8;
+            assert_eq!(bits as f64 / (16 * 640) as f64, width, "{dtype:?}: bits per weight, as in the file");
+        }
     }
 }
