@@ -16,3 +16,15 @@ wait_ready() {
 
 # stop PID: a server the script started, before the next one.
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# llama_bench LLAMA_BIN ARGS...: llama-bench's results as `TEST T/S` lines (pp512, tg64).
+llama_bench() {
+  "$1/llama-bench" "${@:2}" -o json 2>/dev/null | python3 -c 'import json, sys
+for r in json.load(sys.stdin):
+    print("pp%d" % r["n_prompt"] if r["n_prompt"] else "tg%d" % r["n_gen"], r["avg_ts"])'
+}
+
+# wisp_bench WISP ARGS...: `wisp bench`'s table as `TEST T/S` lines (pp512, tg64, tg64x8).
+wisp_bench() {
+  "$1" bench "${@:2}" 2>/dev/null | sed -n 's/^| wisp | \([a-z0-9x]*\) | \([0-9.]*\) .*/\1 \2/p'
+}

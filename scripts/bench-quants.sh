@@ -39,14 +39,13 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 
 echo "bench: ${#files[@]} GGUFs, $THREADS threads, pp$PP / tg$TG, $REPS repetitions, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
-rows=$(mktemp)
-trap 'rm -f "$rows"' EXIT
+source scripts/bench-lib.sh
+rows="$dir/rows"
 for f in "${files[@]}"; do
   types=$(python3 scripts/gguf_types.py "$f")
-  llama=$("$LLAMA_BIN/llama-bench" -m "$f" -t "$THREADS" -p "$PP" -n "$TG" -r "$REPS" -o json 2>/dev/null \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join(str(x["avg_ts"]) for x in r))')
-  wisp=$(RAYON_NUM_THREADS=$THREADS "$WISP" bench --model "$f" --prompt-tokens "$PP" --gen-tokens "$TG" --reps "$REPS" \
-    --batch 1 --device cpu 2>/dev/null | sed -n "s/^| wisp | \(pp$PP\|tg$TG\) | \([0-9.]*\).*/\2/p" | tr '\n' ' ')
+  llama=$(llama_bench "$LLAMA_BIN" -m "$f" -t "$THREADS" -p "$PP" -n "$TG" -r "$REPS" | cut -d' ' -f2 | tr '\n' ' ')
+  wisp=$(RAYON_NUM_THREADS=$THREADS wisp_bench "$WISP" --model "$f" --prompt-tokens "$PP" --gen-tokens "$TG" --reps "$REPS" \
+    --batch 1 --device cpu | grep -E "^(pp$PP|tg$TG) " | cut -d' ' -f2 | tr '\n' ' ')
   echo "$(basename "$f")|$types|$llama|$wisp" | tee -a "$rows"
 done
 python3 - "$rows" "$PP" "$TG" <<'PY'

@@ -32,17 +32,15 @@ LLAMA_BIN=$(PATH="$CACHE/cuda/bin:$PATH" CUDA_HOME="$CACHE/cuda" LLAMA_CUDA=1 \
 
 source scripts/bench-lib.sh
 echo "gpu-check: $MODEL, sm_$CUDA_COMPUTE_CAP, $(date -u +%FT%TZ)"
-"$LLAMA_BIN/llama-bench" -m "$MODEL" -ngl 99 -p 512 -n "$TG" -r "$REPS" -o json 2>/dev/null \
-  | python3 -c 'import json,sys; [print("llama", "pp%d" % r["n_prompt"] if r["n_prompt"] else "tg%d" % r["n_gen"], r["avg_ts"]) for r in json.load(sys.stdin)]' \
-  >> "$dir/rows"
+llama_bench "$LLAMA_BIN" -m "$MODEL" -ngl 99 -p 512 -n "$TG" -r "$REPS" | sed 's/^/llama /' >> "$dir/rows"
 "$LLAMA_BIN/llama-batched-bench" -m "$MODEL" -ngl 99 -c $(((128 + TG) * 32 + 64)) -b 2048 -ub 512 \
   -npp 128 -ntg "$TG" -npl 8,32 --output-format jsonl 2>/dev/null | grep '^{' \
   | python3 -c 'import json,sys; [print("llama", "tg%dx%d" % (r["tg"], r["pl"]), r["speed_tg"]) for r in map(json.loads, sys.stdin)]' \
   >> "$dir/rows"
-"$WISP" bench --model "$MODEL" --device cuda:0 --prompt-tokens 512 --gen-tokens "$TG" --reps "$REPS" --batch 1 \
-  | sed -n 's/^| wisp | \([a-z0-9x]*\) | \([0-9.]*\).*/wisp \1 \2/p' >> "$dir/rows"
-"$WISP" bench --model "$MODEL" --device cuda:0 --prompt-tokens 128 --gen-tokens "$TG" --reps "$REPS" --batch 8,32 \
-  | sed -n 's/^| wisp | \(tg[0-9]*x[0-9]*\) | \([0-9.]*\).*/wisp \1 \2/p' >> "$dir/rows"
+wisp_bench "$WISP" --model "$MODEL" --device cuda:0 --prompt-tokens 512 --gen-tokens "$TG" --reps "$REPS" --batch 1 \
+  | sed 's/^/wisp /' >> "$dir/rows"
+wisp_bench "$WISP" --model "$MODEL" --device cuda:0 --prompt-tokens 128 --gen-tokens "$TG" --reps "$REPS" --batch 8,32 \
+  | grep '^tg[0-9]*x' | sed 's/^/wisp /' >> "$dir/rows"
 python3 - "$dir/rows" <<'PY'
 import sys
 rows = {}

@@ -27,7 +27,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
-use super::qgemm::Int8Matrix;
+use super::qgemm::BlockMatrix;
 
 /// The architectures this file implements, from `general.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +209,7 @@ impl RmsNorm {
 /// A weight matrix and the kernel that multiplies by it.
 enum Weight {
     /// Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 on the CPU: wisp's repacked kernel (`qgemm`).
-    Int8(Arc<Int8Matrix>),
+    Blocks(Arc<BlockMatrix>),
     /// Anything else: candle's quantised matmul.
     Candle(QMatMul),
 }
@@ -217,7 +217,7 @@ enum Weight {
 impl Weight {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Int8(w) => w.forward(xs),
+            Weight::Blocks(w) => w.forward(xs),
             Weight::Candle(w) => w.forward(xs),
         }
     }
@@ -258,7 +258,7 @@ impl Linear {
 /// The token embedding table.
 enum Embedding {
     /// Shared with the tied output projection.
-    Int8(Arc<Int8Matrix>),
+    Blocks(Arc<BlockMatrix>),
     Quantized(Arc<QTensor>),
 }
 
@@ -266,13 +266,13 @@ impl Embedding {
     /// `(tokens, n_embd)` rows for `ids`.
     fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
-            Embedding::Int8(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
+            Embedding::Blocks(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
             Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
         }
     }
 }
 
-/// A GGUF's tensors. The matrices wisp's int8 kernel serves are repacked straight from the
+/// A GGUF's tensors. The matrices wisp's block kernel (qgemm) serves are repacked straight from the
 /// file a few rows at a time, never held whole beside their repacked copy (candle's
 /// reader would hold the file's bytes twice, as read and as typed blocks: for the default
 /// model's 168 MB embedding table, a load peak of ~350 MB).
@@ -289,12 +289,12 @@ impl<R: Read + Seek> Tensors<'_, R> {
         self.content.tensor(self.reader, name, self.device)
     }
 
-    /// The matrix `name` in wisp's int8 kernel's layout with its file type, if that kernel
+    /// The matrix `name` in wisp's block kernel's layout with its file type, if that kernel
     /// serves the type on this device; `None` (nothing read) otherwise.
-    fn int8(&mut self, name: &str) -> Result<Option<(Arc<Int8Matrix>, GgmlDType)>> {
+    fn blocks(&mut self, name: &str) -> Result<Option<(Arc<BlockMatrix>, GgmlDType)>> {
         let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
         let dtype = info.ggml_dtype;
-        if !self.device.is_cpu() || !Int8Matrix::serves(dtype) {
+        if !self.device.is_cpu() || !BlockMatrix::serves(dtype) {
             return Ok(None);
         }
         let (rows, cols) = info.shape.dims2()?;
@@ -306,13 +306,13 @@ impl<R: Read + Seek> Tensors<'_, R> {
             candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({} bytes)", self.file_size)
         }
         self.reader.seek(std::io::SeekFrom::Start(start))?;
-        Ok(Some((Arc::new(Int8Matrix::read(self.reader, dtype, rows, cols)?), dtype)))
+        Ok(Some((Arc::new(BlockMatrix::read(self.reader, dtype, rows, cols)?), dtype)))
     }
 
     /// A weight matrix with the kernel that multiplies by it, and its file type.
     fn weight(&mut self, name: &str) -> Result<(Weight, GgmlDType)> {
-        if let Some((w, dtype)) = self.int8(name)? {
-            return Ok((Weight::Int8(w), dtype));
+        if let Some((w, dtype)) = self.blocks(name)? {
+            return Ok((Weight::Blocks(w), dtype));
         }
         let t = self.tensor(name)?;
         let dtype = t.dtype();
@@ -389,9 +389,9 @@ impl Model {
         let eps = hp.rms_eps as f32;
         let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
             (Embedding::Quantized(Arc::new(file.tensor("token_embd.weight")?)), file.weight("output.weight")?.0)
-        } else if let Some((w, _)) = file.int8("token_embd.weight")? {
+        } else if let Some((w, _)) = file.blocks("token_embd.weight")? {
             // Tied: one copy of the table serves the lookup and the output projection.
-            (Embedding::Int8(w.clone()), Weight::Int8(w))
+            (Embedding::Blocks(w.clone()), Weight::Blocks(w))
         } else {
             let t = Arc::new(file.tensor("token_embd.weight")?);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))

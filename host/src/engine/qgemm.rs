@@ -23,7 +23,7 @@
 //! llama.cpp's repacked Q4_0/IQ4_NL kernels). Work is split across candle's worker threads
 //! by panels of groups.
 //!
-//! The multiply is of unsigned bytes by signed ones (AVX-VNNI's `vpdpbusd`, or AVX2's
+//! The multiply is of unsigned bytes by signed ones (VNNI's `vpdpbusd`, or AVX2's
 //! `vpmaddubsw` + `vpmaddwd`), so every weight is stored unsigned: the 4- and 5-bit types as
 //! in the file (Q4_0's weight is `d·(q − 8)`, Q5_0's `d·(q − 16)`), Q8_0's int8 biased by
 //! 128. They multiply as they are and the offset comes off the integer sum as
@@ -37,7 +37,7 @@
 //! Every output element is computed by the same sequence of operations whatever the number
 //! of input rows or how they fall into tiles (one lane, blocks in order; the integer sums
 //! are exact), so a sequence decoded alone gets bit-identical logits to the same sequence
-//! decoded in a batch, and every kernel (AVX-VNNI, AVX2, plain Rust) gets the same bits.
+//! decoded in a batch, and every kernel (VNNI, AVX2, plain Rust) gets the same bits.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
@@ -100,8 +100,8 @@ impl Packing {
 }
 
 /// A weight matrix `W` (out × in) for `y = x Wᵀ` on the CPU, repacked from a 32-element
-/// block type (see [`Int8Matrix::read`]).
-pub struct Int8Matrix {
+/// block type (see [`BlockMatrix::read`]).
+pub struct BlockMatrix {
     rows: usize,
     /// Blocks per row.
     blocks: usize,
@@ -245,7 +245,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Activations> = const { std::cell::RefCell::new(Activations::new()) };
 }
 
-impl Int8Matrix {
+impl BlockMatrix {
     /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1).
     pub fn serves(dtype: GgmlDType) -> bool {
         format(dtype).is_some()
@@ -254,11 +254,11 @@ impl Int8Matrix {
     /// The `rows × cols` weights of a served type, read from `reader` (positioned at the
     /// tensor's data, GGUF layout: row-major blocks) a few row groups at a time and
     /// repacked as they come: the file's bytes are never all in memory beside the result.
-    pub fn read(reader: &mut impl std::io::Read, dtype: GgmlDType, rows: usize, cols: usize) -> Result<Int8Matrix> {
+    pub fn read(reader: &mut impl std::io::Read, dtype: GgmlDType, rows: usize, cols: usize) -> Result<BlockMatrix> {
         /// Bytes read at once.
         const CHUNK: usize = 1 << 20;
         let Some((packing, offset, with_min)) = format(dtype) else {
-            candle_core::bail!("{dtype:?} weights are not served by the int8 kernel")
+            candle_core::bail!("{dtype:?} weights are not served by the block kernel")
         };
         if !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("row length {cols} is not a multiple of {BLOCK}")
@@ -266,7 +266,7 @@ impl Int8Matrix {
         let blocks = cols / BLOCK;
         let tiles = rows.div_ceil(COLS) * blocks;
         let regs = packing.registers();
-        let mut m = Int8Matrix {
+        let mut m = BlockMatrix {
             rows,
             blocks,
             packing,
@@ -384,20 +384,21 @@ enum Kernel {
     Plain,
     /// AVX2: `vpmaddubsw` + `vpmaddwd` for the byte dot products.
     #[cfg(avx2_kernels)]
-    #[cfg_attr(target_feature = "avxvnni", allow(dead_code, reason = "tested against AVX-VNNI"))]
+    #[cfg_attr(vnni_kernels, allow(dead_code, reason = "tested against VNNI"))]
     Avx2,
-    /// AVX-VNNI: one `vpdpbusd` for them.
-    #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
-    AvxVnni,
+    /// VNNI: one `vpdpbusd` for them (AVX-VNNI's encoding, or AVX512-VNNI's on 256-bit
+    /// registers).
+    #[cfg(vnni_kernels)]
+    Vnni,
 }
 
 impl Kernel {
     /// The fastest this build's CPU features allow (`target-cpu=native`, see
     /// `.cargo/config.toml`).
     const FASTEST: Kernel = {
-        #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
-        let fastest = Kernel::AvxVnni;
-        #[cfg(all(avx2_kernels, not(target_feature = "avxvnni")))]
+        #[cfg(vnni_kernels)]
+        let fastest = Kernel::Vnni;
+        #[cfg(all(avx2_kernels, not(vnni_kernels)))]
         let fastest = Kernel::Avx2;
         #[cfg(not(avx2_kernels))]
         let fastest = Kernel::Plain;
@@ -414,7 +415,7 @@ const PANEL: usize = 2;
 const RM: usize = if cfg!(target_feature = "avx512vl") { 8 } else { 4 };
 
 /// `out (m × n) = x (m × k) · wᵀ (k × n)`, on candle's worker threads.
-fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32], kernel: Kernel) {
+fn matmul(x: &Activations, w: &BlockMatrix, out: &mut [f32], kernel: Kernel) {
     assert_eq!(x.blocks, w.blocks);
     assert_eq!(out.len(), x.rows * w.rows);
     let dst = super::ops::SyncPtr(out.as_mut_ptr());
@@ -432,8 +433,8 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32], kernel: Kernel) {
                         Kernel::Plain => plain(t, rm, dst.get()),
                         #[cfg(avx2_kernels)]
                         Kernel::Avx2 => simd::tiles::<false>(t, rm, dst.get()),
-                        #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
-                        Kernel::AvxVnni => simd::tiles::<true>(t, rm, dst.get()),
+                        #[cfg(vnni_kernels)]
+                        Kernel::Vnni => simd::tiles::<true>(t, rm, dst.get()),
                     }
                 }
                 i += rm;
@@ -445,7 +446,7 @@ fn matmul(x: &Activations, w: &Int8Matrix, out: &mut [f32], kernel: Kernel) {
 /// One register tile: input rows `i..i + rm` × the 8 output rows of `group`.
 struct Tile<'a> {
     x: &'a Activations,
-    w: &'a Int8Matrix,
+    w: &'a BlockMatrix,
     i: usize,
     group: usize,
 }
@@ -549,11 +550,15 @@ mod simd {
     #[inline(always)]
     unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
         // SAFETY: the instructions' features are enabled at compile time (cfg(avx2_kernels),
-        // and avxvnni for `vpdpbusd`); they touch only registers.
+        // and cfg(vnni_kernels) for `vpdpbusd`); they touch only registers.
         unsafe {
-            #[cfg(target_feature = "avxvnni")]
+            #[cfg(all(vnni_kernels, target_feature = "avxvnni"))]
             if VNNI {
                 return _mm256_dpbusd_avx_epi32(acc, u, x);
+            }
+            #[cfg(all(vnni_kernels, not(target_feature = "avxvnni")))]
+            if VNNI {
+                return _mm256_dpbusd_epi32(acc, u, x);
             }
             _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)))
         }
@@ -704,12 +709,12 @@ mod tests {
     const TYPES: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1];
 
     /// A seeded n × k matrix quantised to `dtype`, repacked, and candle's dequantised values.
-    fn weights(n: usize, k: usize, seed: u32, dtype: GgmlDType) -> (Int8Matrix, Vec<f32>) {
+    fn weights(n: usize, k: usize, seed: u32, dtype: GgmlDType) -> (BlockMatrix, Vec<f32>) {
         let t = Tensor::from_vec(seeded(n * k, seed), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bytes = q.data().unwrap();
-        (Int8Matrix::read(&mut std::io::Cursor::new(&bytes[..]), dtype, n, k).unwrap(), want)
+        (BlockMatrix::read(&mut std::io::Cursor::new(&bytes[..]), dtype, n, k).unwrap(), want)
     }
 
     fn activations(xs: &[f32], k: usize) -> Activations {
@@ -734,8 +739,8 @@ mod tests {
             }
             assert!(w.gather(&[13]).is_err());
         }
-        assert!(!Int8Matrix::serves(GgmlDType::Q4K), "K-quants stay with candle");
-        assert!(Int8Matrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 256).is_err());
+        assert!(!BlockMatrix::serves(GgmlDType::Q4K), "K-quants stay with candle");
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 256).is_err());
     }
 
     #[test]
@@ -796,8 +801,8 @@ mod tests {
             Kernel::Plain,
             #[cfg(avx2_kernels)]
             Kernel::Avx2,
-            #[cfg(all(avx2_kernels, target_feature = "avxvnni"))]
-            Kernel::AvxVnni,
+            #[cfg(vnni_kernels)]
+            Kernel::Vnni,
         ];
         assert!(kernels.contains(&Kernel::FASTEST));
         let (k, n) = (640, 21);
