@@ -7,16 +7,18 @@
 # With UPSTREAM=stub, scripts/stub_upstream.py (a reply of 4 chunks at once) takes
 # llama-server's place: what wisp's own path costs with no model beside it.
 #
-# Usage: [UPSTREAM=stub] scripts/bench-proxy.sh [MODEL.gguf] [PAIRS]
+# Usage: [UPSTREAM=stub] [WISP=path/to/wisp] scripts/bench-proxy.sh [MODEL.gguf] [PAIRS]
+# (WISP: another build to measure, e.g. an earlier commit's binary; default: this tree's.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-models/gemma-3-270m-q4_k_m.gguf}
 PAIRS=${2:-40}
 UPSTREAM=${UPSTREAM:-llama}
 [ "$UPSTREAM" = llama ] && LLAMA_BIN=$(scripts/build-llama.sh llama-server)
-cargo build --release --bin wisp -q
-target="${CARGO_TARGET_DIR:-target}"
-WISP=$(realpath "$target/release/wisp")
+if [ -z "${WISP:-}" ]; then
+  cargo build --release --bin wisp -q
+  WISP=$(realpath "${CARGO_TARGET_DIR:-target}/release/wisp")
+fi
 
 source scripts/bench-lib.sh
 

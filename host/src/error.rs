@@ -153,7 +153,7 @@ impl From<StoreError> for ApiError {
                     "The session store is out of disk space; nothing was stored",
                 )
             }
-            e @ (StoreError::Db(_) | StoreError::Migrate(_)) => {
+            e @ (StoreError::Db(_) | StoreError::Migrate(_) | StoreError::InUse(_)) => {
                 tracing::error!(error = %e, "session store failed");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

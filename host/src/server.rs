@@ -15,11 +15,11 @@ use crate::engine::Registry;
 use crate::policy::PolicyEngine;
 use crate::policy::PolicyManager;
 use crate::policy::checks::RequestRules;
-use crate::policy::kv::KvBackend;
+use crate::policy::kv::{KvBackend, KvQuota};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
 use crate::store::SessionStore;
-use crate::store::kv::{RedisKv, SqlKv};
+use crate::store::kv::{RedisKv, SqlKv, SqliteKv};
 use crate::telemetry::Metrics;
 
 /// After the grace period, the time streams get to send their closing error and hang up.
@@ -42,9 +42,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(SessionStore::connect(&config.store).await.with_context(|| format!("opening the store `{}`", config.store.url))?);
     let kv: Arc<dyn KvBackend> = match &config.store.kv_url {
         Some(url) => Arc::new(RedisKv::connect(url, "wisp:kv:").await?),
+        None if store.backend() == crate::store::Backend::Sqlite => {
+            Arc::new(SqliteKv::open(store.pool().clone(), KvQuota::default()).await?)
+        }
         None => Arc::new(SqlKv::new(store.pool().clone())),
     };
-    let engine = PolicyEngine::new(kv, metrics.clone(), RequestRules::from_config(&config))?;
+    let engine = PolicyEngine::new(kv.clone(), metrics.clone(), RequestRules::from_config(&config))?;
     let policies = PolicyManager::new(engine, &config.plugins, config.source.clone()).await?;
     if config.source.is_some() {
         policies.watch().context("watching the config and plugin files")?;
@@ -81,6 +84,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         trigger.end();
     });
     server.serve(api::service(state)).await;
+    if let Err(e) = kv.flush().await {
+        tracing::error!(error = %e, "the plugins' kv could not be written to the store before exiting");
+    }
     Ok(())
 }
 

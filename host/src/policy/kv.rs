@@ -4,7 +4,7 @@
 //! by replicas.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::limits::{MAX_KV_BYTES_PER_PLUGIN, MAX_KV_ENTRIES, MAX_KV_ENTRIES_PER_PLUGIN};
@@ -22,6 +22,10 @@ pub trait KvBackend: Send + Sync {
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> anyhow::Result<i64>;
     /// Writes `new` if the live value is `expected` (`None`: absent or expired).
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<bool>;
+    /// Stores what the backend holds back (a shutdown's last step); most write at once.
+    async fn flush(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 const FULL: &str = "the kv space is full";
@@ -78,11 +82,47 @@ impl Entry {
 }
 
 /// A process-local kv with expiry, bounded to [`MAX_KV_ENTRIES`] and each plugin to its
-/// quota.
+/// quota. With a [`Journal`] it also records every write, for a copy kept elsewhere (the
+/// SQLite store's, `store::kv::SqliteKv`).
 #[derive(Default)]
 pub struct MemoryKv {
-    entries: Mutex<HashMap<String, Entry>>,
+    space: Mutex<Space>,
     quota: KvQuota,
+    journal: Option<Arc<Journal>>,
+}
+
+/// The entries, and what each plugin holds of them (expired entries count until swept).
+#[derive(Default)]
+struct Space {
+    map: HashMap<String, Entry>,
+    /// Per plugin: entries and bytes.
+    usage: HashMap<String, (u64, u64)>,
+}
+
+impl Space {
+    fn account(&mut self, key: &str, value_len: usize, sign: i64) {
+        let plugin = plugin_of(key);
+        let usage = match self.usage.get_mut(plugin) {
+            Some(usage) => usage,
+            None => self.usage.entry(plugin.to_string()).or_default(),
+        };
+        usage.0 = usage.0.saturating_add_signed(sign);
+        usage.1 = usage.1.saturating_add_signed(sign * entry_size(key, value_len));
+        if usage.0 == 0 {
+            self.usage.remove(plugin);
+        }
+    }
+
+    /// Drops the expired entries (of one plugin, or all).
+    fn sweep(&mut self, now: Instant, plugin: Option<&str>) {
+        let expired: Vec<String> =
+            self.map.iter().filter(|(k, e)| !e.live(now) && plugin.is_none_or(|p| plugin_of(k) == p)).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            if let Some(e) = self.map.remove(&key) {
+                self.account(&key, e.value.len(), -1);
+            }
+        }
+    }
 }
 
 impl MemoryKv {
@@ -94,45 +134,135 @@ impl MemoryKv {
         MemoryKv { quota, ..MemoryKv::default() }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut Entries<'_>, Instant) -> R) -> R {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if entries.len() >= MAX_KV_ENTRIES {
-            entries.retain(|_, e| e.live(now));
+    /// Records every write in `journal`.
+    pub fn journaled(quota: KvQuota, journal: Arc<Journal>) -> MemoryKv {
+        MemoryKv { quota, journal: Some(journal), ..MemoryKv::default() }
+    }
+
+    /// Puts back an entry kept elsewhere (its expiry in unix ms), unrecorded and outside the
+    /// quota (it was admitted when written); false when the space is full.
+    pub fn restore(&self, key: String, value: Vec<u8>, expires_at_ms: Option<i64>) -> bool {
+        let mut space = self.space.lock().unwrap_or_else(|e| e.into_inner());
+        if space.map.len() >= MAX_KV_ENTRIES {
+            return false;
         }
-        f(&mut Entries { map: &mut entries, quota: self.quota, now }, now)
+        let now = Instant::now();
+        let expires = expires_at_ms.map(|at| now + Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64));
+        space.account(&key, value.len(), 1);
+        if let Some(old) = space.map.insert(key.clone(), Entry { value, expires }) {
+            space.account(&key, old.value.len(), -1);
+        }
+        true
+    }
+
+    /// Drops every expired entry (they are dropped anyway when the space or a plugin's
+    /// quota is full).
+    pub fn sweep(&self) {
+        self.space.lock().unwrap_or_else(|e| e.into_inner()).sweep(Instant::now(), None);
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Entries<'_>, Instant) -> R) -> R {
+        let mut space = self.space.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if space.map.len() >= MAX_KV_ENTRIES {
+            space.sweep(now, None);
+        }
+        f(&mut Entries { space: &mut space, quota: self.quota, journal: self.journal.as_deref(), now }, now)
     }
 }
 
-/// The map under its lock, with the quota to keep.
+/// The space under its lock, with the quota to keep.
 struct Entries<'a> {
-    map: &'a mut HashMap<String, Entry>,
+    space: &'a mut Space,
     quota: KvQuota,
+    journal: Option<&'a Journal>,
     now: Instant,
 }
 
 impl Entries<'_> {
     fn get(&self, key: &str) -> Option<&Entry> {
-        self.map.get(key).filter(|e| e.live(self.now))
+        self.space.map.get(key).filter(|e| e.live(self.now))
     }
 
     fn insert(&mut self, key: &str, value: Vec<u8>, expires: Option<Instant>) -> anyhow::Result<()> {
         let old = self.get(key).map(|e| entry_size(key, e.value.len()));
-        if !self.map.contains_key(key) && self.map.len() >= MAX_KV_ENTRIES {
+        if !self.space.map.contains_key(key) && self.space.map.len() >= MAX_KV_ENTRIES {
             anyhow::bail!(FULL);
         }
         let grow = entry_size(key, value.len()) - old.unwrap_or(0);
         if old.is_none() || grow > 0 {
             let plugin = plugin_of(key);
-            let (entries, bytes) = self
-                .map
-                .iter()
-                .filter(|(k, e)| plugin_of(k) == plugin && e.live(self.now))
-                .fold((0u64, 0u64), |(n, b), (k, e)| (n + 1, b + entry_size(k, e.value.len()) as u64));
-            self.quota.admit(key, entries, bytes, old.is_none(), grow)?;
+            let admit = |space: &Space| {
+                let (entries, bytes) = space.usage.get(plugin).copied().unwrap_or_default();
+                // An expired entry at `key` is replaced: it counts for neither.
+                let (entries, bytes) = match space.map.get(key) {
+                    Some(e) if old.is_none() => (entries.saturating_sub(1), bytes.saturating_sub(entry_size(key, e.value.len()) as u64)),
+                    _ => (entries, bytes),
+                };
+                self.quota.admit(key, entries, bytes, old.is_none(), grow)
+            };
+            if admit(self.space).is_err() {
+                // Expired entries count until swept: sweep the plugin's, then decide.
+                self.space.sweep(self.now, Some(plugin));
+                admit(self.space)?;
+            }
         }
-        self.map.insert(key.to_string(), Entry { value, expires });
+        if let Some(journal) = self.journal {
+            journal.record(
+                key,
+                &value,
+                expires.map(|e| unix_ms().saturating_add(e.saturating_duration_since(self.now).as_millis() as i64)),
+            );
+        }
+        self.space.account(key, value.len(), 1);
+        if let Some(old) = self.space.map.insert(key.to_string(), Entry { value, expires }) {
+            self.space.account(key, old.value.len(), -1);
+        }
         Ok(())
+    }
+}
+
+/// Wall-clock unix milliseconds.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The writes a journaled [`MemoryKv`] took since they were last taken: per key the last
+/// value and its expiry (unix ms), so it never holds more entries than the space.
+#[derive(Default)]
+pub struct Journal {
+    writes: Mutex<HashMap<String, (Vec<u8>, Option<i64>)>>,
+    written: tokio::sync::Notify,
+}
+
+/// Taken from a [`Journal`]: key, value, expiry (unix ms).
+pub type Writes = HashMap<String, (Vec<u8>, Option<i64>)>;
+
+impl Journal {
+    fn record(&self, key: &str, value: &[u8], expires_at_ms: Option<i64>) {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), (value.to_vec(), expires_at_ms));
+        self.written.notify_one();
+    }
+
+    /// Until there is a write to take.
+    pub async fn written(&self) {
+        self.written.notified().await
+    }
+
+    pub fn take(&self) -> Writes {
+        std::mem::take(&mut *self.writes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back writes that could not be kept, where no later write replaced them.
+    pub fn put_back(&self, writes: Writes) {
+        let mut pending = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, write) in writes {
+            pending.entry(key).or_insert(write);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 }
 

@@ -9,7 +9,9 @@ use redis::AsyncCommands;
 use sqlx::AnyPool;
 
 use super::now_ms;
-use crate::policy::kv::{KvBackend, KvQuota, entry_size, parse_counter, plugin_of};
+use std::sync::Arc;
+
+use crate::policy::kv::{Journal, KvBackend, KvQuota, MemoryKv, entry_size, parse_counter, plugin_of};
 
 /// How often expired rows are swept from the SQL table.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -18,6 +20,22 @@ const MAX_INCR_ATTEMPTS: usize = 64;
 
 fn expiry(ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|t| now_ms().saturating_add(t.as_millis().min(i64::MAX as u128) as i64))
+}
+
+/// Starts a task that deletes expired rows every [`SWEEP_EVERY`] (reads ignore them either
+/// way).
+fn spawn_sweeper(pool: AnyPool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            let swept =
+                sqlx::query("DELETE FROM plugin_kv WHERE expires_at IS NOT NULL AND expires_at <= $1").bind(now_ms()).execute(&pool).await;
+            if let Err(e) = swept {
+                tracing::warn!(error = %e, "sweeping expired plugin kv rows failed");
+            }
+        }
+    });
 }
 
 /// The `plugin_kv` table. Every write is one conditional statement, so concurrent writers
@@ -30,26 +48,13 @@ pub struct SqlKv {
 }
 
 impl SqlKv {
-    /// Also starts a task that sweeps expired rows (reads ignore them either way).
+    /// Also starts the sweeper of expired rows.
     pub fn new(pool: AnyPool) -> SqlKv {
         SqlKv::with_quota(pool, KvQuota::default())
     }
 
     pub fn with_quota(pool: AnyPool, quota: KvQuota) -> SqlKv {
-        let sweeper = pool.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            loop {
-                tick.tick().await;
-                let swept = sqlx::query("DELETE FROM plugin_kv WHERE expires_at IS NOT NULL AND expires_at <= $1")
-                    .bind(now_ms())
-                    .execute(&sweeper)
-                    .await;
-                if let Err(e) = swept {
-                    tracing::warn!(error = %e, "sweeping expired plugin kv rows failed");
-                }
-            }
-        });
+        spawn_sweeper(pool.clone());
         SqlKv { pool, quota }
     }
 
@@ -169,6 +174,135 @@ impl KvBackend for SqlKv {
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<bool> {
         self.swap(key, expected, &new, expiry(ttl)).await
+    }
+}
+
+/// The kv on a SQLite store. One process owns a SQLite store (`SessionStore::connect` locks
+/// it), so the space lives in memory, where a plugin's `get` and `compare-and-swap` cost no
+/// thread hop (on SQLite each query is a round trip to sqlx's worker thread for the
+/// connection: the rate limit's two were a quarter of the default chain's time). Every write
+/// is journaled and written behind to `plugin_kv`, in one transaction per batch, as soon as
+/// the writer is free; at start the live rows are read back. A crash loses the writes of
+/// the last moment (the batch in flight); a shutdown writes everything first
+/// ([`SqliteKv::flush`]). A batch that fails (full disk, read-only file) is logged and
+/// retried every [`RETRY_EVERY`], newer writes first; the plugins go on from memory.
+pub struct SqliteKv {
+    memory: Arc<MemoryKv>,
+    journal: Arc<Journal>,
+    pool: AnyPool,
+    /// One writer at a time: the background one or a flush.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// How long a failed write-behind batch waits before it is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+impl SqliteKv {
+    /// Reads the live rows back and starts the writer and the sweeper.
+    pub async fn open(pool: AnyPool, quota: KvQuota) -> anyhow::Result<SqliteKv> {
+        let journal = Arc::new(Journal::default());
+        let memory = MemoryKv::journaled(quota, journal.clone());
+        let rows: Vec<(String, Vec<u8>, Option<i64>)> =
+            sqlx::query_as("SELECT key, value, expires_at FROM plugin_kv WHERE expires_at IS NULL OR expires_at > $1")
+                .bind(now_ms())
+                .fetch_all(&pool)
+                .await
+                .context("reading the plugins' kv back")?;
+        let (count, mut left_out) = (rows.len(), 0);
+        for (key, value, expires_at) in rows {
+            left_out += usize::from(!memory.restore(key, value, expires_at));
+        }
+        if left_out > 0 {
+            tracing::warn!(left_out, "the plugins' kv holds more rows than the space's bound; some were not read back");
+        }
+        tracing::debug!(entries = count - left_out, "plugin kv read back");
+        let kv = SqliteKv { memory: Arc::new(memory), journal, pool, writer: Arc::default() };
+        spawn_sweeper(kv.pool.clone());
+        let (memory, journal, pool, writer) = (Arc::downgrade(&kv.memory), kv.journal.clone(), kv.pool.clone(), kv.writer.clone());
+        tokio::spawn(async move {
+            // Ends once the kv is gone and everything is written.
+            while memory.strong_count() > 0 || !journal.is_empty() {
+                if journal.is_empty() {
+                    tokio::select! {
+                        () = journal.written() => {}
+                        () = tokio::time::sleep(SWEEP_EVERY) => {
+                            if let Some(memory) = memory.upgrade() {
+                                memory.sweep();
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let written = {
+                    let _writing = writer.lock().await;
+                    write_behind(&pool, &journal).await
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "writing the plugins' kv to the store failed; retrying");
+                    tokio::time::sleep(RETRY_EVERY).await;
+                }
+            }
+        });
+        Ok(kv)
+    }
+}
+
+/// Takes the journal's writes and upserts them in one transaction; on failure they go
+/// back to the journal (behind any newer write of the same key).
+async fn write_behind(pool: &AnyPool, journal: &Journal) -> anyhow::Result<()> {
+    let writes = journal.take();
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let result = async {
+        let mut tx = pool.begin().await?;
+        for (key, (value, expires_at)) in &writes {
+            sqlx::query(
+                "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
+                 plugin = excluded.plugin, size = excluded.size",
+            )
+            .bind(key)
+            .bind(value)
+            .bind(*expires_at)
+            .bind(plugin_of(key))
+            .bind(entry_size(key, value.len()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    };
+    match result.await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            journal.put_back(writes);
+            Err(e.into())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KvBackend for SqliteKv {
+    async fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.memory.get(key).await
+    }
+
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<()> {
+        self.memory.set(key, value, ttl).await
+    }
+
+    async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> anyhow::Result<i64> {
+        self.memory.incr(key, delta, ttl).await
+    }
+
+    async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<bool> {
+        self.memory.compare_and_swap(key, expected, new, ttl).await
+    }
+
+    /// Writes every journaled write now.
+    async fn flush(&self) -> anyhow::Result<()> {
+        let _writing = self.writer.lock().await;
+        write_behind(&self.pool, &self.journal).await
     }
 }
 
@@ -321,13 +455,103 @@ mod tests {
     use crate::policy::kv::tests::{TEST_QUOTA, check_contract, check_quota};
     use crate::store::SessionStore;
 
+    async fn sqlite(dir: &tempfile::TempDir) -> SessionStore {
+        let url = format!("sqlite://{}", dir.path().join("kv.db").display());
+        SessionStore::connect(&StoreConfig { url, ..StoreConfig::default() }).await.unwrap()
+    }
+
     #[tokio::test]
     async fn sqlite_kv_keeps_the_contract() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("kv.db").display());
-        let store = SessionStore::connect(&StoreConfig { url, ..StoreConfig::default() }).await.unwrap();
-        check_contract(&SqlKv::new(store.pool().clone()), "t").await;
-        check_quota(&SqlKv::with_quota(store.pool().clone(), TEST_QUOTA), "").await;
+        let store = sqlite(&dir).await;
+        check_contract(&SqliteKv::open(store.pool().clone(), KvQuota::default()).await.unwrap(), "t").await;
+        check_quota(&SqliteKv::open(store.pool().clone(), TEST_QUOTA).await.unwrap(), "q").await;
+        // The table's own path (a Postgres store's) on SQLite too.
+        check_contract(&SqlKv::new(store.pool().clone()), "s").await;
+    }
+
+    /// What a SQLite store's kv holds comes back after a restart: written behind as it
+    /// changes (no flush needed), expiry kept; and a second process cannot open the store.
+    #[tokio::test]
+    async fn a_sqlite_kv_survives_a_restart_and_has_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite(&dir).await;
+        let kv = SqliteKv::open(store.pool().clone(), KvQuota::default()).await.unwrap();
+        assert_eq!(kv.incr("p/n", 41, None).await.unwrap(), 41);
+        assert_eq!(kv.incr("p/n", 1, None).await.unwrap(), 42);
+        kv.set("p/soon", b"gone".to_vec(), Some(Duration::from_millis(300))).await.unwrap();
+        kv.set("p/later", b"kept".to_vec(), Some(Duration::from_secs(600))).await.unwrap();
+        assert!(kv.compare_and_swap("p/c", None, b"1 2".to_vec(), None).await.unwrap());
+        // The writer runs as soon as it is free: the rows are there without a flush.
+        let count = || sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM plugin_kv").fetch_one(store.pool());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while count().await.unwrap().0 < 4 {
+            assert!(std::time::Instant::now() < deadline, "the writes never reached the table");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let err = SessionStore::connect(&StoreConfig { url: store.config.url.clone(), ..StoreConfig::default() }).await.err().unwrap();
+        assert!(err.to_string().contains("in use by another wisp process"), "{err}");
+        drop((kv, store));
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let store = sqlite(&dir).await;
+        let kv = SqliteKv::open(store.pool().clone(), KvQuota::default()).await.unwrap();
+        assert_eq!(kv.get("p/n").await.unwrap(), Some(b"42".to_vec()));
+        assert_eq!(kv.get("p/c").await.unwrap(), Some(b"1 2".to_vec()));
+        assert_eq!(kv.get("p/later").await.unwrap(), Some(b"kept".to_vec()));
+        assert_eq!(kv.get("p/soon").await.unwrap(), None, "an expired entry does not come back");
+    }
+
+    /// A write that cannot reach the table (the file turned read-only) is kept and written
+    /// once it can; the plugins read on from memory meanwhile.
+    #[tokio::test]
+    async fn a_failed_write_behind_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite(&dir).await;
+        let kv = SqliteKv::open(store.pool().clone(), KvQuota::default()).await.unwrap();
+        kv.flush().await.unwrap();
+        sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON plugin_kv BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        kv.set("p/a", b"1".to_vec(), None).await.unwrap();
+        assert!(kv.flush().await.is_err(), "the trigger refuses the write");
+        kv.set("p/b", b"2".to_vec(), None).await.unwrap();
+        assert_eq!(kv.get("p/a").await.unwrap(), Some(b"1".to_vec()));
+        sqlx::query("DROP TRIGGER refuse").execute(store.pool()).await.unwrap();
+        kv.flush().await.unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT key FROM plugin_kv ORDER BY key").fetch_all(store.pool()).await.unwrap();
+        assert_eq!(rows, [("p/a".to_string(),), ("p/b".to_string(),)]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_increments_on_sqlite_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite(&dir).await;
+        let kv = std::sync::Arc::new(SqliteKv::open(store.pool().clone(), KvQuota::default()).await.unwrap());
+        increment_from_8_tasks(kv.clone()).await;
+        kv.flush().await.unwrap();
+        let (value,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM plugin_kv WHERE key = 'n'").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(value, b"200");
+    }
+
+    /// 8 tasks add 1 to `n` 25 times each; `n` ends at 200.
+    async fn increment_from_8_tasks(kv: std::sync::Arc<dyn KvBackend>) {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let kv = kv.clone();
+                tokio::spawn(async move {
+                    for _ in 0..25 {
+                        kv.incr("n", 1, None).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(kv.get("n").await.unwrap(), Some(b"200".to_vec()));
     }
 
     #[tokio::test]
@@ -354,20 +578,7 @@ mod tests {
         let db = crate::store::testing::TestDatabase::create().await;
         let store = SessionStore::connect(&StoreConfig { url: db.url.clone(), ..StoreConfig::default() }).await.unwrap();
         let kv = std::sync::Arc::new(SqlKv::new(store.pool().clone()));
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let kv = kv.clone();
-                tokio::spawn(async move {
-                    for _ in 0..25 {
-                        kv.incr("n", 1, None).await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(kv.get("n").await.unwrap(), Some(b"200".to_vec()));
+        increment_from_8_tasks(kv.clone()).await;
         drop((kv, store));
         db.remove().await;
     }

@@ -32,6 +32,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("the session store could not be migrated: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl StoreError {
@@ -164,6 +166,9 @@ pub struct SessionStore {
     pool: AnyPool,
     backend: Backend,
     config: StoreConfig,
+    /// On a SQLite file: the lock that makes this process its only server (see
+    /// [`lock_sqlite`]).
+    _owner: Option<std::fs::File>,
 }
 
 /// A pooled connection for one write transaction. The transaction begins with the write
@@ -193,6 +198,32 @@ impl Drop for WriteConn {
         if !self.committed {
             self.conn.close_on_drop();
         }
+    }
+}
+
+/// One wisp process serves a SQLite store: it keeps the plugins' kv in memory and writes it
+/// behind (`kv::SqliteKv`), which a second process on the same file would silently
+/// overwrite. An exclusive lock on `FILE.lock` beside the database (not on the database
+/// itself: closing any descriptor of a file drops the process's POSIX locks on it, SQLite's
+/// included), held while the store lives; the kernel lets it go when the process dies, so
+/// a restart after `kill -9` takes it again. `None` for an in-memory database.
+fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StoreError> {
+    let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(None);
+    }
+    let lock_path = format!("{path}.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
+        StoreError::InUse(format!("cannot create `{lock_path}`, the lock that makes this process the SQLite store's only server: {e}"))
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(format!(
+            "the SQLite store `{path}` is in use by another wisp process (it holds `{lock_path}`): one process serves a SQLite \
+             store; replicas share a Postgres store"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!("cannot lock `{lock_path}`: {e}"))),
     }
 }
 
@@ -232,12 +263,16 @@ impl SessionStore {
                 })
             });
         }
+        let owner = match backend {
+            Backend::Sqlite => lock_sqlite(&config.url)?,
+            Backend::Postgres => None,
+        };
         let pool = options.connect(&url).await?;
         match backend {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(SessionStore { pool, backend, config: config.clone() })
+        Ok(SessionStore { pool, backend, config: config.clone(), _owner: owner })
     }
 
     pub fn backend(&self) -> Backend {
