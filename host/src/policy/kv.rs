@@ -231,7 +231,7 @@ fn unix_ms() -> i64 {
 /// value and its expiry (unix ms), so it never holds more entries than the space.
 #[derive(Default)]
 pub struct Journal {
-    writes: Mutex<HashMap<String, (Vec<u8>, Option<i64>)>>,
+    writes: Mutex<Writes>,
     written: tokio::sync::Notify,
 }
 
