@@ -1,7 +1,9 @@
-//! The plugins' key-value space on the session store (SQLite or Postgres: every replica on
-//! one Postgres shares the counters) or on Redis. Both keep [`KvBackend`]'s contract,
-//! including expiry, and both are atomic across processes.
+//! The plugins' key-value space on the session store (Postgres: every replica on one
+//! Postgres shares the counters; SQLite: in memory, written behind to the file its one
+//! process owns) or on Redis. All keep [`KvBackend`]'s contract, including expiry; the
+//! Postgres and Redis ones are atomic across processes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,8 +11,6 @@ use redis::AsyncCommands;
 use sqlx::AnyPool;
 
 use super::now_ms;
-use std::sync::Arc;
-
 use crate::policy::kv::{Journal, KvBackend, KvQuota, MemoryKv, entry_size, parse_counter, plugin_of};
 
 /// How often expired rows are swept from the SQL table.
@@ -36,6 +36,20 @@ fn spawn_sweeper(pool: AnyPool) {
             }
         }
     });
+}
+
+/// Writes `key`'s row, whatever was there.
+fn upsert<'q>(key: &'q str, value: &'q [u8], expires_at: Option<i64>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(
+        "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
+         plugin = excluded.plugin, size = excluded.size",
+    )
+    .bind(key)
+    .bind(value)
+    .bind(expires_at)
+    .bind(plugin_of(key))
+    .bind(entry_size(key, value.len()))
 }
 
 /// The `plugin_kv` table. Every write is one conditional statement, so concurrent writers
@@ -139,19 +153,7 @@ impl KvBackend for SqlKv {
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> anyhow::Result<()> {
         let old_len = self.read(key).await?.map(|(old, _)| old.len());
         self.admit(key, old_len, value.len()).await?;
-        let size = entry_size(key, value.len());
-        sqlx::query(
-            "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
-             plugin = excluded.plugin, size = excluded.size",
-        )
-        .bind(key)
-        .bind(value)
-        .bind(expiry(ttl))
-        .bind(plugin_of(key))
-        .bind(size)
-        .execute(&self.pool)
-        .await?;
+        upsert(key, &value, expiry(ttl)).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -180,12 +182,13 @@ impl KvBackend for SqlKv {
 /// The kv on a SQLite store. One process owns a SQLite store (`SessionStore::connect` locks
 /// it), so the space lives in memory, where a plugin's `get` and `compare-and-swap` cost no
 /// thread hop (on SQLite each query is a round trip to sqlx's worker thread for the
-/// connection: the rate limit's two were a quarter of the default chain's time). Every write
-/// is journaled and written behind to `plugin_kv`, in one transaction per batch, as soon as
-/// the writer is free; at start the live rows are read back. A crash loses the writes of
-/// the last moment (the batch in flight); a shutdown writes everything first
-/// ([`SqliteKv::flush`]). A batch that fails (full disk, read-only file) is logged and
-/// retried every [`RETRY_EVERY`], newer writes first; the plugins go on from memory.
+/// connection: the rate limit's two were half of the default chain's own time in a proxied
+/// request's TTFT). Every write is journaled and written behind to `plugin_kv`, in one
+/// transaction per batch, as soon as the writer is free; at start the live rows are read
+/// back. A crash loses the writes of the last moment (the batch in flight); a shutdown
+/// writes everything first (`flush`). A batch that fails (full disk, read-only file) is
+/// logged and retried every [`RETRY_EVERY`] (a key written again meanwhile keeps its newer
+/// value); the plugins go on from memory.
 pub struct SqliteKv {
     memory: Arc<MemoryKv>,
     journal: Arc<Journal>,
@@ -257,18 +260,7 @@ async fn write_behind(pool: &AnyPool, journal: &Journal) -> anyhow::Result<()> {
     let result = async {
         let mut tx = pool.begin().await?;
         for (key, (value, expires_at)) in &writes {
-            sqlx::query(
-                "INSERT INTO plugin_kv (key, value, expires_at, plugin, size) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, \
-                 plugin = excluded.plugin, size = excluded.size",
-            )
-            .bind(key)
-            .bind(value)
-            .bind(*expires_at)
-            .bind(plugin_of(key))
-            .bind(entry_size(key, value.len()))
-            .execute(&mut *tx)
-            .await?;
+            upsert(key, value, *expires_at).execute(&mut *tx).await?;
         }
         tx.commit().await
     };
