@@ -158,11 +158,15 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
             // The KV head this query head reads (grouped-query attention).
             let h = qh / groups;
             let cache = h * seq.capacity * d..(h + 1) * seq.capacity * d;
-            let rows: Vec<(usize, usize)> = (start..end).map(|i| (seq.offset + i, seq.pos + i)).collect();
-            let qs: Vec<&[f32]> = rows.iter().map(|&(row, _)| &q[row * q_width + qh * d..][..d]).collect();
-            let visible: Vec<_> = rows.iter().map(|&(_, pos)| first_key(pos, spec.window)..pos + 1).collect();
-            let result = block_attention(&qs, &visible, &seq.kv.k[cache.clone()], &seq.kv.v[cache], d, &mut scratch);
-            for (&(row, _), values) in rows.iter().zip(result.chunks_exact(d)) {
+            let rows = (start..end).map(|i| seq.offset + i);
+            let qs: [&[f32]; QUERY_BLOCK] = std::array::from_fn(|i| match start + i < end {
+                true => &q[(seq.offset + start + i) * q_width + qh * d..][..d],
+                false => &[],
+            });
+            scratch.visible.clear();
+            scratch.visible.extend((start..end).map(|i| first_key(seq.pos + i, spec.window)..seq.pos + i + 1));
+            let result = block_attention(&qs[..end - start], &seq.kv.k[cache.clone()], &seq.kv.v[cache], d, &mut scratch);
+            for (row, values) in rows.zip(result.chunks_exact(d)) {
                 // SAFETY: sequences' rows are disjoint and inside `out` (asserted above) and
                 // each (row, query head) belongs to exactly one unit, so no two workers
                 // write the same `d` values; `out` has rows × q_width values and lives until
@@ -187,19 +191,23 @@ struct Scratch {
     scores: Vec<f32>,
     /// Each row's output.
     out: Vec<f32>,
+    /// The positions each row sees.
+    visible: Vec<Range<usize>>,
+    /// Each row's sum of exponentials.
+    sums: Vec<f32>,
 }
 
 /// softmax(q · K[keys]ᵀ) · V[keys] for a block of one query head's rows: `qs[r]` sees
-/// positions `visible[r]` of `k` and `v` (one KV head's cache, `d` values per position,
-/// f16). Positions are widened KEY_CHUNK at a time for all the rows (a decode step reads
-/// the cache once, with no copy of it in f32). Each row's scores are summed and applied in
-/// position order, so its result does not depend on the other rows or on chunk bounds.
-/// Returns the rows' outputs, `d` values each.
-fn block_attention<'s>(qs: &[&[f32]], visible: &[Range<usize>], k: &[f16], v: &[f16], d: usize, scratch: &'s mut Scratch) -> &'s [f32] {
+/// positions `scratch.visible[r]` of `k` and `v` (one KV head's cache, `d` values per
+/// position, f16). Positions are widened KEY_CHUNK at a time for all the rows (a decode step
+/// reads the cache once, with no copy of it in f32). Each row's scores are summed and
+/// applied in position order, so its result does not depend on the other rows or on chunk
+/// bounds. Returns the rows' outputs, `d` values each.
+fn block_attention<'s>(qs: &[&[f32]], k: &[f16], v: &[f16], d: usize, scratch: &'s mut Scratch) -> &'s [f32] {
+    let Scratch { chunk, scores, out, visible, sums } = scratch;
     let first = visible.iter().map(|r| r.start).min().unwrap_or(0);
     let last = visible.iter().map(|r| r.end).max().unwrap_or(0);
     let span = last - first;
-    let Scratch { chunk, scores, out } = scratch;
     scores.clear();
     scores.resize(qs.len() * span, 0.0);
     out.clear();
@@ -215,7 +223,7 @@ fn block_attention<'s>(qs: &[&[f32]], visible: &[Range<usize>], k: &[f16], v: &[
             }
         }
     }
-    let mut sums = Vec::with_capacity(qs.len());
+    sums.clear();
     for (r, range) in visible.iter().enumerate() {
         let row = &mut scores[r * span + range.start - first..r * span + range.end - first];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
