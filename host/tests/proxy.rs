@@ -77,6 +77,19 @@ fn a_proxied_model_answers_as_its_upstream_does() {
     assert!(done, "the stream ends with [DONE]");
     assert_eq!(chat_text(&payloads), direct["choices"][0]["message"]["content"].as_str().unwrap());
     assert_eq!(payloads.last().unwrap()["usage"], direct["usage"]);
+    // A stream without usage finishes as well; every relayed stream counts as ok, none as
+    // a client that left (the count once read the channel after the client had closed it).
+    via.as_object_mut().unwrap().remove("stream_options");
+    for _ in 0..8 {
+        let (_, done) = sse_payloads(client().post(front.url("/v1/chat/completions")).json(&via).send().unwrap());
+        assert!(done);
+    }
+    let outcome = |o: &str| front.metric(&format!("wisp_upstream_requests_total{{model=\"remote\",outcome=\"{o}\""));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while outcome("ok") + outcome("cancelled") < 10.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!((outcome("ok"), outcome("cancelled")), (10.0, 0.0));
 
     // The Responses and Messages front-ends are wisp's: upstream gets the same chat.
     let reply = direct["choices"][0]["message"]["content"].as_str().unwrap();

@@ -588,17 +588,19 @@ impl Relay {
             }
             let _ = self.tx.send(StreamEvent::Error(format!("the upstream {} failed mid-stream: {message}", upstream.base)));
         }
+        // Decided by how the relay ended, not by the channel afterwards: a consumer that got
+        // the end may close it before this line.
         let outcome = match outcome {
-            Ok(()) if self.tx.is_closed() => "cancelled",
-            Ok(()) => "ok",
+            Ok(Ended::Finished) => "ok",
+            Ok(Ended::ClientLeft) => "cancelled",
             Err(_) => "error",
         };
         pool.metrics.upstream_requests.with_label_values(&[labels[0], labels[1], outcome]).inc();
         pool.metrics.upstream_request_seconds.with_label_values(&labels).observe(self.started.elapsed().as_secs_f64());
     }
 
-    /// `Ok` when the stream ended or the client left; `Err((kind, message))` on a failure.
-    async fn relay(&mut self, first: Vec<Event>) -> Result<(), (&'static str, String)> {
+    /// How the stream ended; `Err((kind, message))` on a failure.
+    async fn relay(&mut self, first: Vec<Event>) -> Result<Ended, (&'static str, String)> {
         let timeout = self.hold.0.chunk_timeout;
         let mut events = first;
         loop {
@@ -620,11 +622,11 @@ impl Relay {
                     Event::Done => return self.end(),
                 };
                 if sent.is_err() {
-                    return Ok(());
+                    return Ok(Ended::ClientLeft);
                 }
             }
             events = tokio::select! {
-                () = self.tx.closed() => return Ok(()),
+                () = self.tx.closed() => return Ok(Ended::ClientLeft),
                 next = tokio::time::timeout(timeout, self.reader.next_events()) => match next {
                     Err(_) => return Err(("timeout", format!("nothing for {} s", timeout.as_secs()))),
                     Ok(Err(message)) => return Err(("stream", message)),
@@ -637,12 +639,20 @@ impl Relay {
         }
     }
 
-    fn end(&mut self) -> Result<(), (&'static str, String)> {
+    fn end(&mut self) -> Result<Ended, (&'static str, String)> {
         let (prompt_tokens, completion_tokens) = self.usage.unwrap_or((self.estimated_prompt, self.generated));
         let reason = self.finish.unwrap_or(FinishReason::Stop);
         let _ = self.tx.send(StreamEvent::Finished { text: String::new(), reason, prompt_tokens, completion_tokens });
-        Ok(())
+        Ok(Ended::Finished)
     }
+}
+
+/// How a relayed stream ended, short of a failure.
+enum Ended {
+    /// The upstream finished the reply and its end was passed on.
+    Finished,
+    /// The client went away first (the upstream request is dropped).
+    ClientLeft,
 }
 
 /// The Prometheus gauges of waiting and running requests that wisp reads from an
