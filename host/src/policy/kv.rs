@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::limits::{MAX_KV_BYTES_PER_PLUGIN, MAX_KV_ENTRIES, MAX_KV_ENTRIES_PER_PLUGIN};
+use crate::store::now_ms;
 
 /// Storage for plugin state. Keys arrive already namespaced by plugin name
 /// (`plugin/key`). Every backend holds each plugin to its [`KvQuota`]. An error (over the
@@ -147,7 +148,7 @@ impl MemoryKv {
             return false;
         }
         let now = Instant::now();
-        let expires = expires_at_ms.map(|at| now + Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64));
+        let expires = expires_at_ms.map(|at| now + Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64));
         space.account(&key, value.len(), 1);
         if let Some(old) = space.map.insert(key.clone(), Entry { value, expires }) {
             space.account(&key, old.value.len(), -1);
@@ -208,11 +209,7 @@ impl Entries<'_> {
             }
         }
         if let Some(journal) = self.journal {
-            journal.record(
-                key,
-                &value,
-                expires.map(|e| unix_ms().saturating_add(e.saturating_duration_since(self.now).as_millis() as i64)),
-            );
+            journal.record(key, &value, expires.map(|e| now_ms().saturating_add(e.saturating_duration_since(self.now).as_millis() as i64)));
         }
         self.space.account(key, value.len(), 1);
         if let Some(old) = self.space.map.insert(key.to_string(), Entry { value, expires }) {
@@ -220,11 +217,6 @@ impl Entries<'_> {
         }
         Ok(())
     }
-}
-
-/// Wall-clock unix milliseconds.
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The writes a journaled [`MemoryKv`] took since they were last taken: per key the last

@@ -228,7 +228,7 @@ fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StoreError> {
 }
 
 /// Wall-clock unix milliseconds: shared by replicas, so expiry and ordering agree across them.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
