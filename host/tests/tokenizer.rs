@@ -48,6 +48,58 @@ fn check_against_llama_cpp(tok: &GgufTokenizer, fixture: &str) {
     assert!(mismatches.is_empty(), "{} of {} lines differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
 }
 
+/// llama.cpp's own tokenizer test vectors (`models/ggml-vocab-NAME.gguf` with `.inp` and
+/// `.out`, from the sdist scripts/build-llama.sh unpacks): every text tokenized without
+/// special tokens must give llama.cpp's ids.
+fn check_llama_cpp_vectors(name: &str) {
+    let models = common::llama_cpp_source().join("models");
+    let vocab = models.join(format!("ggml-vocab-{name}.gguf"));
+    let tok = load(&vocab);
+    let inputs = std::fs::read_to_string(models.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+    let outputs = std::fs::read_to_string(models.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+    // As llama.cpp's reader: tests end at each separator, the last one ends the file.
+    let separator = "\n__ggml_vocab_test__\n";
+    let inputs: Vec<&str> = inputs.strip_suffix(separator).unwrap_or(&inputs).split(separator).collect();
+    let outputs: Vec<&str> = outputs.lines().collect();
+    assert_eq!(inputs.len(), outputs.len(), "{name}: .inp and .out hold different numbers of tests");
+    assert!(inputs.len() >= 30, "{name}: only {} vectors", inputs.len());
+    let mismatches: Vec<String> = inputs
+        .iter()
+        .zip(&outputs)
+        .filter_map(|(text, want)| {
+            let want: Vec<u32> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
+            let got = tok.tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            (got != want).then(|| format!("{text:?}\n  llama.cpp {want:?}\n  wisp      {got:?}"))
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "{name}: {} of {} vectors differ:\n{}", mismatches.len(), inputs.len(), mismatches.join("\n"));
+}
+
+#[test]
+fn qwen2_and_qwen3_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("qwen2");
+}
+
+#[test]
+fn qwen35_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("qwen35");
+}
+
+#[test]
+fn phi3_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("phi-3");
+}
+
+#[test]
+fn llama3_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("llama-bpe");
+}
+
+#[test]
+fn llama_spm_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("llama-spm");
+}
+
 #[test]
 fn matches_llama_cpp_token_for_token() {
     check_against_llama_cpp(&tokenizer(), "tokenizer_expected.json");

@@ -22,6 +22,7 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::model::AttnTemperature;
 use super::ops::SyncPtr;
 
 /// Head geometry of a layer.
@@ -84,11 +85,16 @@ pub struct Spec<'a> {
     pub q_norm: Option<&'a [f32]>,
     pub k_norm: Option<&'a [f32]>,
     pub eps: f32,
-    /// RoPE tables, `(positions, head_dim / 2)`.
+    /// RoPE tables, `(positions, n_rot / 2)`.
     pub cos: &'a [f32],
     pub sin: &'a [f32],
-    /// Llama's RoPE rotates adjacent pairs; the others rotate the two halves.
-    pub interleaved: bool,
+    /// RoPE rotates the first `n_rot` values of each head (all of them but for Phi 4's
+    /// partial rotary).
+    pub n_rot: usize,
+    /// NEOX RoPE pairs value `i` with `i + n_rot/2`; Llama's pairs adjacent values.
+    pub neox: bool,
+    /// Llama 4 / Mistral 3: q sharpened at long positions.
+    pub temperature: Option<AttnTemperature>,
 }
 
 /// First key position visible to a query at `pos` in a layer with `window`.
@@ -122,9 +128,11 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
     for seq in seqs.iter_mut() {
         for i in 0..seq.n {
             let (row, pos) = (seq.offset + i, seq.pos + i);
+            // As llama.cpp: the temperature multiplies q after RoPE, beside 1/√d.
+            let q_scale = scale * spec.temperature.map_or(1.0, |t| 1.0 + t.scale * ((pos as f32 / t.floor).floor() + 1.0).ln());
             for head in q[row * q_width..(row + 1) * q_width].chunks_exact_mut(d) {
                 prepare(spec, head, spec.q_norm, pos);
-                head.iter_mut().for_each(|x| *x *= scale);
+                head.iter_mut().for_each(|x| *x *= q_scale);
             }
             let (k_row, v_row) = (&mut k[row * kv_width..(row + 1) * kv_width], &v[row * kv_width..(row + 1) * kv_width]);
             for h in 0..n_kv_head {
@@ -263,9 +271,11 @@ fn prepare(spec: &Spec<'_>, x: &mut [f32], norm: Option<&[f32]>, pos: usize) {
         let inv = 1.0 / (mean + spec.eps).sqrt();
         x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
     }
-    let half = x.len() / 2;
+    let half = spec.n_rot / 2;
     let (cos, sin) = (&spec.cos[pos * half..(pos + 1) * half], &spec.sin[pos * half..(pos + 1) * half]);
-    if spec.interleaved {
+    // Values past `n_rot` pass unrotated.
+    let x = &mut x[..spec.n_rot];
+    if !spec.neox {
         for (pair, (c, s)) in x.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
             let (a, b) = (pair[0], pair[1]);
             pair[0] = a * c - b * s;
@@ -310,9 +320,10 @@ mod tests {
     const HEADS: Heads = Heads { n_head: 4, n_kv_head: 2, head_dim: 16 };
     const MAX: usize = 40;
 
-    fn tables() -> (Vec<f32>, Vec<f32>) {
-        let half = HEADS.head_dim / 2;
-        let angle = |p: usize, i: usize| p as f32 / 10_000f32.powf(2.0 * i as f32 / HEADS.head_dim as f32);
+    /// RoPE tables over the first `n_rot` values of a head.
+    fn tables(n_rot: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = n_rot / 2;
+        let angle = |p: usize, i: usize| p as f32 / 10_000f32.powf(2.0 * i as f32 / n_rot as f32);
         let cos = (0..MAX * half).map(|x| angle(x / half, x % half).cos()).collect();
         let sin = (0..MAX * half).map(|x| angle(x / half, x % half).sin()).collect();
         (cos, sin)
@@ -324,7 +335,7 @@ mod tests {
     fn reference(spec: &Spec<'_>, q: &[f32], k: &[f32], v: &[f32], k_past: &[f32], v_past: &[f32], pos: usize, n: usize) -> Vec<f32> {
         let dev = Device::Cpu;
         let Heads { n_head, n_kv_head, head_dim: d } = spec.heads;
-        let half = d / 2;
+        let half = spec.n_rot / 2;
         let to = |x: &[f32], heads: usize| {
             Tensor::from_vec(x.to_vec(), (1, n, heads, d), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
         };
@@ -336,8 +347,17 @@ mod tests {
         (qt, kt) = (norm(&qt, spec.q_norm), norm(&kt, spec.k_norm));
         let cos = Tensor::from_vec(spec.cos[pos * half..(pos + n) * half].to_vec(), (n, half), &dev).unwrap();
         let sin = Tensor::from_vec(spec.sin[pos * half..(pos + n) * half].to_vec(), (n, half), &dev).unwrap();
-        let rope = if spec.interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
-        (qt, kt) = (rope(&qt, &cos, &sin).unwrap(), rope(&kt, &cos, &sin).unwrap());
+        let rope = if spec.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
+        // Only the first n_rot values turn.
+        let rope = |t: &Tensor| {
+            let turned = rope(&t.narrow(3, 0, spec.n_rot).unwrap().contiguous().unwrap(), &cos, &sin).unwrap();
+            Tensor::cat(&[&turned, &t.narrow(3, spec.n_rot, d - spec.n_rot).unwrap()], 3).unwrap()
+        };
+        (qt, kt) = (rope(&qt), rope(&kt));
+        if let Some(t) = spec.temperature {
+            let by_row: Vec<f32> = (0..n).map(|i| 1.0 + t.scale * (((pos + i) as f32 / t.floor).floor() + 1.0).ln()).collect();
+            qt = qt.broadcast_mul(&Tensor::from_vec(by_row, (1, 1, n, 1), &dev).unwrap()).unwrap();
+        }
         // The cache keeps keys and values in f16.
         let round = |t: &Tensor| t.to_dtype(candle_core::DType::F16).unwrap().to_dtype(candle_core::DType::F32).unwrap();
         (kt, vt) = (round(&kt), round(&vt));
@@ -370,8 +390,9 @@ mod tests {
         out
     }
 
-    fn spec<'a>(cos: &'a [f32], sin: &'a [f32], norm: Option<&'a [f32]>, window: Option<usize>, interleaved: bool) -> Spec<'a> {
-        Spec { heads: HEADS, window, q_norm: norm, k_norm: norm, eps: 1e-6, cos, sin, interleaved }
+    fn spec<'a>(cos: &'a [f32], sin: &'a [f32], norm: Option<&'a [f32]>, window: Option<usize>, neox: bool) -> Spec<'a> {
+        let n_rot = cos.len() / MAX * 2;
+        Spec { heads: HEADS, window, q_norm: norm, k_norm: norm, eps: 1e-6, cos, sin, n_rot, neox, temperature: None }
     }
 
     /// A cache of `capacity` whose first `pos` positions hold seeded keys and values;
@@ -388,11 +409,21 @@ mod tests {
 
     #[test]
     fn matches_candles_ops_for_each_sequence_of_a_batch() {
-        let (cos, sin) = tables();
         let norm = seeded(HEADS.head_dim, 99).iter().map(|x| x + 1.5).collect::<Vec<_>>();
         let (qw, kw) = (HEADS.n_head * HEADS.head_dim, HEADS.n_kv_head * HEADS.head_dim);
-        for (window, interleaved, with_norm) in [(None, false, true), (Some(5), false, false), (None, true, false), (Some(3), true, true)] {
-            let spec = spec(&cos, &sin, with_norm.then_some(&norm[..]), window, interleaved);
+        let cases = [
+            (None, true, true, 16, false),
+            (Some(5), true, false, 16, false),
+            (None, false, false, 16, false),
+            (Some(3), false, true, 16, false),
+            // Phi 4's partial rotary; Mistral 3's temperature (floor 8: rows past 8 are sharpened).
+            (None, true, false, 12, true),
+            (None, false, true, 8, true),
+        ];
+        for (window, neox, with_norm, n_rot, temperature) in cases {
+            let (cos, sin) = tables(n_rot);
+            let mut spec = spec(&cos, &sin, with_norm.then_some(&norm[..]), window, neox);
+            spec.temperature = temperature.then_some(AttnTemperature { scale: 0.5, floor: 8.0 });
             // Three sequences: a decode row at 12, a prompt chunk of 20 rows at 0 (two query
             // blocks), a chunk of 3 rows at 7.
             let shapes = [(12usize, 1usize), (0, 20), (7, 3)];
@@ -412,7 +443,7 @@ mod tests {
                 let part = |x: &[f32], w: usize| x[offset * w..(offset + n) * w].to_vec();
                 let want = reference(&spec, &part(&q0, qw), &part(&k0, kw), &part(&v0, kw), k_past, v_past, pos, n);
                 for (j, (a, b)) in part(&out, qw).iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() < 1e-5, "window {window:?} interleaved {interleaved}: seq at {pos}, value {j}: {a} vs {b}");
+                    assert!((a - b).abs() < 1e-5, "window {window:?} neox {neox} n_rot {n_rot}: seq at {pos}, value {j}: {a} vs {b}");
                 }
                 offset += n;
             }
@@ -421,8 +452,8 @@ mod tests {
 
     #[test]
     fn a_sequence_gets_the_same_bits_alone_and_in_a_batch() {
-        let (cos, sin) = tables();
-        let spec = spec(&cos, &sin, None, Some(6), false);
+        let (cos, sin) = tables(HEADS.head_dim);
+        let spec = spec(&cos, &sin, None, Some(6), true);
         let (qw, kw) = (HEADS.n_head * HEADS.head_dim, HEADS.n_kv_head * HEADS.head_dim);
         let (q, k, v) = (seeded(18 * qw, 4), seeded(18 * kw, 5), seeded(18 * kw, 6));
         // Alone: 17 prompt rows at 3.

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -634,29 +633,42 @@ pub struct ModelParts {
 }
 
 /// Reads the GGUF and builds tokenizer, template and model (also used by `wisp bench`).
+/// The file is untrusted: every malformed part is an error naming what is wrong, and a
+/// panic anywhere in reading it (a parser's bug) is an error too, never a dead process.
 pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
     let fail = |message: String| EngineError::Load { id: config.id.clone(), message };
     let path = model_path(config).map_err(&fail)?;
-    let mut file = File::open(&path).map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| fail(format!("{} is not a GGUF file: {e}", path.display())))?;
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_parts(config, &path)));
+    let parts = match read {
+        Ok(parts) => parts.map_err(|e| fail(format!("{}: {e}", path.display())))?,
+        Err(panic) => {
+            let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            return Err(fail(format!("{}: the file is malformed ({})", path.display(), why.unwrap_or_default())));
+        }
+    };
+    release_free_memory();
+    Ok(parts)
+}
+
+fn read_parts(config: &ModelConfig, path: &std::path::Path) -> Result<ModelParts, String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let content = model::gguf::read_header(&mut file)?;
     let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let family = Family::from_architecture(&arch)
-        .ok_or_else(|| fail(format!("architecture `{arch}` is not supported (supported: gemma3, llama, qwen2)")))?;
-    let hparams = Hparams::from_gguf(&content, family).map_err(|e| fail(e.to_string()))?;
+        .ok_or_else(|| format!("architecture `{arch}` is not supported (supported: {})", Family::supported_list()))?;
+    let hparams = Hparams::from_gguf(&content, family).map_err(|e| e.to_string())?;
     let context_length = match config.context_length {
         0 => hparams.context_length,
         n => n,
     };
-    let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| fail(e.to_string()))?;
+    let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| e.to_string())?;
     let own = config.chat_template.clone().or_else(|| tokenizer.chat_template.clone());
     let own_template = own.is_some();
     let source = own.unwrap_or_else(|| template::builtin_template(family).to_string());
     let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
-    let template = ChatTemplate::new(source, token_text(tokenizer.bos), token_text(tokenizer.eos))?;
-    let device = select_device(config.device_spec()).map_err(|e| fail(format!("device `{}`: {e}", config.device)))?;
-    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| fail(e.to_string()))?;
-    drop(content);
-    release_free_memory();
+    let template = ChatTemplate::new(source, token_text(tokenizer.bos), token_text(tokenizer.eos)).map_err(|e| e.to_string())?;
+    let device = select_device(config.device_spec()).map_err(|e| format!("device `{}`: {e}", config.device))?;
+    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| e.to_string())?;
     Ok(ModelParts { family, model, tokenizer, template, own_template, context_length })
 }
 

@@ -1,16 +1,19 @@
 //! wisp's CPU matrix multiply for block-quantised weights of 32-element blocks: Q8_0, Q5_0,
 //! Q5_1, Q4_0 and Q4_1, each kept at its own width (Q4_1 and Q5_1 with their per-block
-//! minimum).
+//! minimum), and the K-quants Q4_K and Q5_K, whose 256-value super-blocks are eight such
+//! blocks with a 6-bit scale and minimum each: each sub-block is held as a Q4_1 / Q5_1
+//! block (scale `d·sc` and minimum `−dmin·m` rounded to f16), 5 and 6 bits a weight
+//! against the file's 4.5 and 5.5.
 //!
 //! Why not candle's: candle runs a Q8_0 matmul as one dot product per (input row, weight
 //! row), four weight rows at a time; its register-tiled, repacked x86 kernels exist only for
 //! rows whose length is a multiple of 256 (and for Q8_0 only with AVX-512/AVX-VNNI), so
 //! Gemma 3 270M's 640-wide projections (q, k, v, gate, up: two thirds of the model's
 //! multiply-adds, and the tied 262144 × 640 output projection) never use them. Prompt
-//! processing ran at 0.42× llama.cpp. (Its Q4_K and Q6_K tiles do apply here, and measured
-//! faster than anything below would be for them, so those stay with candle.) Its kernels
-//! for the 4- and 5-bit types are one dot product per (input row, weight row), and scalar
-//! for Q5_0.
+//! processing ran at 0.42× llama.cpp. Its kernels for the 4- and 5-bit types are one dot
+//! product per (input row, weight row), and scalar for Q5_0; its Q4_K decode on a
+//! Llama-3.2-1B-shaped file ran at 0.50× llama.cpp. (Q6_K, whose 16-value sub-blocks do
+//! not fit a 32-value block, stays with candle.)
 //!
 //! The weights are repacked at load in groups of [`COLS`] output rows: for each block of 32
 //! inputs, the group's 8 rows are interleaved 4 values at a time, so one 256-bit register
@@ -140,13 +143,31 @@ fn format(dtype: GgmlDType) -> Option<(Packing, i32, bool)> {
         GgmlDType::Q5_1 => (Packing::Fives, 0, true),
         GgmlDType::Q4_0 => (Packing::Nibbles, 8, false),
         GgmlDType::Q4_1 => (Packing::Nibbles, 0, true),
+        // Each 32-value sub-block of a K-quant's 256 as a Q4_1 / Q5_1 block.
+        GgmlDType::Q4K => (Packing::Nibbles, 0, true),
+        GgmlDType::Q5K => (Packing::Fives, 0, true),
         _ => return None,
     })
 }
 
-/// One block of a served type: its scale, its minimum (0 without one), and its 32 values
-/// as stored (unsigned, before their offset).
-fn unpack_block(dtype: GgmlDType, block: &[u8]) -> (f16, f16, [u8; BLOCK]) {
+/// 32-value blocks in one block of the file's type (8 in a K-quant's super-block of 256).
+fn sub_blocks(dtype: GgmlDType) -> usize {
+    dtype.block_size() / BLOCK
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a K-quant super-block (llama.cpp's
+/// `get_scale_min_k4`).
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) }
+}
+
+/// Sub-block `sub` (of [`sub_blocks`]) of one block of a served type: its scale, its minimum
+/// (0 without one), and its 32 values as stored (unsigned, before their offset).
+///
+/// A K-quant's sub-block is `d·sc·q − dmin·m` with f16 `d`, `dmin` and 6-bit `sc`, `m`: held
+/// as a Q4_1 / Q5_1 block whose scale `d·sc` and minimum `−dmin·m` are rounded to f16
+/// (a relative 2⁻¹¹ at most, against the 4-5 bit rounding of the weights themselves).
+fn unpack_block(dtype: GgmlDType, block: &[u8], sub: usize) -> (f16, f16, [u8; BLOCK]) {
     let f16_at = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
     let mut q = [0u8; BLOCK];
     let nibbles = |q: &mut [u8; BLOCK], qs: &[u8]| {
@@ -189,6 +210,22 @@ fn unpack_block(dtype: GgmlDType, block: &[u8]) -> (f16, f16, [u8; BLOCK]) {
         GgmlDType::Q5_1 => {
             fifth_bits(&mut q, &block[4..8], &block[8..24]);
             Some(f16_at(2))
+        }
+        // f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles:
+        // sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes 32c..32c + 32.
+        // Q5_K: 32 bytes of fifth bits (bit s of byte l for sub-block s) before the nibbles.
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            let (sc, m) = k_scale_min(sub, &block[4..16]);
+            let (qh, qs) = if dtype == GgmlDType::Q5K { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
+            let bytes = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
+            for (l, q) in q.iter_mut().enumerate() {
+                *q = if sub % 2 == 0 { bytes[l] & 0x0f } else { bytes[l] >> 4 };
+                if let Some(qh) = qh {
+                    *q |= ((qh[l] >> sub) & 1) << 4;
+                }
+            }
+            let scale = f16::from_f32(f16_at(0).to_f32() * sc as f32);
+            return (scale, f16::from_f32(-(f16_at(2).to_f32() * m as f32)), q);
         }
         _ => unreachable!("{dtype:?} is not a served type"),
     };
@@ -246,7 +283,7 @@ thread_local! {
 }
 
 impl BlockMatrix {
-    /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1).
+    /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K).
     pub fn serves(dtype: GgmlDType) -> bool {
         format(dtype).is_some()
     }
@@ -260,9 +297,10 @@ impl BlockMatrix {
         let Some((packing, offset, with_min)) = format(dtype) else {
             candle_core::bail!("{dtype:?} weights are not served by the block kernel")
         };
-        if !cols.is_multiple_of(BLOCK) {
-            candle_core::bail!("row length {cols} is not a multiple of {BLOCK}")
+        if !cols.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!("row length {cols} is not a multiple of {dtype:?}'s block of {}", dtype.block_size())
         }
+        let subs = sub_blocks(dtype);
         let blocks = cols / BLOCK;
         let tiles = rows.div_ceil(COLS) * blocks;
         let regs = packing.registers();
@@ -276,7 +314,7 @@ impl BlockMatrix {
             mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
         };
         let block_bytes = dtype.type_size();
-        let row_bytes = blocks * block_bytes;
+        let row_bytes = cols / dtype.block_size() * block_bytes;
         let rows_per_read = (CHUNK / row_bytes.max(1)).max(1);
         let mut buf = vec![0u8; rows_per_read.min(rows) * row_bytes];
         let mut r = 0;
@@ -286,9 +324,11 @@ impl BlockMatrix {
             reader.read_exact(bytes)?;
             for row in bytes.chunks_exact(row_bytes) {
                 let (group, lane) = (r / COLS, r % COLS);
-                for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                    let tile = group * blocks + b;
-                    let (d, min, q) = unpack_block(dtype, block);
+                for (b, sub, block) in
+                    row.chunks_exact(block_bytes).enumerate().flat_map(|(b, block)| (0..subs).map(move |s| (b, s, block)))
+                {
+                    let tile = group * blocks + b * subs + sub;
+                    let (d, min, q) = unpack_block(dtype, block, sub);
                     m.scales[tile][lane] = d;
                     if let Some(mins) = &mut m.mins {
                         mins[tile][lane] = min;
@@ -705,8 +745,13 @@ mod tests {
             .collect()
     }
 
-    /// The 32-element block types the kernel takes.
-    const TYPES: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    /// The block types the kernel takes.
+    const TYPES: [GgmlDType; 7] =
+        [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q5K];
+
+    fn is_k_quant(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K)
+    }
 
     /// A seeded n × k matrix quantised to `dtype`, repacked, and candle's dequantised values.
     fn weights(n: usize, k: usize, seed: u32, dtype: GgmlDType) -> (BlockMatrix, Vec<f32>) {
@@ -727,20 +772,25 @@ mod tests {
     fn weights_unpack_to_candles_dequantised_values() {
         for dtype in TYPES {
             // 13 rows: one full group of 8 and one padded group.
-            let (w, want) = weights(13, 96, 3, dtype);
+            let k = if is_k_quant(dtype) { 512 } else { 96 };
+            let (w, want) = weights(13, k, 3, dtype);
             let ids: Vec<u32> = (0..13).collect();
             let got = w.gather(&ids).unwrap();
+            let amax = want.iter().fold(0f32, |m, w| m.max(w.abs()));
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                // d·q + m is one fused step here, two roundings in candle.
-                assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{dtype:?} [{i}]: {g} vs {w}");
+                // d·q + m is one fused step here, two roundings in candle; a K-quant's
+                // sub-block scale and minimum are each rounded to f16 (2⁻¹¹ of the range each).
+                let tolerance = if is_k_quant(dtype) { amax / 512.0 } else { 1e-6 * w.abs().max(1.0) };
+                assert!((g - w).abs() <= tolerance, "{dtype:?} [{i}]: {g} vs {w}");
             }
-            if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+            if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) && !is_k_quant(dtype) {
                 assert_eq!(got, want, "{dtype:?} widens exactly");
             }
             assert!(w.gather(&[13]).is_err());
         }
-        assert!(!BlockMatrix::serves(GgmlDType::Q4K), "K-quants stay with candle");
-        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 256).is_err());
+        assert!(!BlockMatrix::serves(GgmlDType::Q6K), "Q6_K stays with candle");
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q6K, 4, 256).is_err());
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 96).is_err(), "rows of 96 are no K-quant");
     }
 
     #[test]
@@ -754,9 +804,12 @@ mod tests {
 
     #[test]
     fn matmul_matches_the_product_of_the_dequantised_values() {
-        let (k, n) = (640, 37);
+        let n = 37;
         for dtype in TYPES {
-            let (w, wf) = weights(n, k, 1, dtype);
+            let k = if is_k_quant(dtype) { 768 } else { 640 };
+            let (w, _) = weights(n, k, 1, dtype);
+            // The weights as the kernel holds them (candle's values, checked above).
+            let wf = w.gather(&(0..n as u32).collect::<Vec<_>>()).unwrap();
             for m in [1, 2, 3, 4, 5, 9] {
                 let x = activations(&seeded(m * k, 2 + m as u32), k);
                 let mut out = vec![0f32; m * n];
@@ -781,8 +834,9 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
-        let (k, n) = (640, 50);
+        let n = 50;
         for dtype in TYPES {
+            let k = if is_k_quant(dtype) { 768 } else { 640 };
             let (w, _) = weights(n, k, 7, dtype);
             let xs = seeded(11 * k, 8);
             let mut batched = vec![0f32; 11 * n];
@@ -805,8 +859,9 @@ mod tests {
             Kernel::Vnni,
         ];
         assert!(kernels.contains(&Kernel::FASTEST));
-        let (k, n) = (640, 21);
+        let n = 21;
         for dtype in TYPES {
+            let k = if is_k_quant(dtype) { 768 } else { 640 };
             let (w, _) = weights(n, k, 11, dtype);
             // 7 rows: tiles of 4 and 3.
             let x = activations(&seeded(7 * k, 12), k);

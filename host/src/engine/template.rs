@@ -47,12 +47,28 @@ const LLAMA3_TEMPLATE: &str = r#"{{ bos_token }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"#;
 
+/// Phi 3's turn tags (microsoft/Phi-3.5-mini-instruct).
+const PHI3_TEMPLATE: &str = r#"{%- for message in messages -%}
+{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- else -%}{{ eos_token }}{%- endif -%}"#;
+
+/// Mistral's instruction brackets, system text in the first user turn.
+const MISTRAL_TEMPLATE: &str = r#"{{ bos_token }}
+{%- set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' -%}
+{%- for message in messages if message['role'] != 'system' -%}
+  {%- if message['role'] == 'user' -%}{{ '[INST]' + (system if loop.first else '') + message['content'] + '[/INST]' }}
+  {%- else -%}{{ message['content'] + eos_token }}{%- endif -%}
+{%- endfor -%}"#;
+
 /// The built-in template for a family, used when neither config nor GGUF gives one.
 pub fn builtin_template(family: Family) -> &'static str {
     match family {
         Family::Gemma3 => GEMMA_TEMPLATE,
-        Family::Qwen2 => CHATML_TEMPLATE,
+        Family::Qwen2 | Family::Qwen3 => CHATML_TEMPLATE,
         Family::Llama => LLAMA3_TEMPLATE,
+        Family::Phi3 => PHI3_TEMPLATE,
+        Family::Mistral3 => MISTRAL_TEMPLATE,
     }
 }
 

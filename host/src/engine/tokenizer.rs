@@ -8,8 +8,10 @@
 //!   vocabulary tokens is a merge, ranked by the merged token's score. This reproduces
 //!   llama.cpp's SPM tokenizer exactly on the default model (shared/notes/candle-gemma3.md;
 //!   the fixture test in this file checks it token for token).
-//! - `gpt2` (byte-level BPE: Qwen 2, Llama 3): merges from `tokenizer.ggml.merges`, the
-//!   pre-tokenizer regex chosen by `tokenizer.ggml.pre`.
+//! - `gpt2` (byte-level BPE: Qwen 2/3/3.5, Llama 3, Phi-4-mini, Mistral's Tekken): merges from
+//!   `tokenizer.ggml.merges`, the pre-tokenizer regex chosen by `tokenizer.ggml.pre`, whole
+//!   words first where llama.cpp ignores merges (Llama 3, Tekken). llama.cpp's own test
+//!   vectors (`models/ggml-vocab-*.gguf`) are checked in host/tests/tokenizer.rs.
 //!
 //! The tokenizer is assembled with `tokenizers`' builders. (Generating a tokenizer.json in
 //! memory and loading it, as wisp first did, peaked at ~670 MB above the GGUF for the
@@ -140,9 +142,16 @@ fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<AddedToken> {
 }
 
 /// A byte-pair model over the GGUF's vocabulary (a token listed twice keeps its last id).
-fn bpe(tokens: &[String], merges: Vec<(String, String)>, unk: Option<&String>, byte_fallback: bool) -> tokenizers::Result<BPE> {
+fn bpe(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    unk: Option<&String>,
+    byte_fallback: bool,
+    ignore_merges: bool,
+) -> tokenizers::Result<BPE> {
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(byte_fallback);
+    let mut builder =
+        BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(byte_fallback).ignore_merges(ignore_merges);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk.clone());
     }
@@ -169,7 +178,7 @@ fn spm(tokens: &[String], scores: &[f32], types: &[i32], add_space_prefix: bool,
     drop(index);
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let merges = merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect();
-    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, unk.and_then(|u| tokens.get(u as usize)), true)?);
+    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, unk.and_then(|u| tokens.get(u as usize)), true, false)?);
     let mut normalizers = vec![];
     if add_space_prefix {
         normalizers.push(Prepend::new("▁".into()).into());
@@ -191,6 +200,19 @@ fn pre_tokenizer_regex(pre: &str) -> &'static str {
         "qwen2" | "deepseek-r1-qwen" => {
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         }
+        // Qwen 3.5 / 3.6: combining marks join letters.
+        "qwen35" => {
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
+        // Mistral's Tekken (Mistral Nemo, Ministral 3); not checked against vectors: llama.cpp
+        // ships no Tekken vocabulary.
+        "tekken" => {
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
+        // o200k (Phi-4-mini); not checked against vectors either.
+        "gpt-4o" => {
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        }
         "llama3" | "llama-bpe" | "smaug-bpe" => {
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         }
@@ -198,10 +220,16 @@ fn pre_tokenizer_regex(pre: &str) -> &'static str {
     }
 }
 
+/// Pre-tokenizers whose words are taken whole when the vocabulary has them, before any
+/// merge (llama.cpp's `ignore_merges`: Llama 3, Tekken).
+fn ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "tekken" | "pixtral")
+}
+
 /// Byte-level BPE (GPT-2 style) with the GGUF's merges.
 fn gpt2(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> tokenizers::Result<Tokenizer> {
     let merges = merges.iter().filter_map(|m| m.split_once(' ').map(|(l, r)| (l.to_string(), r.to_string()))).collect();
-    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, None, false)?);
+    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, None, false, ignores_merges(pre))?);
     let byte_level = ByteLevel::new(false, false, false);
     let split = Split::new(SplitPattern::Regex(pre_tokenizer_regex(pre).into()), SplitDelimiterBehavior::Isolated, false)?;
     tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), byte_level.into()])));

