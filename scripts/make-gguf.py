@@ -13,8 +13,12 @@ Plain N(0, sigma) weights give near-flat logits whose argmax flips with rounding
 token's embedding points the untied output matrix at a fixed next token (by a random
 permutation), with a per-token strength, while the layers add contributions of the same
 order as the embedding: most steps are decisive, the layers move every logit, and some
-steps are decided by the layers. Tied families (one matrix for both) get the same effect
-from the layers alone plus a scaled table.
+steps are decided by the layers; the residual stream's decisive part, the embedding, carries
+no activation rounding, so two correct engines agree to a few hundredths of a nat. Files are
+untied whatever the released model does (llama.cpp reads an `output.weight` in every family);
+--tied writes one table for both, scaled so the layers decide, with logits a few nats apart:
+there every matmul's int8 activation rounding reaches the logits, and two correct engines
+differ by about 0.1 nat (llama.cpp with and without flash attention: 0.08).
 
 Usage: scripts/make-gguf.py FAMILY OUT.gguf [--layers N] [--type Q8_0|Q4_K_M|F16|...] [--seed S]
        scripts/make-gguf.py --list
@@ -37,7 +41,8 @@ import gguf  # noqa: E402
 
 # Each family's smallest released model as llama.cpp's converter writes it (conversion/*.py,
 # the published config.json): E embedding, L layers, H query heads, KV heads, D head dim,
-# F feed-forward, the vocab file, and the keys beyond the common ones. `tied`: no output.weight.
+# F feed-forward, the vocab file, and the keys beyond the common ones. `tied`: the released
+# model has no output.weight (--tied writes it so).
 FAMILIES = {
     # Qwen3-0.6B: q/k norms, head dim 128 on a 1024-wide stream.
     "qwen3": dict(arch="qwen3", E=1024, L=28, H=16, KV=8, D=128, F=3072, vocab="qwen2", eps=1e-6,
@@ -93,7 +98,7 @@ def llama3_factors(head_dim, base, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-def write(family, out, layers, seed, small_ctx):
+def write(family, out, layers, seed, small_ctx, tied):
     spec = dict(FAMILIES[family])
     rng = np.random.default_rng(seed)
     arch = spec["arch"]
@@ -148,8 +153,11 @@ def write(family, out, layers, seed, small_ctx):
 
     # The embedding table, and an output matrix that maps each token to a fixed next token.
     embd = normal((n_vocab, E), 1.0)
-    if spec["tied"]:
-        w.add_tensor("token_embd.weight", (embd * 0.5).astype(np.float16))
+    if tied:
+        # One table both embeds and scores: at a scale of 1/sqrt(E) a token's own row adds
+        # only a few nats to its score (at 1, E/sqrt(E) times the others' spread: every step
+        # would repeat the last token) and the layers decide, over logits a few nats apart.
+        w.add_tensor("token_embd.weight", (embd * (2.0 / np.sqrt(E))).astype(np.float16))
     else:
         w.add_tensor("token_embd.weight", embd.astype(np.float16))
         nxt = rng.permutation(n_vocab)
@@ -206,6 +214,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--small-ctx", type=int, default=0,
                     help="the 'original' context of LongRoPE/YaRN/temperature, so short prompts reach their effects")
+    ap.add_argument("--tied", action="store_true",
+                    help="one table for embedding and output, as the released model has where `tied` (less decisive)")
     ap.add_argument("--list", action="store_true", help="print the families and exit")
     args = ap.parse_args()
     if args.list:
@@ -216,13 +226,13 @@ def main():
         ap.error("FAMILY and OUT are required")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.type.upper() == "F16":
-        write(args.family, args.out, args.layers, args.seed, args.small_ctx)
+        write(args.family, args.out, args.layers, args.seed, args.small_ctx, args.tied)
         return
     bin_dir = Path(subprocess.run(["scripts/build-llama.sh", "llama-quantize"], check=True, capture_output=True,
                                   text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip())
     with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
         f16 = Path(tmp) / "f16.gguf"
-        write(args.family, f16, args.layers, args.seed, args.small_ctx)
+        write(args.family, f16, args.layers, args.seed, args.small_ctx, args.tied)
         subprocess.run([bin_dir / "llama-quantize", f16, args.out, args.type], check=True, capture_output=True)
     print(args.out)
 

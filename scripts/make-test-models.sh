@@ -26,6 +26,7 @@ while read -r name family type extra; do
   fi
 done <<'LIST'
 qwen3-Q8_0 qwen3 Q8_0
+qwen3-tied-Q8_0 qwen3 Q8_0 --tied
 qwen3-Q4_K_M qwen3 Q4_K_M
 qwen2-Q4_K_M qwen2 Q4_K_M
 llama3-Q8_0 llama3 Q8_0

@@ -245,6 +245,85 @@ fn an_unsupported_architecture_is_named_in_the_error() {
     assert!(err.to_string().contains("mamba"), "{err}");
 }
 
+#[test]
+fn the_error_names_the_supported_architectures_and_an_unknown_tensor_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    let arch = gguf_file::Value::String("mamba".into());
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[("general.architecture", &arch)], &[]).unwrap();
+    let err = load_parts(&ModelConfig { id: "x".into(), path: Some(path.clone()), ..ModelConfig::default() }).err().unwrap().to_string();
+    for family in ["gemma3", "llama", "mistral3", "phi3", "qwen2", "qwen3"] {
+        assert!(err.contains(family), "{err}");
+    }
+    // A tiny llama whose first tensor's type id is rewritten to 20 (IQ4_NL).
+    let tiny = dir.path().join("tiny.gguf");
+    write_tiny(&Tiny { family: Family::Llama, n_embd: 64, n_head: 4, n_kv_head: 2, n_ff: 128, n_layer: 1 }, &tiny);
+    let mut bytes = std::fs::read(&tiny).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // name, then n_dims (u32), dims (u64 each), then the type (u32).
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    bytes[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load_parts(&ModelConfig { id: "x".into(), path: Some(path), ..ModelConfig::default() }).err().unwrap().to_string();
+    assert!(err.contains("IQ4_NL") && err.contains("Q4_K"), "{err}");
+}
+
+/// A GGUF is untrusted input: truncated anywhere or with bytes of its header and tensor
+/// table changed, loading it must end in an error or a model, never a panic that escapes or
+/// an abort (the process would die with it).
+#[test]
+fn malformed_and_truncated_ggufs_are_refused_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny.gguf");
+    write_tiny(&Tiny { family: Family::Qwen2, n_embd: 64, n_head: 4, n_kv_head: 2, n_ff: 128, n_layer: 1 }, &tiny);
+    let good = std::fs::read(&tiny).unwrap();
+    let path = dir.path().join("bad.gguf");
+    let try_load = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        load_parts(&ModelConfig { id: "x".into(), path: Some(path.clone()), device: "cpu".into(), ..ModelConfig::default() }).is_ok()
+    };
+    assert!(try_load(&good));
+    // The header and tensor table end where the tensor data starts: find it by truncating.
+    let mut refused = 0;
+    for len in (0..good.len()).step_by(good.len() / 400 + 1) {
+        refused += usize::from(!try_load(&good[..len]));
+    }
+    assert!(refused > 350, "only {refused} truncated files were refused");
+    // Seeded byte changes in the first 4 KiB (metadata and tensor table of this file).
+    let mut seed = 0x9e37_79b9_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let head = good.len().min(4096);
+    for _ in 0..600 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % head as u64) as usize;
+            bytes[at] = match next() % 3 {
+                0 => 0,
+                1 => 0xff,
+                _ => next() as u8,
+            };
+        }
+        try_load(&bytes);
+    }
+    // The value candle's reader divides by.
+    let mut md = good.clone();
+    let key = b"general.architecture";
+    assert!(md.windows(key.len()).any(|w| w == key));
+    let zero = gguf_file::Value::U32(0);
+    let arch = gguf_file::Value::String("qwen2".into());
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[("general.architecture", &arch), ("general.alignment", &zero)], &[])
+        .unwrap();
+    md = std::fs::read(&path).unwrap();
+    assert!(!try_load(&md), "an alignment of 0 is refused");
+}
+
 /// Gemma 3 alternates sliding-window (512) and global layers: past 512 tokens, chunked
 /// prefill and token-by-token decode must see exactly the same keys.
 #[test]

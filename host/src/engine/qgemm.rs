@@ -118,6 +118,9 @@ pub struct BlockMatrix {
     scales: Vec<[f16; COLS]>,
     /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1).
     mins: Option<Vec<[f16; COLS]>>,
+    /// Blocks that share one activation scale (8 for the K-quants, see
+    /// [`Activations::quantize`]).
+    group: usize,
 }
 
 /// Input rows quantised to int8 blocks (llama.cpp's Q8_0 activations, with Q8_1's block
@@ -238,8 +241,11 @@ impl Activations {
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
-    /// `q = round(x / scale)`, ties to even), reusing the buffers.
-    fn quantize(&mut self, xs: &[f32], cols: usize) {
+    /// `q = round(x / scale)`, ties to even), reusing the buffers. With `group` > 1, the
+    /// `max|x|` is taken over `group` blocks at a time (llama.cpp's Q8_K activations of
+    /// its K-quant dot products: one scale per 256 values), so a K-quant's products round
+    /// as llama.cpp's do.
+    fn quantize(&mut self, xs: &[f32], cols: usize, group: usize) {
         debug_assert!(cols.is_multiple_of(BLOCK) && xs.len().is_multiple_of(cols));
         self.rows = xs.len() / cols;
         self.blocks = cols / BLOCK;
@@ -249,13 +255,17 @@ impl Activations {
         self.totals.resize(n, 0);
         self.sums.resize(n, 0.0);
         let blocks = xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.totals);
-        for ((((x, q), d), total), sum) in blocks.zip(&mut self.sums) {
+        let mut floor = 0f32;
+        for (i, ((((x, q), d), total), sum)) in blocks.zip(&mut self.sums).enumerate() {
+            if group > 1 && i.is_multiple_of(group) {
+                floor = xs[i * BLOCK..(i + group) * BLOCK].iter().fold(0f32, |m, v| m.max(v.abs()));
+            }
             let x = x.try_into().expect("chunks of BLOCK");
             #[cfg(avx2_kernels)]
             // SAFETY: the features are enabled at compile time (cfg(avx2_kernels)).
-            let (scale, t) = unsafe { simd::quantize_block(x, q) };
+            let (scale, t) = unsafe { simd::quantize_block(x, floor, q) };
             #[cfg(not(avx2_kernels))]
-            let (scale, t) = quantize_block(x, q);
+            let (scale, t) = quantize_block(x, floor, q);
             (*d, *total, *sum) = (scale, t, scale * t as f32);
         }
     }
@@ -264,8 +274,8 @@ impl Activations {
 /// One block of activations to int8: its quants, scale and `Σ q` (the SIMD version gets
 /// the same bits, tested).
 #[cfg_attr(avx2_kernels, allow(dead_code, reason = "tested against the SIMD version"))]
-fn quantize_block(x: &[f32; BLOCK], q: &mut Quants) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+fn quantize_block(x: &[f32; BLOCK], floor: f32, q: &mut Quants) -> (f32, i32) {
+    let amax = x.iter().fold(floor, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut total = 0;
@@ -285,6 +295,9 @@ thread_local! {
 impl BlockMatrix {
     /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K).
     pub fn serves(dtype: GgmlDType) -> bool {
+        if std::env::var("WISP_KQUANT_CANDLE").is_ok() && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K) {
+            return false;
+        }
         format(dtype).is_some()
     }
 
@@ -312,6 +325,7 @@ impl BlockMatrix {
             quants: vec![ZERO; tiles * regs],
             scales: vec![[f16::ZERO; COLS]; tiles],
             mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
+            group: sub_blocks(dtype),
         };
         let block_bytes = dtype.type_size();
         let row_bytes = cols / dtype.block_size() * block_bytes;
@@ -407,7 +421,7 @@ impl BlockMatrix {
         super::ops::with_cpu_f32(x, |xs| {
             SCRATCH.with(|scratch| {
                 let mut xq = scratch.borrow_mut();
-                xq.quantize(xs, k);
+                xq.quantize(xs, k, self.group);
                 matmul(&xq, self, &mut out, Kernel::FASTEST);
             })
         })?;
@@ -609,7 +623,7 @@ mod simd {
     /// # Safety
     /// Needs the features of cfg(avx2_kernels).
     #[inline(always)]
-    pub(super) unsafe fn quantize_block(x: &[f32; super::BLOCK], q: &mut Quants) -> (f32, i32) {
+    pub(super) unsafe fn quantize_block(x: &[f32; super::BLOCK], floor: f32, q: &mut Quants) -> (f32, i32) {
         // SAFETY: the loads read x's 32 values and the aligned store writes q's 32 bytes.
         unsafe {
             let p = x.as_ptr();
@@ -619,7 +633,7 @@ mod simd {
             let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))).max(floor);
             let d = amax / 127.0;
             let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
             let i = v.map(|v| _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
@@ -762,9 +776,9 @@ mod tests {
         (BlockMatrix::read(&mut std::io::Cursor::new(&bytes[..]), dtype, n, k).unwrap(), want)
     }
 
-    fn activations(xs: &[f32], k: usize) -> Activations {
+    fn activations(xs: &[f32], k: usize, group: usize) -> Activations {
         let mut a = Activations::new();
-        a.quantize(xs, k);
+        a.quantize(xs, k, group);
         a
     }
 
@@ -811,7 +825,7 @@ mod tests {
             // The weights as the kernel holds them (candle's values, checked above).
             let wf = w.gather(&(0..n as u32).collect::<Vec<_>>()).unwrap();
             for m in [1, 2, 3, 4, 5, 9] {
-                let x = activations(&seeded(m * k, 2 + m as u32), k);
+                let x = activations(&seeded(m * k, 2 + m as u32), k, w.group);
                 let mut out = vec![0f32; m * n];
                 matmul(&x, &w, &mut out, Kernel::FASTEST);
                 for i in 0..m {
@@ -840,10 +854,10 @@ mod tests {
             let (w, _) = weights(n, k, 7, dtype);
             let xs = seeded(11 * k, 8);
             let mut batched = vec![0f32; 11 * n];
-            matmul(&activations(&xs, k), &w, &mut batched, Kernel::FASTEST);
+            matmul(&activations(&xs, k, w.group), &w, &mut batched, Kernel::FASTEST);
             for i in 0..11 {
                 let mut alone = vec![0f32; n];
-                matmul(&activations(&xs[i * k..(i + 1) * k], k), &w, &mut alone, Kernel::FASTEST);
+                matmul(&activations(&xs[i * k..(i + 1) * k], k, w.group), &w, &mut alone, Kernel::FASTEST);
                 assert_eq!(alone, batched[i * n..(i + 1) * n], "{dtype:?} row {i}");
             }
         }
@@ -864,7 +878,7 @@ mod tests {
             let k = if is_k_quant(dtype) { 768 } else { 640 };
             let (w, _) = weights(n, k, 11, dtype);
             // 7 rows: tiles of 4 and 3.
-            let x = activations(&seeded(7 * k, 12), k);
+            let x = activations(&seeded(7 * k, 12), k, w.group);
             let results: Vec<Vec<f32>> = kernels
                 .iter()
                 .map(|&kernel| {
@@ -886,14 +900,24 @@ mod tests {
         xs[..BLOCK].copy_from_slice(&std::array::from_fn::<f32, BLOCK, _>(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 }));
         // And a block of zeros (scale 0).
         xs[BLOCK..2 * BLOCK].fill(0.0);
-        let a = activations(&xs, 8 * BLOCK);
+        let a = activations(&xs, 8 * BLOCK, 1);
         for (b, x) in xs.chunks_exact(BLOCK).enumerate() {
             let mut q = ZERO;
-            let (d, total) = quantize_block(x.try_into().unwrap(), &mut q);
+            let (d, total) = quantize_block(x.try_into().unwrap(), 0.0, &mut q);
             assert_eq!((a.quants[b].0, a.scales[b], a.totals[b]), (q.0, d, total), "block {b}");
             assert_eq!(total, q.0.iter().map(|&q| q as i8 as i32).sum::<i32>());
         }
         assert_eq!(a.quants[0].0[1..5].iter().map(|&q| q as i8).collect::<Vec<_>>(), [-14, -14, -12, -12], "ties to even");
+        // K-quants' activations: one scale per 8 blocks, from the largest |x| of the 256.
+        let a = activations(&xs, 8 * BLOCK, 8);
+        for (b, x) in xs.chunks_exact(BLOCK).enumerate() {
+            let group = &xs[b / 8 * 8 * BLOCK..(b / 8 + 1) * 8 * BLOCK];
+            let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut q = ZERO;
+            let (d, total) = quantize_block(x.try_into().unwrap(), amax, &mut q);
+            assert_eq!(d, amax / 127.0, "block {b}");
+            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b]), (q.0, d, total), "block {b}");
+        }
     }
 
     #[test]
