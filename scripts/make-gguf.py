@@ -47,9 +47,15 @@ FAMILIES = {
     # Qwen3-0.6B: q/k norms, head dim 128 on a 1024-wide stream.
     "qwen3": dict(arch="qwen3", E=1024, L=28, H=16, KV=8, D=128, F=3072, vocab="qwen2", eps=1e-6,
                   base=1e6, ctx=40960, tied=True, qk_norm=True),
+    # Qwen3-1.7B: the smallest Qwen 3 of >= 1B parameters (the speed table's file).
+    "qwen3-1.7b": dict(arch="qwen3", E=2048, L=28, H=16, KV=8, D=128, F=6144, vocab="qwen2", eps=1e-6,
+                       base=1e6, ctx=40960, tied=True, qk_norm=True),
     # Qwen2.5-0.5B: q/k/v biases.
     "qwen2": dict(arch="qwen2", E=896, L=24, H=14, KV=2, D=64, F=4864, vocab="qwen2", eps=1e-6,
                   base=1e6, ctx=32768, tied=True, qkv_bias=True),
+    # Qwen2.5-1.5B.
+    "qwen2-1.5b": dict(arch="qwen2", E=1536, L=28, H=12, KV=2, D=128, F=8960, vocab="qwen2", eps=1e-6,
+                       base=1e6, ctx=32768, tied=True, qkv_bias=True),
     # Llama-3.2-1B: rope_freqs from rope_scaling {factor 32, low 1, high 4, original 8192}.
     "llama3": dict(arch="llama", E=2048, L=16, H=32, KV=8, D=64, F=8192, vocab="llama-bpe", eps=1e-5,
                    base=5e5, ctx=131072, tied=True, llama3_rope=(32.0, 1.0, 4.0, 8192)),

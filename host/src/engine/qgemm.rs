@@ -295,9 +295,6 @@ thread_local! {
 impl BlockMatrix {
     /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K).
     pub fn serves(dtype: GgmlDType) -> bool {
-        if std::env::var("WISP_KQUANT_CANDLE").is_ok() && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K) {
-            return false;
-        }
         format(dtype).is_some()
     }
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every architecture at the size users run, beside llama.cpp: for each family a synthetic
+# GGUF (scripts/make-gguf.py) with the released per-layer shapes of its smallest model of
+# >= 1B parameters, layers cut only where the file would pass 2 GB, quantized to each type
+# asked (default Q4_K_M, the most used), then one table from scripts/bench-quants.sh
+# (wisp bench beside llama-bench, same threads, one run). Files are kept in
+# $WISPBENCH_CACHE/families.
+#
+# Usage: scripts/bench-families.sh [THREADS] [TYPE...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${1:-2}
+shift || true
+types=("$@")
+[ ${#types[@]} -eq 0 ] && types=(Q4_K_M)
+CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
+mkdir -p "$CACHE/families"
+py=.venv/bin/python
+[ -x "$py" ] || py=python3
+
+files=()
+# name family layers (0: as released)
+while read -r name family layers; do
+  for type in "${types[@]}"; do
+    out="$CACHE/families/$name.$type.gguf"
+    if [ ! -s "$out" ]; then
+      echo "bench: making $out" >&2
+      "$py" scripts/make-gguf.py "$family" "$out" --layers "$layers" --type "$type" >/dev/null
+    fi
+    files+=("$out")
+  done
+done <<'LIST'
+llama-3.2-1b llama3 0
+qwen2.5-1.5b qwen2-1.5b 0
+qwen3-1.7b qwen3-1.7b 0
+phi-3.5-mini-20of32 phi3 20
+phi-4-mini-20of32 phi4 20
+ministral-3-3b-18of26 mistral3 18
+LIST
+scripts/bench-quants.sh "$THREADS" "${files[@]}"
