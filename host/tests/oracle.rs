@@ -94,23 +94,48 @@ fn wisp_steps(parts: &ModelParts, prompt: &[u32], steps: &[Step]) -> Vec<Vec<f32
 }
 
 fn check(name: &str) {
+    compare(name, false)
+}
+
+/// Also candle's attention ops (what GPUs run) against llama.cpp, for the families whose
+/// RoPE or q scaling the GPU path implements on its own.
+fn check_with_candle_attention(name: &str) {
+    compare(name, true)
+}
+
+fn compare(name: &str, candle_attention: bool) {
     let path = synthetic(name);
     let ctx = CONTEXT.to_string();
     let llama = common::LlamaServer::start(&path, &["-c", &ctx, "-np", "1", "-t", "2", "--no-warmup"]);
     let config =
         ModelConfig { id: name.into(), path: Some(path.clone()), device: "cpu".into(), context_length: CONTEXT, ..ModelConfig::default() };
-    let parts = load_parts(&config).unwrap_or_else(|e| panic!("wisp cannot load {}: {e}", path.display()));
+    let mut parts = load_parts(&config).unwrap_or_else(|e| panic!("wisp cannot load {}: {e}", path.display()));
+    let prompts: Vec<(&str, Vec<u32>, Vec<Step>)> = PROMPTS
+        .iter()
+        .map(|text| {
+            let mut prompt = parts.tokenizer.tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            if parts.tokenizer.add_bos
+                && let Some(bos) = parts.tokenizer.bos
+            {
+                prompt.insert(0, bos);
+            }
+            let steps = llama_steps(&llama, &prompt);
+            (*text, prompt, steps)
+        })
+        .collect();
+    agree(name, &parts, &prompts);
+    if candle_attention {
+        parts.model.use_candle_attention();
+        agree(&format!("{name} (candle's attention)"), &parts, &prompts);
+    }
+}
+
+/// wisp's steps on `prompts` against llama.cpp's.
+fn agree(name: &str, parts: &ModelParts, prompts: &[(&str, Vec<u32>, Vec<Step>)]) {
     let (mut failures, mut decisive, mut total, mut worst) = (Vec::new(), 0, 0, 0f32);
     let mut distinct = std::collections::HashSet::new();
-    for text in PROMPTS {
-        let mut prompt = parts.tokenizer.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
-        if parts.tokenizer.add_bos
-            && let Some(bos) = parts.tokenizer.bos
-        {
-            prompt.insert(0, bos);
-        }
-        let steps = llama_steps(&llama, &prompt);
-        for (i, (step, ours)) in steps.iter().zip(wisp_steps(&parts, &prompt, &steps)).enumerate() {
+    for (text, prompt, steps) in prompts {
+        for (i, (step, ours)) in steps.iter().zip(wisp_steps(parts, prompt, steps)).enumerate() {
             let Some((logprob, second)) = step.probs else { continue };
             total += 1;
             distinct.insert(step.token);
@@ -180,12 +205,12 @@ fn phi3_longrope_short_factors_q4_k_m_matches_llama_cpp() {
 
 #[test]
 fn phi4_mini_partial_rotary_long_factors_q4_k_m_matches_llama_cpp() {
-    check("phi4-Q4_K_M");
+    check_with_candle_attention("phi4-Q4_K_M");
 }
 
 #[test]
 fn mistral3_yarn_and_temperature_q8_0_matches_llama_cpp() {
-    check("mistral3-Q8_0");
+    check_with_candle_attention("mistral3-Q8_0");
 }
 
 #[test]

@@ -523,7 +523,7 @@ impl Model {
             };
             match rope.n_rot == hp.head_dim {
                 true => Ok(turned),
-                false => Tensor::cat(&[&turned, &x.narrow(3, rope.n_rot, hp.head_dim - rope.n_rot)?], 3),
+                false => Tensor::cat(&[&turned, &x.narrow(3, rope.n_rot, hp.head_dim - rope.n_rot)?], 3)?.contiguous(),
             }
         };
         let (mut q, k) = (turn(&q)?, turn(&k)?);
