@@ -222,7 +222,7 @@ fn unpack_block(dtype: GgmlDType, block: &[u8], sub: usize) -> (f16, f16, [u8; B
             let (qh, qs) = if dtype == GgmlDType::Q5K { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
             let bytes = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
             for (l, q) in q.iter_mut().enumerate() {
-                *q = if sub % 2 == 0 { bytes[l] & 0x0f } else { bytes[l] >> 4 };
+                *q = if sub.is_multiple_of(2) { bytes[l] & 0x0f } else { bytes[l] >> 4 };
                 if let Some(qh) = qh {
                     *q |= ((qh[l] >> sub) & 1) << 4;
                 }
