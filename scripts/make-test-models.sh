@@ -2,12 +2,12 @@
 # Writes the synthetic GGUFs host/tests/oracle.rs checks wisp against llama.cpp on: each
 # family's released per-layer shapes and real tokenizer with seeded random weights, cut to
 # two layers, quantized by llama-quantize (scripts/make-gguf.py). Made once into a cache
-# keyed by make-gguf.py's contents (a change to the generator makes new files), linked
-# into models/synthetic/. ~1.5 GB in all; a few minutes on 2 cores the first time.
+# keyed by the generator's and this list's contents (a change makes new files; the old
+# directory is removed), linked into models/synthetic/. ~3.3 GB; ~4 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
-key=$( (cat scripts/make-gguf.py; echo "$0") | sha256sum | cut -c1-12)
+key=$(cat scripts/make-gguf.py scripts/make-test-models.sh | sha256sum | cut -c1-12)
 dir="$CACHE/synthetic-$key"
 mkdir -p "$dir" models
 scripts/build-llama.sh llama-quantize >/dev/null
@@ -38,4 +38,8 @@ mistral3-Q8_0 mistral3 Q8_0 --small-ctx 16
 mistral3-Q4_K_M mistral3 Q4_K_M --small-ctx 16
 LIST
 ln -sfn "$dir" models/synthetic
+# Earlier generations' files.
+for old in "$CACHE"/synthetic-*; do
+  [ "$old" = "$dir" ] || rm -rf "$old"
+done
 echo "models/synthetic -> $dir"

@@ -656,7 +656,7 @@ fn read_parts(config: &ModelConfig, path: &std::path::Path) -> Result<ModelParts
     let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let family = Family::from_architecture(&arch)
         .ok_or_else(|| format!("architecture `{arch}` is not supported (supported: {})", Family::supported_list()))?;
-    let hparams = Hparams::from_gguf(&content, family).map_err(|e| e.to_string())?;
+    let hparams = Hparams::from_gguf(&content, family).map_err(|e| model::error_message(&e))?;
     let context_length = match config.context_length {
         0 => hparams.context_length,
         n => n,
@@ -668,7 +668,7 @@ fn read_parts(config: &ModelConfig, path: &std::path::Path) -> Result<ModelParts
     let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(source, token_text(tokenizer.bos), token_text(tokenizer.eos)).map_err(|e| e.to_string())?;
     let device = select_device(config.device_spec()).map_err(|e| format!("device `{}`: {e}", config.device))?;
-    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| e.to_string())?;
+    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| model::error_message(&e))?;
     Ok(ModelParts { family, model, tokenizer, template, own_template, context_length })
 }
 

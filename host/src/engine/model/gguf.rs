@@ -36,8 +36,7 @@ pub fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Content, String> {
     match read {
         Ok(Ok(content)) => Ok(content),
         Ok(Err(e)) => {
-            // The first line: candle appends a backtrace when RUST_BACKTRACE is set.
-            let message = e.to_string().lines().next().unwrap_or_default().to_string();
+            let message = super::error_message(&e);
             // candle: "unknown dtype for tensor N".
             match message.rsplit_once("unknown dtype for tensor ").and_then(|(_, n)| n.trim().parse::<u32>().ok()) {
                 Some(id) => Err(format!("tensor type {id} ({}) is not supported (supported: {SUPPORTED_TYPES})", type_name(id))),

@@ -17,9 +17,9 @@
 //! - RoPE tables are built once per parameter set, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
-//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 matrices (and a tied embedding/output table of
-//!   those types) are widened exactly to int8 at load and run on wisp's own repacked
-//!   kernel ([`super::qgemm`]), the K-quants on candle's; Gemma's
+//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K and Q5_K matrices (and a tied
+//!   embedding/output table of those types) are repacked at load and run on wisp's own
+//!   kernel ([`super::qgemm`]), Q6_K and the float types on candle's; Gemma's
 //!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
 //! - on the CPU, attention is one pass per layer over every sequence of the step
 //!   ([`super::attention`]) on caches that are plain host buffers; on GPUs it is candle's
@@ -49,6 +49,12 @@ use super::attention::{self, Heads, LayerKv, SeqRows};
 use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
 pub use hparams::{AttnTemperature, Family, Hparams, Layout};
 pub use rope::{Factors, RopeParams, Yarn};
+
+/// A candle error's message alone: candle appends a backtrace when RUST_BACKTRACE is set,
+/// which has no place in an API error.
+pub fn error_message(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
 
 /// One sequence's KV cache, per layer, preallocated to `capacity` positions and filled in
 /// place up to `len`.
