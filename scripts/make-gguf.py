@@ -50,6 +50,17 @@ FAMILIES = {
     # Qwen3-1.7B: the smallest Qwen 3 of >= 1B parameters (the speed table's file).
     "qwen3-1.7b": dict(arch="qwen3", E=2048, L=28, H=16, KV=8, D=128, F=6144, vocab="qwen2", eps=1e-6,
                        base=1e6, ctx=40960, tied=True, qk_norm=True),
+    # Qwen3-30B-A3B: Qwen 3's attention, 8 of 128 experts of width 768 in every layer; one
+    # layer of experts is 600M weights (~340 MB at Q4_K_M): test files keep one or two.
+    "qwen3moe": dict(arch="qwen3moe", E=2048, L=48, H=32, KV=4, D=128, F=6144, vocab="qwen2", eps=1e-6,
+                     base=1e6, ctx=40960, tied=False, qk_norm=True, moe=(128, 8, 768)),
+    # gpt-oss-20b: 4 of 32 experts of width 2880 with biases (MXFP4 as released), biases on
+    # q/k/v/o, a sink logit per head, sliding (128) and global layers alternating, YaRN
+    # (factor 32 over 4096). o200k has no vocab-only file in llama.cpp: Llama 3's stands in.
+    # One layer of experts is 800M weights. --window N shrinks the sliding window.
+    "gpt-oss": dict(arch="gpt-oss", E=2880, L=24, H=64, KV=8, D=64, F=2880, vocab="llama-bpe", eps=1e-5,
+                    base=150000.0, ctx=131072, tied=False, yarn=(32.0, 4096, None), moe=(32, 4, 2880),
+                    attn_bias=True, sinks=True, ffn_norm="post_attention_norm", window=128),
     # Qwen2.5-0.5B: q/k/v biases.
     "qwen2": dict(arch="qwen2", E=896, L=24, H=14, KV=2, D=64, F=4864, vocab="qwen2", eps=1e-6,
                   base=1e6, ctx=32768, tied=True, qkv_bias=True),
@@ -104,7 +115,7 @@ def llama3_factors(head_dim, base, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-def write(family, out, layers, seed, small_ctx, tied):
+def write(family, out, layers, seed, small_ctx, tied, window):
     spec = dict(FAMILIES[family])
     rng = np.random.default_rng(seed)
     arch = spec["arch"]
@@ -141,8 +152,17 @@ def write(family, out, layers, seed, small_ctx, tied):
         w.add_rope_scaling_orig_ctx_len(orig)
         w.add_rope_scaling_yarn_beta_fast(32.0)
         w.add_rope_scaling_yarn_beta_slow(1.0)
-        w.add_rope_scaling_yarn_log_mul(log_mul)
+        if log_mul is not None:
+            w.add_rope_scaling_yarn_log_mul(log_mul)
+    if "temp_scale" in spec:
         w.add_attn_temperature_scale(spec["temp_scale"])
+    if "window" in spec:
+        w.add_sliding_window(window or spec["window"])
+    if "moe" in spec:
+        n_expert, n_used, n_ff_exp = spec["moe"]
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
     for key, value, vtype, sub in tok:
         if key == "tokenizer.chat_template":
             continue
@@ -153,6 +173,12 @@ def write(family, out, layers, seed, small_ctx, tied):
 
     def matrix(rows, cols, gain=1.0):
         return normal((rows, cols), gain / np.sqrt(cols)).astype(np.float16)
+
+    def experts(n, rows, cols, gain=1.0):
+        out = np.empty((n, rows, cols), dtype=np.float16)
+        for e in range(n):
+            out[e] = matrix(rows, cols, gain)
+        return out
 
     def norm(n):
         return (1.0 + normal((n,), 0.1)).astype(np.float32)
@@ -192,9 +218,25 @@ def write(family, out, layers, seed, small_ctx, tied):
             w.add_tensor(p + "attn_q.weight", matrix(q_rows, E))
             w.add_tensor(p + "attn_k.weight", matrix(kv_rows, E))
             w.add_tensor(p + "attn_v.weight", matrix(kv_rows, E))
+        if "moe" in spec:
+            # The router spreads its scores over several units so the top-k choice is not
+            # a near-tie that rounding flips; llama-quantize keeps it in f32.
+            w.add_tensor(p + "ffn_gate_inp.weight", normal((n_expert, E), 3.0 / np.sqrt(E)))
+            w.add_tensor(p + "ffn_gate_exps.weight", experts(n_expert, n_ff_exp, E))
+            w.add_tensor(p + "ffn_up_exps.weight", experts(n_expert, n_ff_exp, E))
+            # The weighted sum of n_used independent experts is ~1/sqrt(n_used) of one: the
+            # down projections are that much stronger, and more, so that a wrong expert or
+            # weight moves the logits past the test's tolerance.
+            w.add_tensor(p + "ffn_down_exps.weight", experts(n_expert, E, n_ff_exp, 1.5 * np.sqrt(n_used)))
+            if spec.get("attn_bias"):
+                w.add_tensor(p + "ffn_gate_inp.bias", normal((n_expert,), 0.5))
+                w.add_tensor(p + "ffn_gate_exps.bias", normal((n_expert, n_ff_exp), 0.1))
+                w.add_tensor(p + "ffn_up_exps.bias", normal((n_expert, n_ff_exp), 0.1))
+                w.add_tensor(p + "ffn_down_exps.bias", normal((n_expert, E), 0.1))
+        elif not spec.get("fused"):
             w.add_tensor(p + "ffn_gate.weight", matrix(F, E))
             w.add_tensor(p + "ffn_up.weight", matrix(F, E))
-        if spec.get("qkv_bias"):
+        if spec.get("qkv_bias") or spec.get("attn_bias"):
             w.add_tensor(p + "attn_q.bias", normal((q_rows,), 0.1))
             w.add_tensor(p + "attn_k.bias", normal((kv_rows,), 0.1))
             w.add_tensor(p + "attn_v.bias", normal((kv_rows,), 0.1))
@@ -202,8 +244,13 @@ def write(family, out, layers, seed, small_ctx, tied):
             w.add_tensor(p + "attn_q_norm.weight", norm(D))
             w.add_tensor(p + "attn_k_norm.weight", norm(D))
         w.add_tensor(p + "attn_output.weight", matrix(E, q_rows, 0.7))
-        w.add_tensor(p + "ffn_norm.weight", norm(E))
-        w.add_tensor(p + "ffn_down.weight", matrix(E, F, 0.7))
+        if spec.get("attn_bias"):
+            w.add_tensor(p + "attn_output.bias", normal((E,), 0.1))
+        if spec.get("sinks"):
+            w.add_tensor(p + "attn_sinks.weight", normal((H,), 1.0))
+        w.add_tensor(p + spec.get("ffn_norm", "ffn_norm") + ".weight", norm(E))
+        if "moe" not in spec:
+            w.add_tensor(p + "ffn_down.weight", matrix(E, F, 0.7))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -222,6 +269,7 @@ def main():
                     help="the 'original' context of LongRoPE/YaRN/temperature, so short prompts reach their effects")
     ap.add_argument("--tied", action="store_true",
                     help="one table for embedding and output, as the released model has where `tied` (less decisive)")
+    ap.add_argument("--window", type=int, default=0, help="the sliding window, where the family has one")
     ap.add_argument("--list", action="store_true", help="print the families and exit")
     args = ap.parse_args()
     if args.list:
@@ -232,13 +280,13 @@ def main():
         ap.error("FAMILY and OUT are required")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.type.upper() == "F16":
-        write(args.family, args.out, args.layers, args.seed, args.small_ctx, args.tied)
+        write(args.family, args.out, args.layers, args.seed, args.small_ctx, args.tied, args.window)
         return
     bin_dir = Path(subprocess.run(["scripts/build-llama.sh", "llama-quantize"], check=True, capture_output=True,
                                   text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip())
     with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
         f16 = Path(tmp) / "f16.gguf"
-        write(args.family, f16, args.layers, args.seed, args.small_ctx, args.tied)
+        write(args.family, f16, args.layers, args.seed, args.small_ctx, args.tied, args.window)
         subprocess.run([bin_dir / "llama-quantize", f16, args.out, args.type], check=True, capture_output=True)
     print(args.out)
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Writes the synthetic GGUFs host/tests/oracle.rs checks wisp against llama.cpp on: each
 # family's released per-layer shapes and real tokenizer with seeded random weights, cut to
-# two layers, quantized by llama-quantize (scripts/make-gguf.py). Made once into a cache
-# keyed by the generator's and this list's contents (a change makes new files; the old
-# directory is removed), linked into models/synthetic/. ~3.3 GB; ~4 minutes on 2 cores.
+# two layers (one where a layer of experts is 600M weights), quantized by llama-quantize
+# (scripts/make-gguf.py). Made once into a cache keyed by the generator's contents (a change
+# makes new files and removes the old directory; a list entry whose flags change is made
+# again), linked into models/synthetic/. ~5 GB; ~6 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
-key=$(cat scripts/make-gguf.py scripts/make-test-models.sh | sha256sum | cut -c1-12)
+key=$(sha256sum < scripts/make-gguf.py | cut -c1-12)
 dir="$CACHE/synthetic-$key"
 mkdir -p "$dir" models
 scripts/build-llama.sh llama-quantize >/dev/null
@@ -18,11 +19,13 @@ py=.venv/bin/python
 while read -r name family type extra; do
   [ -z "$name" ] && continue
   out="$dir/$name.gguf"
-  if [ ! -s "$out" ]; then
+  args="--type $type --layers 2 $extra"
+  if [ ! -s "$out" ] || [ "$(cat "$out.args" 2>/dev/null)" != "$family $args" ]; then
     echo "synthetic: $name" >&2
-    # shellcheck disable=SC2086 # $extra is a list of flags
-    "$py" scripts/make-gguf.py "$family" "$out.tmp" --layers 2 --type "$type" $extra >/dev/null
+    # shellcheck disable=SC2086 # $args is a list of flags
+    "$py" scripts/make-gguf.py "$family" "$out.tmp" $args >/dev/null
     mv "$out.tmp" "$out"
+    echo "$family $args" > "$out.args"
   fi
 done <<'LIST'
 qwen3-Q8_0 qwen3 Q8_0
@@ -36,6 +39,12 @@ phi3-Q4_K_M phi3 Q4_K_M
 phi4-Q4_K_M phi4 Q4_K_M --small-ctx 256
 mistral3-Q8_0 mistral3 Q8_0 --small-ctx 16
 mistral3-Q4_K_M mistral3 Q4_K_M --small-ctx 16
+qwen3-IQ4_XS qwen3 IQ4_XS
+llama3-IQ4_NL llama3 IQ4_NL
+qwen3moe-Q8_0 qwen3moe Q8_0 --layers 1
+qwen3moe-Q4_K_M qwen3moe Q4_K_M --layers 1
+qwen3moe-MXFP4_MOE qwen3moe MXFP4_MOE --layers 1
+gpt-oss-MXFP4_MOE gpt-oss MXFP4_MOE --layers 1 --window 16
 LIST
 ln -sfn "$dir" models/synthetic
 # Earlier generations' files.

@@ -3,7 +3,7 @@
 //! No real weights of these models can be fetched here, and none is needed: llama.cpp
 //! implements every family. scripts/make-test-models.sh writes each family's GGUF with its
 //! released per-layer shapes, a real tokenizer and seeded random weights (made so greedy
-//! decoding is mostly decisive: scripts/make-gguf.py), cut to two layers, in the quant
+//! decoding is mostly decisive: scripts/make-gguf.py), cut to two layers (one of experts), in the quant
 //! types users run. For each file and three prompts, llama-server decodes 32 greedy tokens
 //! and reports its top two log-probabilities at each step; wisp runs the same tokens
 //! (teacher-forced, so one early disagreement cannot derail the rest) and must
@@ -11,8 +11,6 @@
 //! - give llama.cpp's token a log-probability within 0.1 of llama.cpp's, at every step.
 
 mod common;
-
-use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use wisp::config::ModelConfig;
@@ -25,17 +23,6 @@ const DECISIVE_NATS: f32 = 0.2;
 const LOGPROB_TOLERANCE: f32 = 0.1;
 /// Both engines run with this context (it picks Phi 3's LongRoPE factors).
 const CONTEXT: usize = 4096;
-
-/// A file made by scripts/make-test-models.sh.
-fn synthetic(name: &str) -> PathBuf {
-    let dir = match std::env::var("WISPTEST_SYNTHETIC") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => common::workspace_root().join("models/synthetic"),
-    };
-    let path = dir.join(format!("{name}.gguf"));
-    assert!(path.exists(), "{} is missing: run scripts/make-test-models.sh (scripts/setup-test-deps.sh does)", path.display());
-    path
-}
 
 /// llama.cpp's greedy step: its token and, where llama-server reports them, that token's
 /// log-probability and the runner-up's.
@@ -104,7 +91,7 @@ fn check_with_candle_attention(name: &str) {
 }
 
 fn compare(name: &str, candle_attention: bool) {
-    let path = synthetic(name);
+    let path = common::synthetic(name);
     let ctx = CONTEXT.to_string();
     let llama = common::LlamaServer::start(&path, &["-c", &ctx, "-np", "1", "-t", "2", "--no-warmup"]);
     let config =
@@ -216,6 +203,46 @@ fn mistral3_yarn_and_temperature_q8_0_matches_llama_cpp() {
 #[test]
 fn mistral3_yarn_and_temperature_q4_k_m_matches_llama_cpp() {
     check("mistral3-Q4_K_M");
+}
+
+/// The non-linear 4-bit types (a table of 16 values under a scale), which candle cannot
+/// read: on wisp's kernel.
+#[test]
+fn qwen3_iq4_xs_matches_llama_cpp() {
+    check("qwen3-IQ4_XS");
+}
+
+#[test]
+fn llama3_iq4_nl_matches_llama_cpp() {
+    check("llama3-IQ4_NL");
+}
+
+/// Routed experts: 8 of Qwen3-30B-A3B's 128 per token, one layer of them.
+#[test]
+fn qwen3moe_q8_0_matches_llama_cpp() {
+    check("qwen3moe-Q8_0");
+}
+
+/// llama-quantize's Q4_K_M keeps the experts' down projection in Q6_K (candle's kernel),
+/// gate and up in Q4_K (wisp's).
+#[test]
+fn qwen3moe_q4_k_m_matches_llama_cpp() {
+    check("qwen3moe-Q4_K_M");
+}
+
+/// gpt-oss's quant type (FP4 values under a power-of-two scale per 32) on the experts,
+/// Q8_0 elsewhere.
+#[test]
+fn qwen3moe_mxfp4_experts_match_llama_cpp() {
+    check("qwen3moe-MXFP4_MOE");
+}
+
+/// gpt-oss-20b's shapes, experts in MXFP4 as released: attention sinks, biases on the
+/// attention, router and experts, clamped SwiGLU, YaRN, and a sliding window cut to 16 so
+/// the prompts pass it. Its GPU path (candle's attention with the sinks as a column) too.
+#[test]
+fn gpt_oss_mxfp4_matches_llama_cpp() {
+    check_with_candle_attention("gpt-oss-MXFP4_MOE");
 }
 
 #[test]

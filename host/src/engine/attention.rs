@@ -95,6 +95,9 @@ pub struct Spec<'a> {
     pub neox: bool,
     /// Llama 4 / Mistral 3: q sharpened at long positions.
     pub temperature: Option<AttnTemperature>,
+    /// gpt-oss: a learned logit per query head that joins each row's softmax as one more
+    /// (value-less) position, so a head may attend to nothing.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// First key position visible to a query at `pos` in a layer with `window`.
@@ -173,7 +176,8 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
             });
             scratch.visible.clear();
             scratch.visible.extend((start..end).map(|i| first_key(seq.pos + i, spec.window)..seq.pos + i + 1));
-            let result = block_attention(&qs[..end - start], &seq.kv.k[cache.clone()], &seq.kv.v[cache], d, &mut scratch);
+            let sink = spec.sinks.map(|s| s[qh]);
+            let result = block_attention(&qs[..end - start], &seq.kv.k[cache.clone()], &seq.kv.v[cache], d, sink, &mut scratch);
             for (row, values) in rows.zip(result.chunks_exact(d)) {
                 // SAFETY: sequences' rows are disjoint and inside `out` (asserted above) and
                 // each (row, query head) belongs to exactly one unit, so no two workers
@@ -207,11 +211,12 @@ struct Scratch {
 
 /// softmax(q · K[keys]ᵀ) · V[keys] for a block of one query head's rows: `qs[r]` sees
 /// positions `scratch.visible[r]` of `k` and `v` (one KV head's cache, `d` values per
-/// position, f16). Positions are widened KEY_CHUNK at a time for all the rows (a decode step
-/// reads the cache once, with no copy of it in f32). Each row's scores are summed and
-/// applied in position order, so its result does not depend on the other rows or on chunk
-/// bounds. Returns the rows' outputs, `d` values each.
-fn block_attention<'s>(qs: &[&[f32]], k: &[f16], v: &[f16], d: usize, scratch: &'s mut Scratch) -> &'s [f32] {
+/// position, f16), with the head's `sink` logit in the softmax's denominator. Positions
+/// are widened KEY_CHUNK at a time for all the rows (a decode step reads the cache once,
+/// with no copy of it in f32). Each row's scores are summed and applied in position order,
+/// so its result does not depend on the other rows or on chunk bounds. Returns the rows'
+/// outputs, `d` values each.
+fn block_attention<'s>(qs: &[&[f32]], k: &[f16], v: &[f16], d: usize, sink: Option<f32>, scratch: &'s mut Scratch) -> &'s [f32] {
     let Scratch { chunk, scores, out, visible, sums } = scratch;
     let first = visible.iter().map(|r| r.start).min().unwrap_or(0);
     let last = visible.iter().map(|r| r.end).max().unwrap_or(0);
@@ -234,11 +239,14 @@ fn block_attention<'s>(qs: &[&[f32]], k: &[f16], v: &[f16], d: usize, scratch: &
     sums.clear();
     for (r, range) in visible.iter().enumerate() {
         let row = &mut scores[r * span + range.start - first..r * span + range.end - first];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = row.iter().copied().fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
         let mut sum = 0.0;
         for s in row.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
+        }
+        if let Some(sink) = sink {
+            sum += (sink - max).exp();
         }
         sums.push(sum);
     }
@@ -380,8 +388,13 @@ mod tests {
                     }
                 }
             }
-            let scores = (scores + Tensor::from_vec(mask, (n, pos + n), &dev).unwrap()).unwrap();
-            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let mut scores = (scores + Tensor::from_vec(mask, (n, pos + n), &dev).unwrap()).unwrap();
+            if let Some(sinks) = spec.sinks {
+                // The sink as one more column, dropped after the softmax.
+                let column = Tensor::from_vec(vec![sinks[qh]; n], (n, 1), &dev).unwrap();
+                scores = Tensor::cat(&[&scores, &column], 1).unwrap();
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap().narrow(1, 0, pos + n).unwrap();
             let o = probs.matmul(&vs).unwrap().to_vec2::<f32>().unwrap();
             for (i, row) in o.iter().enumerate() {
                 out[(i * n_head + qh) * d..(i * n_head + qh + 1) * d].copy_from_slice(row);
@@ -392,7 +405,7 @@ mod tests {
 
     fn spec<'a>(cos: &'a [f32], sin: &'a [f32], norm: Option<&'a [f32]>, window: Option<usize>, neox: bool) -> Spec<'a> {
         let n_rot = cos.len() / MAX * 2;
-        Spec { heads: HEADS, window, q_norm: norm, k_norm: norm, eps: 1e-6, cos, sin, n_rot, neox, temperature: None }
+        Spec { heads: HEADS, window, q_norm: norm, k_norm: norm, eps: 1e-6, cos, sin, n_rot, neox, temperature: None, sinks: None }
     }
 
     /// A cache of `capacity` whose first `pos` positions hold seeded keys and values;
@@ -411,19 +424,25 @@ mod tests {
     fn matches_candles_ops_for_each_sequence_of_a_batch() {
         let norm = seeded(HEADS.head_dim, 99).iter().map(|x| x + 1.5).collect::<Vec<_>>();
         let (qw, kw) = (HEADS.n_head * HEADS.head_dim, HEADS.n_kv_head * HEADS.head_dim);
+        // gpt-oss's sinks, one per query head, some far above the scores.
+        let sinks: Vec<f32> = (0..HEADS.n_head).map(|h| h as f32 * 1.5 - 2.0).collect();
         let cases = [
-            (None, true, true, 16, false),
-            (Some(5), true, false, 16, false),
-            (None, false, false, 16, false),
-            (Some(3), false, true, 16, false),
+            (None, true, true, 16, false, false),
+            (Some(5), true, false, 16, false, false),
+            (None, false, false, 16, false, false),
+            (Some(3), false, true, 16, false, false),
             // Phi 4's partial rotary; Mistral 3's temperature (floor 8: rows past 8 are sharpened).
-            (None, true, false, 12, true),
-            (None, false, true, 8, true),
+            (None, true, false, 12, true, false),
+            (None, false, true, 8, true, false),
+            // gpt-oss: sinks on sliding and global layers.
+            (Some(4), true, false, 16, false, true),
+            (None, true, false, 16, false, true),
         ];
-        for (window, neox, with_norm, n_rot, temperature) in cases {
+        for (window, neox, with_norm, n_rot, temperature, with_sinks) in cases {
             let (cos, sin) = tables(n_rot);
             let mut spec = spec(&cos, &sin, with_norm.then_some(&norm[..]), window, neox);
             spec.temperature = temperature.then_some(AttnTemperature { scale: 0.5, floor: 8.0 });
+            spec.sinks = with_sinks.then_some(&sinks[..]);
             // Three sequences: a decode row at 12, a prompt chunk of 20 rows at 0 (two query
             // blocks), a chunk of 3 rows at 7.
             let shapes = [(12usize, 1usize), (0, 20), (7, 3)];

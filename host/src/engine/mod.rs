@@ -652,23 +652,24 @@ pub fn load_parts(config: &ModelConfig) -> Result<ModelParts, EngineError> {
 
 fn read_parts(config: &ModelConfig, path: &std::path::Path) -> Result<ModelParts, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
-    let content = model::gguf::read_header(&mut file)?;
+    let header = model::gguf::read_header(&mut file)?;
+    let content = &header.content;
     let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let family = Family::from_architecture(&arch)
         .ok_or_else(|| format!("architecture `{arch}` is not supported (supported: {})", Family::supported_list()))?;
-    let hparams = Hparams::from_gguf(&content, family).map_err(|e| model::error_message(&e))?;
+    let hparams = Hparams::from_gguf(content, family).map_err(|e| model::error_message(&e))?;
     let context_length = match config.context_length {
         0 => hparams.context_length,
         n => n,
     };
-    let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| e.to_string())?;
+    let tokenizer = GgufTokenizer::from_gguf(content).map_err(|e| e.to_string())?;
     let own = config.chat_template.clone().or_else(|| tokenizer.chat_template.clone());
     let own_template = own.is_some();
     let source = own.unwrap_or_else(|| template::builtin_template(family).to_string());
     let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(source, token_text(tokenizer.bos), token_text(tokenizer.eos)).map_err(|e| e.to_string())?;
     let device = select_device(config.device_spec()).map_err(|e| format!("device `{}`: {e}", config.device))?;
-    let model = Model::load(&content, &mut file, hparams, context_length, &device).map_err(|e| model::error_message(&e))?;
+    let model = Model::load(&header, &mut file, hparams, context_length, &device).map_err(|e| model::error_message(&e))?;
     Ok(ModelParts { family, model, tokenizer, template, own_template, context_length })
 }
 

@@ -51,6 +51,101 @@ pub const BLOCK: usize = 32;
 /// Output rows interleaved in one group (one per 32-bit lane of a 256-bit register).
 pub const COLS: usize = 8;
 
+/// A weight type the block kernel takes: one candle knows, or one only wisp runs (read
+/// from the GGUF by [`crate::engine::model::gguf`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FileType {
+    Ggml(GgmlDType),
+    /// 32 values: an f16 scale, 16 bytes of 4-bit indices into [`IQ4NL_VALUES`].
+    Iq4Nl,
+    /// 256 values: an f16 scale, eight 6-bit sub-block scales (biased by 32; the high 2
+    /// bits in a u16, the low 4 in 4 bytes), 128 bytes of indices into [`IQ4NL_VALUES`].
+    Iq4Xs,
+    /// 32 values: an E8M0 exponent, 16 bytes of E2M1 values ([`FP4_VALUES`]).
+    Mxfp4,
+}
+
+/// ggml's `kvalues_iq4nl`.
+const IQ4NL_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+/// ggml's `kvalues_mxfp4`: E2M1's values doubled (the scale is halved to match).
+const FP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+impl FileType {
+    /// The type of GGUF type id `id` (`ggml.h`), `None` for one wisp does not run.
+    pub fn from_id(id: u32) -> Option<FileType> {
+        use GgmlDType::*;
+        Some(match id {
+            0 => FileType::Ggml(F32),
+            1 => FileType::Ggml(F16),
+            2 => FileType::Ggml(Q4_0),
+            3 => FileType::Ggml(Q4_1),
+            6 => FileType::Ggml(Q5_0),
+            7 => FileType::Ggml(Q5_1),
+            8 => FileType::Ggml(Q8_0),
+            9 => FileType::Ggml(Q8_1),
+            10 => FileType::Ggml(Q2K),
+            11 => FileType::Ggml(Q3K),
+            12 => FileType::Ggml(Q4K),
+            13 => FileType::Ggml(Q5K),
+            14 => FileType::Ggml(Q6K),
+            15 => FileType::Ggml(Q8K),
+            20 => FileType::Iq4Nl,
+            23 => FileType::Iq4Xs,
+            30 => FileType::Ggml(BF16),
+            39 => FileType::Mxfp4,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            FileType::Ggml(d) => d.block_size(),
+            FileType::Iq4Nl | FileType::Mxfp4 => 32,
+            FileType::Iq4Xs => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            FileType::Ggml(d) => d.type_size(),
+            FileType::Iq4Nl => 18,
+            FileType::Iq4Xs => 136,
+            FileType::Mxfp4 => 17,
+        }
+    }
+
+    /// The bytes of a `rows × cols` matrix, `None` if a row is not whole blocks or the
+    /// size overflows.
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> Option<u64> {
+        if !cols.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (rows as u64).checked_mul((cols / self.block_size()) as u64)?.checked_mul(self.type_size() as u64)
+    }
+
+    /// The table a [`Packing::Lut`] type's indices look up.
+    fn table(self) -> Option<&'static [i8; 16]> {
+        match self {
+            FileType::Iq4Nl | FileType::Iq4Xs => Some(&IQ4NL_VALUES),
+            FileType::Mxfp4 => Some(&FP4_VALUES),
+            FileType::Ggml(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FileType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileType::Ggml(d) => write!(f, "{d:?}"),
+            FileType::Iq4Nl => f.write_str("IQ4_NL"),
+            FileType::Iq4Xs => f.write_str("IQ4_XS"),
+            FileType::Mxfp4 => f.write_str("MXFP4"),
+        }
+    }
+}
+
 /// 32 bytes, aligned for 256-bit loads.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
@@ -70,6 +165,9 @@ enum Packing {
     /// Q5_0, Q5_1: the low 4 bits as `Nibbles`, and a fifth register ([`FIFTHS`]) whose
     /// byte `j` holds in bit `g` the fifth bit of quad `g`'s byte `j`.
     Fives,
+    /// IQ4_NL, IQ4_XS, MXFP4: indices as `Nibbles`, each standing for the entry of
+    /// [`BlockMatrix::table`] it indexes.
+    Lut,
 }
 
 /// The register of a [`Packing::Fives`] block that holds the fifth bits.
@@ -80,7 +178,7 @@ impl Packing {
     const fn registers(self) -> usize {
         match self {
             Packing::Int8 => COLS,
-            Packing::Nibbles => COLS / 2,
+            Packing::Nibbles | Packing::Lut => COLS / 2,
             Packing::Fives => COLS / 2 + 1,
         }
     }
@@ -89,7 +187,7 @@ impl Packing {
     const fn place(self, g: usize) -> (usize, u32) {
         match self {
             Packing::Int8 => (g, 0),
-            Packing::Nibbles | Packing::Fives => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
+            Packing::Nibbles | Packing::Fives | Packing::Lut => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
         }
     }
 
@@ -97,7 +195,7 @@ impl Packing {
     const fn mask(self) -> u8 {
         match self {
             Packing::Int8 => 0xff,
-            Packing::Nibbles | Packing::Fives => 0x0f,
+            Packing::Nibbles | Packing::Fives | Packing::Lut => 0x0f,
         }
     }
 }
@@ -118,9 +216,11 @@ pub struct BlockMatrix {
     scales: Vec<[f16; COLS]>,
     /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1).
     mins: Option<Vec<[f16; COLS]>>,
-    /// Blocks that share one activation scale (8 for the K-quants, see
+    /// Blocks that share one activation scale (8 for the K-quants and IQ4_XS, see
     /// [`Activations::quantize`]).
     group: usize,
+    /// [`Packing::Lut`]: the value of each index, biased by 128 as Q8_0's bytes.
+    table: [u8; 16],
 }
 
 /// Input rows quantised to int8 blocks (llama.cpp's Q8_0 activations, with Q8_1's block
@@ -139,7 +239,11 @@ struct Activations {
 
 /// How each served type is held: its packing, its values' offset, whether it has a
 /// per-block minimum.
-fn format(dtype: GgmlDType) -> Option<(Packing, i32, bool)> {
+fn format(file_type: FileType) -> Option<(Packing, i32, bool)> {
+    let FileType::Ggml(dtype) = file_type else {
+        // Table entries are held as Q8_0's bytes are.
+        return Some((Packing::Lut, 128, false));
+    };
     Some(match dtype {
         GgmlDType::Q8_0 => (Packing::Int8, 128, false),
         GgmlDType::Q5_0 => (Packing::Fives, 16, false),
@@ -153,9 +257,9 @@ fn format(dtype: GgmlDType) -> Option<(Packing, i32, bool)> {
     })
 }
 
-/// 32-value blocks in one block of the file's type (8 in a K-quant's super-block of 256).
-fn sub_blocks(dtype: GgmlDType) -> usize {
-    dtype.block_size() / BLOCK
+/// 32-value blocks in one block of the file's type (8 in a super-block of 256).
+fn sub_blocks(file_type: FileType) -> usize {
+    file_type.block_size() / BLOCK
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant super-block (llama.cpp's
@@ -170,7 +274,10 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 /// A K-quant's sub-block is `d·sc·q − dmin·m` with f16 `d`, `dmin` and 6-bit `sc`, `m`: held
 /// as a Q4_1 / Q5_1 block whose scale `d·sc` and minimum `−dmin·m` are rounded to f16
 /// (a relative 2⁻¹¹ at most, against the 4-5 bit rounding of the weights themselves).
-fn unpack_block(dtype: GgmlDType, block: &[u8], sub: usize) -> (f16, f16, [u8; BLOCK]) {
+///
+/// A table type's values are its indices; IQ4_XS's sub-block scale `d·(ls − 32)` and
+/// MXFP4's `2^(e − 128)` are rounded to f16 likewise (the latter exact from 2⁻²⁴ to 2¹⁵).
+fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> (f16, f16, [u8; BLOCK]) {
     let f16_at = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
     let mut q = [0u8; BLOCK];
     let nibbles = |q: &mut [u8; BLOCK], qs: &[u8]| {
@@ -184,6 +291,27 @@ fn unpack_block(dtype: GgmlDType, block: &[u8], sub: usize) -> (f16, f16, [u8; B
         let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
         for (j, q) in q.iter_mut().enumerate() {
             *q |= (((qh >> j) & 1) << 4) as u8;
+        }
+    };
+    let dtype = match file_type {
+        FileType::Ggml(dtype) => dtype,
+        // f16 d, 16 bytes of nibbles
+        FileType::Iq4Nl => {
+            nibbles(&mut q, &block[2..18]);
+            return (f16_at(0), f16::ZERO, q);
+        }
+        // f16 d, u16 of high scale bits, 4 bytes of low ones, 128 bytes of nibbles (16 per
+        // sub-block)
+        FileType::Iq4Xs => {
+            let high = u16::from_le_bytes([block[2], block[3]]);
+            let ls = ((block[4 + sub / 2] >> (4 * (sub % 2))) & 0x0f) | ((((high >> (2 * sub)) & 3) as u8) << 4);
+            nibbles(&mut q, &block[8 + 16 * sub..8 + 16 * sub + 16]);
+            return (f16::from_f32(f16_at(0).to_f32() * (ls as f32 - 32.0)), f16::ZERO, q);
+        }
+        // u8 exponent, 16 bytes of nibbles
+        FileType::Mxfp4 => {
+            nibbles(&mut q, &block[1..17]);
+            return (f16::from_f32((block[0] as f32 - 128.0).exp2()), f16::ZERO, q);
         }
     };
     let min = match dtype {
@@ -230,7 +358,7 @@ fn unpack_block(dtype: GgmlDType, block: &[u8], sub: usize) -> (f16, f16, [u8; B
             let scale = f16::from_f32(f16_at(0).to_f32() * sc as f32);
             return (scale, f16::from_f32(-(f16_at(2).to_f32() * m as f32)), q);
         }
-        _ => unreachable!("{dtype:?} is not a served type"),
+        _ => unreachable!("{file_type} is not a served type"),
     };
     (f16_at(0), min.unwrap_or(f16::ZERO), q)
 }
@@ -293,22 +421,23 @@ thread_local! {
 }
 
 impl BlockMatrix {
-    /// Whether this kernel takes weights of `dtype` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K).
-    pub fn serves(dtype: GgmlDType) -> bool {
-        format(dtype).is_some()
+    /// Whether this kernel takes weights of `file_type` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K,
+    /// Q5_K, IQ4_NL, IQ4_XS, MXFP4).
+    pub fn serves(file_type: FileType) -> bool {
+        format(file_type).is_some()
     }
 
     /// The `rows × cols` weights of a served type, read from `reader` (positioned at the
     /// tensor's data, GGUF layout: row-major blocks) a few row groups at a time and
     /// repacked as they come: the file's bytes are never all in memory beside the result.
-    pub fn read(reader: &mut impl std::io::Read, dtype: GgmlDType, rows: usize, cols: usize) -> Result<BlockMatrix> {
+    pub fn read(reader: &mut impl std::io::Read, dtype: FileType, rows: usize, cols: usize) -> Result<BlockMatrix> {
         /// Bytes read at once.
         const CHUNK: usize = 1 << 20;
         let Some((packing, offset, with_min)) = format(dtype) else {
-            candle_core::bail!("{dtype:?} weights are not served by the block kernel")
+            candle_core::bail!("{dtype} weights are not served by the block kernel")
         };
         if !cols.is_multiple_of(dtype.block_size()) {
-            candle_core::bail!("row length {cols} is not a multiple of {dtype:?}'s block of {}", dtype.block_size())
+            candle_core::bail!("row length {cols} is not a multiple of {dtype}'s block of {}", dtype.block_size())
         }
         let subs = sub_blocks(dtype);
         let blocks = cols / BLOCK;
@@ -323,6 +452,7 @@ impl BlockMatrix {
             scales: vec![[f16::ZERO; COLS]; tiles],
             mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
             group: sub_blocks(dtype),
+            table: dtype.table().map_or([0; 16], |t| t.map(|v| (v as u8) ^ 0x80)),
         };
         let block_bytes = dtype.type_size();
         let row_bytes = cols / dtype.block_size() * block_bytes;
@@ -340,6 +470,9 @@ impl BlockMatrix {
                 {
                     let tile = group * blocks + b * subs + sub;
                     let (d, min, q) = unpack_block(dtype, block, sub);
+                    if !d.is_finite() || !min.is_finite() {
+                        candle_core::bail!("{dtype} row {r} has a scale beyond f16's range ({d}, {min})")
+                    }
                     m.scales[tile][lane] = d;
                     if let Some(mins) = &mut m.mins {
                         mins[tile][lane] = min;
@@ -377,6 +510,9 @@ impl BlockMatrix {
             let mut u = (block[reg].0[lane * 4 + e] >> shift) & self.packing.mask();
             if self.packing == Packing::Fives {
                 u |= ((block[FIFTHS].0[lane * 4 + e] >> g) & 1) << 4;
+            }
+            if self.packing == Packing::Lut {
+                u = self.table[u as usize];
             }
             u as i32 - self.offset
         })
@@ -557,10 +693,11 @@ mod simd {
     use super::{COLS, FIFTHS, Packing, Quants, Tile};
     use std::arch::x86_64::*;
 
-    /// The three packings as const parameters.
+    /// The packings as const parameters.
     const INT8: u8 = 0;
     const NIBBLES: u8 = 1;
     const FIVES: u8 = 2;
+    const LUT: u8 = 3;
 
     /// A tile of `rows` (1..=RM) input rows, by packing and row count.
     ///
@@ -574,6 +711,7 @@ mod simd {
                 Packing::Int8 => by_rows::<VNNI, INT8>(t, rows, out),
                 Packing::Nibbles => by_rows::<VNNI, NIBBLES>(t, rows, out),
                 Packing::Fives => by_rows::<VNNI, FIVES>(t, rows, out),
+                Packing::Lut => by_rows::<VNNI, LUT>(t, rows, out),
             }
         }
     }
@@ -612,6 +750,18 @@ mod simd {
                 return _mm256_dpbusd_epi32(acc, u, x);
             }
             _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// `acc + w · x` for bytes `w` biased by 128 (Q8_0's, a table's entries) under AVX2,
+    /// whose 16-bit pair sums would overflow on full bytes: unbiased, as
+    /// `|w| · (x with w's sign)` in the unsigned × signed form, each byte under 129.
+    #[inline(always)]
+    unsafe fn signed_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: register-only instructions of cfg(avx2_kernels).
+        unsafe {
+            let w = _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN));
+            dot::<false>(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
         }
     }
 
@@ -676,11 +826,12 @@ mod simd {
             let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
             let offset = t.w.offset;
             let low = _mm256_set1_epi8(0x0f);
+            let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.w.table.as_ptr() as *const __m128i));
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..kb {
                 let x = |row: usize| xq.add(row * kb + b);
                 let mut sums = [_mm256_setzero_si256(); R];
-                if P == NIBBLES || P == FIVES {
+                if P == NIBBLES || P == FIVES || P == LUT {
                     let fifths = if P == FIVES { _mm256_load_si256(wq.add(b * regs + FIFTHS)) } else { _mm256_setzero_si256() };
                     // Quad g's fifth bits as 0x10 in each byte.
                     let fifth = |g: usize| {
@@ -695,21 +846,27 @@ mod simd {
                             lo = _mm256_or_si256(lo, fifth(p));
                             hi = _mm256_or_si256(hi, fifth(p + COLS / 2));
                         }
+                        if P == LUT {
+                            // Each index's table entry (biased by 128, as Q8_0's bytes).
+                            lo = _mm256_shuffle_epi8(table, lo);
+                            hi = _mm256_shuffle_epi8(table, hi);
+                        }
                         for (row, sum) in sums.iter_mut().enumerate() {
-                            *sum = dot::<VNNI>(*sum, lo, quad(x(row), p));
-                            *sum = dot::<VNNI>(*sum, hi, quad(x(row), p + COLS / 2));
+                            if P == LUT && !VNNI {
+                                *sum = signed_dot(*sum, lo, quad(x(row), p));
+                                *sum = signed_dot(*sum, hi, quad(x(row), p + COLS / 2));
+                            } else {
+                                *sum = dot::<VNNI>(*sum, lo, quad(x(row), p));
+                                *sum = dot::<VNNI>(*sum, hi, quad(x(row), p + COLS / 2));
+                            }
                         }
                     }
                 } else {
                     for g in 0..COLS {
                         let w = _mm256_load_si256(wq.add(b * regs + g));
                         if P == INT8 && !VNNI {
-                            // Unbiased, |w| · (x with w's sign) = w · x in the unsigned ×
-                            // signed form, each byte under 129.
-                            let w = _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN));
-                            let wa = _mm256_sign_epi8(w, w);
                             for (row, sum) in sums.iter_mut().enumerate() {
-                                *sum = dot::<VNNI>(*sum, wa, _mm256_sign_epi8(quad(x(row), g), w));
+                                *sum = signed_dot(*sum, w, quad(x(row), g));
                             }
                         } else {
                             for (row, sum) in sums.iter_mut().enumerate() {
@@ -718,8 +875,8 @@ mod simd {
                         }
                     }
                 }
-                // The offset of the stored values (taken off Q8_0's already under AVX2).
-                if offset != 0 && (P != INT8 || VNNI) {
+                // The offset of the stored values (taken off biased bytes already under AVX2).
+                if offset != 0 && (P == NIBBLES || P == FIVES || VNNI) {
                     for (row, sum) in sums.iter_mut().enumerate() {
                         *sum = _mm256_sub_epi32(*sum, _mm256_set1_epi32(offset * *xt.add(row * kb + b)));
                     }
@@ -757,20 +914,79 @@ mod tests {
     }
 
     /// The block types the kernel takes.
-    const TYPES: [GgmlDType; 7] =
-        [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q5K];
+    const TYPES: [FileType; 10] = [
+        FileType::Ggml(GgmlDType::Q8_0),
+        FileType::Ggml(GgmlDType::Q5_0),
+        FileType::Ggml(GgmlDType::Q5_1),
+        FileType::Ggml(GgmlDType::Q4_0),
+        FileType::Ggml(GgmlDType::Q4_1),
+        FileType::Ggml(GgmlDType::Q4K),
+        FileType::Ggml(GgmlDType::Q5K),
+        FileType::Iq4Nl,
+        FileType::Iq4Xs,
+        FileType::Mxfp4,
+    ];
 
-    fn is_k_quant(dtype: GgmlDType) -> bool {
-        matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K)
+    /// Types whose 32-value blocks' scales are rounded to f16 from a product.
+    fn rounded_scales(dtype: FileType) -> bool {
+        matches!(dtype, FileType::Ggml(GgmlDType::Q4K | GgmlDType::Q5K) | FileType::Iq4Xs)
     }
 
-    /// A seeded n × k matrix quantised to `dtype`, repacked, and candle's dequantised values.
-    fn weights(n: usize, k: usize, seed: u32, dtype: GgmlDType) -> (BlockMatrix, Vec<f32>) {
-        let t = Tensor::from_vec(seeded(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let bytes = q.data().unwrap();
+    /// A row length of whole blocks for `dtype`.
+    fn row_length(dtype: FileType, short: usize) -> usize {
+        if dtype.block_size() == 256 { 768 } else { short }
+    }
+
+    /// A seeded n × k matrix of `dtype`, repacked, and its values as ggml dequantises
+    /// them: candle's for the types it knows, else llama.cpp's `dequantize_row_*` (from
+    /// seeded block bytes with plausible scales: candle cannot quantise these types).
+    fn weights(n: usize, k: usize, seed: u32, dtype: FileType) -> (BlockMatrix, Vec<f32>) {
+        let (bytes, want) = match dtype {
+            FileType::Ggml(d) => {
+                let t = Tensor::from_vec(seeded(n * k, seed), (n, k), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&t, d).unwrap();
+                let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (q.data().unwrap().to_vec(), want)
+            }
+            _ => table_blocks(n * k / dtype.block_size(), seed, dtype),
+        };
         (BlockMatrix::read(&mut std::io::Cursor::new(&bytes[..]), dtype, n, k).unwrap(), want)
+    }
+
+    /// `blocks` seeded blocks of a table type and their values (ggml-quants.c).
+    fn table_blocks(blocks: usize, seed: u32, dtype: FileType) -> (Vec<u8>, Vec<f32>) {
+        let noise = seeded(blocks * dtype.type_size(), seed);
+        let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        let mut want = Vec::new();
+        for (i, block) in bytes.chunks_exact_mut(dtype.type_size()).enumerate() {
+            let d = 0.001 + 0.0005 * (i % 7) as f32;
+            let half = |v: f32| f16::from_f32(v).to_le_bytes();
+            let nibbles = |qs: &[u8], scale: f32, table: &[i8; 16], out: &mut Vec<f32>| {
+                out.extend(qs.iter().map(|q| scale * table[(q & 15) as usize] as f32));
+                out.extend(qs.iter().map(|q| scale * table[(q >> 4) as usize] as f32));
+            };
+            match dtype {
+                FileType::Iq4Nl => {
+                    block[..2].copy_from_slice(&half(d));
+                    nibbles(&block[2..18], f16::from_f32(d).to_f32(), &IQ4NL_VALUES, &mut want);
+                }
+                FileType::Iq4Xs => {
+                    block[..2].copy_from_slice(&half(d));
+                    let d = f16::from_f32(d).to_f32();
+                    let high = u16::from_le_bytes([block[2], block[3]]);
+                    for ib in 0..8 {
+                        let ls = ((block[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i32 | (((high >> (2 * ib)) & 3) as i32) << 4;
+                        nibbles(&block[8 + 16 * ib..24 + 16 * ib], d * (ls - 32) as f32, &IQ4NL_VALUES, &mut want);
+                    }
+                }
+                FileType::Mxfp4 => {
+                    block[0] = 118 + (i % 9) as u8;
+                    nibbles(&block[1..17], (block[0] as f32 - 128.0).exp2(), &FP4_VALUES, &mut want);
+                }
+                FileType::Ggml(_) => unreachable!(),
+            }
+        }
+        (bytes, want)
     }
 
     fn activations(xs: &[f32], k: usize, group: usize) -> Activations {
@@ -783,7 +999,7 @@ mod tests {
     fn weights_unpack_to_candles_dequantised_values() {
         for dtype in TYPES {
             // 13 rows: one full group of 8 and one padded group.
-            let k = if is_k_quant(dtype) { 512 } else { 96 };
+            let k = if dtype.block_size() == 256 { 512 } else { 96 };
             let (w, want) = weights(13, k, 3, dtype);
             let ids: Vec<u32> = (0..13).collect();
             let got = w.gather(&ids).unwrap();
@@ -791,24 +1007,31 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 // d·q + m is one fused step here, two roundings in candle; a K-quant's
                 // sub-block scale and minimum are each rounded to f16 (2⁻¹¹ of the range each).
-                let tolerance = if is_k_quant(dtype) { amax / 512.0 } else { 1e-6 * w.abs().max(1.0) };
-                assert!((g - w).abs() <= tolerance, "{dtype:?} [{i}]: {g} vs {w}");
+                let tolerance = if rounded_scales(dtype) { amax / 512.0 } else { 1e-6 * w.abs().max(1.0) };
+                assert!((g - w).abs() <= tolerance, "{dtype} [{i}]: {g} vs {w}");
             }
-            if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) && !is_k_quant(dtype) {
-                assert_eq!(got, want, "{dtype:?} widens exactly");
+            if !matches!(dtype, FileType::Ggml(GgmlDType::Q4_1 | GgmlDType::Q5_1)) && !rounded_scales(dtype) {
+                assert_eq!(got, want, "{dtype} widens exactly");
             }
             assert!(w.gather(&[13]).is_err());
         }
-        assert!(!BlockMatrix::serves(GgmlDType::Q6K), "Q6_K stays with candle");
-        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q6K, 4, 256).is_err());
-        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), GgmlDType::Q4K, 4, 96).is_err(), "rows of 96 are no K-quant");
+        let q6k = FileType::Ggml(GgmlDType::Q6K);
+        assert!(!BlockMatrix::serves(q6k), "Q6_K stays with candle");
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), q6k, 4, 256).is_err());
+        let q4k = FileType::Ggml(GgmlDType::Q4K);
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), q4k, 4, 96).is_err(), "rows of 96 are no K-quant");
+        // An MXFP4 exponent past f16's range is refused, not run as infinities.
+        let mut block = vec![0u8; 17 * 8];
+        block[0] = 200;
+        let err = BlockMatrix::read(&mut std::io::Cursor::new(block), FileType::Mxfp4, 8, 32).err().unwrap();
+        assert!(err.to_string().contains("beyond f16's range"), "{err}");
     }
 
     #[test]
     fn a_matrix_read_in_several_chunks_is_the_same() {
         // 3001 rows of 640 Q8_0 values: 2 MB, read 1 MiB at a time (1542 rows, not a whole
         // number of row groups).
-        let (w, want) = weights(3001, 640, 5, GgmlDType::Q8_0);
+        let (w, want) = weights(3001, 640, 5, FileType::Ggml(GgmlDType::Q8_0));
         let ids: Vec<u32> = (0..3001).collect();
         assert_eq!(w.gather(&ids).unwrap(), want);
     }
@@ -817,7 +1040,7 @@ mod tests {
     fn matmul_matches_the_product_of_the_dequantised_values() {
         let n = 37;
         for dtype in TYPES {
-            let k = if is_k_quant(dtype) { 768 } else { 640 };
+            let k = row_length(dtype, 640);
             let (w, _) = weights(n, k, 1, dtype);
             // The weights as the kernel holds them (candle's values, checked above).
             let wf = w.gather(&(0..n as u32).collect::<Vec<_>>()).unwrap();
@@ -836,7 +1059,7 @@ mod tests {
                     for j in 0..n {
                         let want: f64 = xi.iter().zip(&wf[j * k..(j + 1) * k]).map(|(a, &b)| a * b as f64).sum();
                         let got = out[i * n + j] as f64;
-                        assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype:?} m={m} ({i},{j}): {got} vs {want}");
+                        assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype} m={m} ({i},{j}): {got} vs {want}");
                     }
                 }
             }
@@ -847,7 +1070,7 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
         let n = 50;
         for dtype in TYPES {
-            let k = if is_k_quant(dtype) { 768 } else { 640 };
+            let k = row_length(dtype, 640);
             let (w, _) = weights(n, k, 7, dtype);
             let xs = seeded(11 * k, 8);
             let mut batched = vec![0f32; 11 * n];
@@ -855,7 +1078,7 @@ mod tests {
             for i in 0..11 {
                 let mut alone = vec![0f32; n];
                 matmul(&activations(&xs[i * k..(i + 1) * k], k, w.group), &w, &mut alone, Kernel::FASTEST);
-                assert_eq!(alone, batched[i * n..(i + 1) * n], "{dtype:?} row {i}");
+                assert_eq!(alone, batched[i * n..(i + 1) * n], "{dtype} row {i}");
             }
         }
     }
@@ -872,7 +1095,7 @@ mod tests {
         assert!(kernels.contains(&Kernel::FASTEST));
         let n = 21;
         for dtype in TYPES {
-            let k = if is_k_quant(dtype) { 768 } else { 640 };
+            let k = row_length(dtype, 640);
             let (w, _) = weights(n, k, 11, dtype);
             // 7 rows: tiles of 4 and 3.
             let x = activations(&seeded(7 * k, 12), k, w.group);
@@ -885,7 +1108,7 @@ mod tests {
                 })
                 .collect();
             for (kernel, got) in kernels.iter().zip(&results) {
-                assert_eq!(got, &results[0], "{dtype:?}: {kernel:?} against {:?}", kernels[0]);
+                assert_eq!(got, &results[0], "{dtype}: {kernel:?} against {:?}", kernels[0]);
             }
         }
     }
@@ -919,10 +1142,16 @@ mod tests {
 
     #[test]
     fn four_and_five_bit_types_keep_their_width() {
-        for (dtype, width) in [(GgmlDType::Q4_0, 4.5), (GgmlDType::Q5_0, 5.5)] {
-            let (w, _) = weights(16, 640, 3, dtype);
+        for (dtype, width) in [
+            (FileType::Ggml(GgmlDType::Q4_0), 4.5),
+            (FileType::Ggml(GgmlDType::Q5_0), 5.5),
+            (FileType::Iq4Nl, 4.5),
+            (FileType::Iq4Xs, 4.5),
+            (FileType::Mxfp4, 4.5),
+        ] {
+            let (w, _) = weights(16, 768, 3, dtype);
             let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2) * 8;
-            assert_eq!(bits as f64 / (16 * 640) as f64, width, "{dtype:?}: bits per weight, as in the file");
+            assert_eq!(bits as f64 / (16 * 768) as f64, width, "{dtype}: bits per weight");
         }
     }
 }

@@ -61,11 +61,19 @@ const MISTRAL_TEMPLATE: &str = r#"{{ bos_token }}
   {%- else -%}{{ message['content'] + eos_token }}{%- endif -%}
 {%- endfor -%}"#;
 
+/// gpt-oss's harmony turns (openai/harmony), without its tools and channels: a released
+/// gpt-oss GGUF carries its full template.
+const HARMONY_TEMPLATE: &str = r#"{%- for message in messages -%}
+{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|start|>assistant<|channel|>final<|message|>' }}{%- endif -%}"#;
+
 /// The built-in template for a family, used when neither config nor GGUF gives one.
 pub fn builtin_template(family: Family) -> &'static str {
     match family {
         Family::Gemma3 => GEMMA_TEMPLATE,
-        Family::Qwen2 | Family::Qwen3 => CHATML_TEMPLATE,
+        Family::GptOss => HARMONY_TEMPLATE,
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => CHATML_TEMPLATE,
         Family::Llama => LLAMA3_TEMPLATE,
         Family::Phi3 => PHI3_TEMPLATE,
         Family::Mistral3 => MISTRAL_TEMPLATE,

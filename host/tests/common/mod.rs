@@ -41,6 +41,20 @@ pub fn llama_cpp_tool(name: &str) -> PathBuf {
     bin
 }
 
+/// A synthetic GGUF made by scripts/make-test-models.sh (each family's released per-layer
+/// shapes with seeded random weights): `models/synthetic/{name}.gguf`, or under
+/// `$WISPTEST_SYNTHETIC`.
+#[allow(dead_code)]
+pub fn synthetic(name: &str) -> PathBuf {
+    let dir = match std::env::var("WISPTEST_SYNTHETIC") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => workspace_root().join("models/synthetic"),
+    };
+    let path = dir.join(format!("{name}.gguf"));
+    assert!(path.exists(), "{} is missing: run scripts/make-test-models.sh (scripts/setup-test-deps.sh does)", path.display());
+    path
+}
+
 pub fn default_model_path() -> PathBuf {
     let path = workspace_root().join("models/gemma-3-270m-q4_k_m.gguf");
     assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", path.display());

@@ -4,10 +4,11 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
-use crate::engine::qgemm::BlockMatrix;
+use super::gguf::Header;
+use crate::engine::qgemm::{BlockMatrix, FileType};
 
 pub(super) struct RmsNorm {
     pub weight: Tensor,
@@ -22,7 +23,7 @@ impl RmsNorm {
 
 /// A weight matrix and the kernel that multiplies by it.
 pub(super) enum Weight {
-    /// Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 on the CPU: wisp's repacked kernel (`qgemm`).
+    /// The types [`BlockMatrix::serves`] on the CPU: wisp's repacked kernel (`qgemm`).
     Blocks(Arc<BlockMatrix>),
     /// Anything else: candle's quantised matmul.
     Candle(QMatMul),
@@ -45,14 +46,14 @@ pub(super) struct Linear {
 }
 
 impl Linear {
-    pub fn new((weight, dtype): (Weight, GgmlDType), bias: Option<Tensor>) -> Linear {
+    pub fn new((weight, dtype): (Weight, FileType), bias: Option<Tensor>) -> Linear {
         // candle picks a different x86 kernel for Q6_K with one row (compact weights) than
         // with several (repacked tiles), and the two round differently: a sequence decoded
         // alone would not produce the tokens it produces beside others. Padding one row to
         // two keeps every row on the tiled kernel, so batched output equals single-stream
         // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
         // kernel needs no such care.
-        let pad_single_row = matches!(weight, Weight::Candle(_)) && dtype == GgmlDType::Q6K;
+        let pad_single_row = matches!(weight, Weight::Candle(_)) && dtype == FileType::Ggml(GgmlDType::Q6K);
         Linear { weight, bias, pad_single_row }
     }
 
@@ -91,7 +92,7 @@ impl Embedding {
 /// reader would hold the file's bytes twice, as read and as typed blocks: for the default
 /// model's 168 MB embedding table, a load peak of ~350 MB).
 pub(super) struct Tensors<'a, R> {
-    pub content: &'a gguf_file::Content,
+    pub header: &'a Header,
     pub reader: &'a mut R,
     pub device: &'a Device,
     /// The file's length, read once: every tensor must lie inside it.
@@ -100,16 +101,48 @@ pub(super) struct Tensors<'a, R> {
 
 impl<R: Read + Seek> Tensors<'_, R> {
     pub fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.header.content.tensor_infos.contains_key(name) || self.header.foreign.contains_key(name)
     }
 
-    /// The tensor `name`, checked to have `shape` (GGUF order reversed: rows first).
-    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
-        let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
-        if info.shape.dims() != shape {
-            candle_core::bail!("tensor `{name}` has shape {:?}, this model needs {shape:?}", info.shape.dims())
+    /// Whether `name` is of a type only wisp's block kernel runs.
+    pub fn blocks_only(&self, name: &str) -> bool {
+        self.header.foreign.contains_key(name)
+    }
+
+    /// The type of tensor `name`, checked to have `shape` (GGUF order reversed: rows first)
+    /// and to lie inside the file, where its data starts, and its bytes.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(FileType, u64, u64)> {
+        let (file_type, dims, offset) = match (self.header.content.tensor_infos.get(name), self.header.foreign.get(name)) {
+            (Some(info), _) => (FileType::Ggml(info.ggml_dtype), info.shape.dims(), info.offset),
+            (None, Some(t)) => (t.file_type, t.dims.as_slice(), t.offset),
+            (None, None) => candle_core::bail!("the GGUF has no tensor `{name}`"),
+        };
+        if dims != shape {
+            candle_core::bail!("tensor `{name}` has shape {dims:?}, this model needs {shape:?}")
         }
-        self.content.tensor(self.reader, name, self.device)
+        let cols = shape.last().copied().unwrap_or(1);
+        let Some(bytes) = file_type.matrix_bytes(shape.iter().product::<usize>() / cols.max(1), cols) else {
+            candle_core::bail!("tensor `{name}`: rows of {cols} values are not whole {file_type} blocks of {}", file_type.block_size())
+        };
+        // As candle's reader does: a tensor must lie inside the file before anything is
+        // allocated for it.
+        let start = self.header.content.tensor_data_offset.saturating_add(offset);
+        if start.saturating_add(bytes) > self.file_size {
+            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({} bytes)", self.file_size)
+        }
+        Ok((file_type, start, bytes))
+    }
+
+    /// The tensor `name`, checked to have `shape`, for candle's kernels.
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        let (file_type, start, bytes) = self.locate(name, shape)?;
+        let FileType::Ggml(dtype) = file_type else {
+            candle_core::bail!("tensor `{name}` is {file_type}, which only wisp's CPU kernel runs")
+        };
+        let mut raw = vec![0u8; bytes as usize];
+        self.reader.seek(std::io::SeekFrom::Start(start))?;
+        self.reader.read_exact(&mut raw)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, shape.to_vec(), self.device)
     }
 
     /// A vector (a norm's weights, a bias, RoPE factors) as f32 on the device.
@@ -121,37 +154,61 @@ impl<R: Read + Seek> Tensors<'_, R> {
         Ok(RmsNorm { weight: self.vector(name, len)?, eps })
     }
 
-    /// The matrix `name` in wisp's block kernel's layout with its file type, if that kernel
-    /// serves the type on this device; `None` (nothing read) otherwise.
-    pub fn blocks(&mut self, name: &str, shape: [usize; 2]) -> Result<Option<(Arc<BlockMatrix>, GgmlDType)>> {
-        let Some(info) = self.content.tensor_infos.get(name) else { candle_core::bail!("the GGUF has no tensor `{name}`") };
-        if info.shape.dims() != shape {
-            candle_core::bail!("tensor `{name}` has shape {:?}, this model needs {shape:?}", info.shape.dims())
-        }
-        let dtype = info.ggml_dtype;
-        if !self.device.is_cpu() || !BlockMatrix::serves(dtype) {
+    /// Whether wisp's block kernel runs `file_type` here.
+    fn on_blocks(&self, file_type: FileType) -> bool {
+        self.device.is_cpu() && BlockMatrix::serves(file_type)
+    }
+
+    /// The matrix `name` in wisp's block kernel's layout, if that kernel serves its type on
+    /// this device; `None` (nothing read) otherwise.
+    pub fn blocks(&mut self, name: &str, shape: [usize; 2]) -> Result<Option<Arc<BlockMatrix>>> {
+        let (file_type, start, _) = self.locate(name, &shape)?;
+        if !self.on_blocks(file_type) {
             return Ok(None);
         }
-        let [rows, cols] = shape;
-        let start = self.content.tensor_data_offset.saturating_add(info.offset);
-        // As candle's reader does: a tensor must lie inside the file before anything is
-        // allocated for it.
-        let bytes = (rows as u64).saturating_mul((cols / dtype.block_size()) as u64).saturating_mul(dtype.type_size() as u64);
-        if start.saturating_add(bytes) > self.file_size {
-            candle_core::bail!("tensor `{name}` needs {bytes} bytes at offset {start}, past the end of the file ({} bytes)", self.file_size)
-        }
         self.reader.seek(std::io::SeekFrom::Start(start))?;
-        Ok(Some((Arc::new(BlockMatrix::read(self.reader, dtype, rows, cols)?), dtype)))
+        Ok(Some(Arc::new(BlockMatrix::read(self.reader, file_type, shape[0], shape[1])?)))
     }
 
     /// A `(rows, cols)` weight matrix with the kernel that multiplies by it, and its file type.
-    pub fn weight(&mut self, name: &str, shape: [usize; 2]) -> Result<(Weight, GgmlDType)> {
-        if let Some((w, dtype)) = self.blocks(name, shape)? {
-            return Ok((Weight::Blocks(w), dtype));
+    pub fn weight(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<(Weight, FileType)> {
+        let (file_type, start, _) = self.locate(name, &[rows, cols])?;
+        self.reader.seek(std::io::SeekFrom::Start(start))?;
+        Ok((self.read_weight(name, file_type, rows, cols)?, file_type))
+    }
+
+    /// The `n` matrices of `rows × cols` in the expert-major 3-D tensor `name.weight` (GGUF
+    /// `ffn_*_exps`), each with the kernel that multiplies by it, and its row of the
+    /// `(n, rows)` matrix `name.bias` if the file has one.
+    pub fn experts(&mut self, name: &str, [n, rows, cols]: [usize; 3]) -> Result<Vec<Linear>> {
+        let bias_name = format!("{name}.bias");
+        let biases = match self.has(&bias_name) {
+            true => Some(self.tensor(&bias_name, &[n, rows])?.dequantize(self.device)?),
+            false => None,
+        };
+        let name = format!("{name}.weight");
+        let (file_type, start, _) = self.locate(&name, &[n, rows, cols])?;
+        self.reader.seek(std::io::SeekFrom::Start(start))?;
+        (0..n)
+            .map(|e| {
+                let bias = biases.as_ref().map(|b| b.get(e)).transpose()?;
+                Ok(Linear::new((self.read_weight(&name, file_type, rows, cols)?, file_type), bias))
+            })
+            .collect()
+    }
+
+    /// The `rows × cols` matrix of `file_type` at the reader's position.
+    fn read_weight(&mut self, name: &str, file_type: FileType, rows: usize, cols: usize) -> Result<Weight> {
+        if self.on_blocks(file_type) {
+            return Ok(Weight::Blocks(Arc::new(BlockMatrix::read(self.reader, file_type, rows, cols)?)));
         }
-        let t = self.tensor(name, &shape)?;
-        let dtype = t.dtype();
-        Ok((Weight::Candle(QMatMul::from_qtensor(t)?), dtype))
+        let FileType::Ggml(dtype) = file_type else {
+            candle_core::bail!("tensor `{name}` is {file_type}, which only wisp's CPU kernel runs")
+        };
+        let mut raw = vec![0u8; file_type.matrix_bytes(rows, cols).unwrap_or(0) as usize];
+        self.reader.read_exact(&mut raw)?;
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, vec![rows, cols], self.device)?;
+        Ok(Weight::Candle(QMatMul::from_qtensor(t)?))
     }
 
     /// `name.weight` of `shape` and `name.bias` if the file has one.

@@ -4,6 +4,7 @@
 use candle_core::Result;
 use candle_core::quantized::gguf_file::{self, Value};
 
+pub use super::moe::Activation;
 use super::rope::RopeParams;
 
 /// The architectures wisp implements, from `general.architecture`; one module each beside
@@ -11,15 +12,18 @@ use super::rope::RopeParams;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Gemma3,
+    GptOss,
     Llama,
     Mistral3,
     Phi3,
     Qwen2,
     Qwen3,
+    Qwen3Moe,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] = [Family::Gemma3, Family::Llama, Family::Mistral3, Family::Phi3, Family::Qwen2, Family::Qwen3];
+    pub const ALL: [Family; 8] =
+        [Family::Gemma3, Family::GptOss, Family::Llama, Family::Mistral3, Family::Phi3, Family::Qwen2, Family::Qwen3, Family::Qwen3Moe];
 
     /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
     pub fn from_architecture(arch: &str) -> Option<Family> {
@@ -30,11 +34,13 @@ impl Family {
     pub fn arch_name(self) -> &'static str {
         match self {
             Family::Gemma3 => "gemma3",
+            Family::GptOss => "gpt-oss",
             Family::Llama => "llama",
             Family::Mistral3 => "mistral3",
             Family::Phi3 => "phi3",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -59,12 +65,24 @@ pub struct Layout {
     pub gelu: bool,
     /// Token embeddings are multiplied by `√n_embd` (Gemma).
     pub embed_scale: bool,
+    /// A learned logit per query head in each softmax (`attn_sinks`: gpt-oss).
+    pub sinks: bool,
+    /// The name of the norm before the MLP (`post_attention_norm` in gpt-oss).
+    pub ffn_norm: &'static str,
 }
 
 impl Layout {
     /// Llama's block: separate projections, SiLU-gated MLP, no extra norms.
-    pub const LLAMA: Layout =
-        Layout { fused_qkv: false, fused_gate_up: false, qk_norm: false, post_norms: false, gelu: false, embed_scale: false };
+    pub const LLAMA: Layout = Layout {
+        fused_qkv: false,
+        fused_gate_up: false,
+        qk_norm: false,
+        post_norms: false,
+        gelu: false,
+        embed_scale: false,
+        sinks: false,
+        ffn_norm: "ffn_norm.weight",
+    };
 }
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -90,6 +108,28 @@ pub struct Hparams {
     pub attn_temperature: Option<AttnTemperature>,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// Routed experts in place of the dense MLP (Qwen 3 MoE).
+    pub moe: Option<Moe>,
+}
+
+/// A mixture-of-experts MLP: each token runs `n_used` of `n_expert` gated MLPs of width
+/// `n_ff`, chosen and weighted by a router.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Moe {
+    pub n_expert: usize,
+    pub n_used: usize,
+    pub n_ff: usize,
+    pub activation: Activation,
+}
+
+impl Moe {
+    /// `{arch}.expert_count`, `expert_used_count` and `expert_feed_forward_length`
+    /// (llama.cpp's default without it: the dense width over the experts used).
+    pub(super) fn read(meta: &Meta<'_>, dense_ff: usize) -> Result<Moe> {
+        let (n_expert, n_used) = (meta.u32("expert_count")?, meta.u32("expert_used_count")?);
+        let n_ff = meta.opt_u32("expert_feed_forward_length")?.unwrap_or(dense_ff / n_used.max(1));
+        Ok(Moe { n_expert, n_used, n_ff, activation: Activation::Silu })
+    }
 }
 
 /// Llama 4's attention temperature tuning, which Mistral 3 keeps: long positions sharpen q.
@@ -105,11 +145,13 @@ impl Hparams {
         let meta = Meta { content, arch: family.arch_name() };
         let hp = match family {
             Family::Gemma3 => super::gemma3::hparams(&meta)?,
+            Family::GptOss => super::gpt_oss::hparams(&meta)?,
             Family::Llama => super::llama::hparams(&meta)?,
             Family::Mistral3 => super::mistral3::hparams(&meta)?,
             Family::Phi3 => super::phi3::hparams(&meta)?,
             Family::Qwen2 => super::qwen2::hparams(&meta)?,
             Family::Qwen3 => super::qwen3::hparams(&meta)?,
+            Family::Qwen3Moe => super::qwen3moe::hparams(&meta)?,
         };
         hp.validate()?;
         Ok(hp)
@@ -147,6 +189,7 @@ impl Hparams {
             attn_temperature: None,
             context_length: meta.u32("context_length")?,
             vocab_size,
+            moe: None,
         })
     }
 
@@ -166,6 +209,11 @@ impl Hparams {
             if rope.n_rot == 0 || rope.n_rot > self.head_dim || !rope.n_rot.is_multiple_of(2) {
                 return fail(format!("RoPE over {} of a head's {} values", rope.n_rot, self.head_dim));
             }
+        }
+        if let Some(moe) = self.moe
+            && (moe.n_expert == 0 || moe.n_used == 0 || moe.n_used > moe.n_expert || moe.n_ff == 0)
+        {
+            return fail(format!("{} of {} experts of width {}", moe.n_used, moe.n_expert, moe.n_ff));
         }
         if self.sliding_window == Some(0) || self.swa_pattern == 0 {
             return fail("a sliding window of 0".into());

@@ -4,8 +4,9 @@
 //! - [`blocks`]: norms, weight matrices and their kernels, the tensor reader;
 //! - [`rope`]: rotary tables as ggml computes them (plain, Llama 3 factors, LongRoPE, YaRN);
 //! - [`gguf`]: the header of an untrusted file, read without panics;
-//! - `gemma3`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`: what sets each family apart,
-//!   its keys and its [`Layout`], with the llama.cpp file it follows;
+//! - `gemma3`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`: what
+//!   sets each family apart, its keys and its [`Layout`], with the llama.cpp file it follows;
+//! - [`moe`]: routed experts in place of the MLP;
 //! - this file: the pre-norm decoder block every family shares and the batched forward pass.
 //!
 //! This is wisp's own model instead of candle-transformers' because the stock quantized
@@ -31,23 +32,26 @@
 mod blocks;
 mod gemma3;
 pub mod gguf;
+mod gpt_oss;
 mod hparams;
 mod llama;
 mod mistral3;
+mod moe;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen3moe;
 mod rope;
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
 use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
-pub use hparams::{AttnTemperature, Family, Hparams, Layout};
+pub use hparams::{AttnTemperature, Family, Hparams, Layout, Moe};
 pub use rope::{Factors, RopeParams, Yarn};
 
 /// A candle error's message alone: candle appends a backtrace when RUST_BACKTRACE is set,
@@ -130,6 +134,12 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// The feed-forward part of a layer.
+enum Ffn {
+    Dense { gate_up: GateUp, down: Linear },
+    Experts(moe::Experts),
+}
+
 struct Layer {
     attn_norm: RmsNorm,
     qkv: Qkv,
@@ -138,9 +148,10 @@ struct Layer {
     k_norm: Option<RmsNorm>,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate_up: GateUp,
-    down: Linear,
+    ffn: Ffn,
     post_ffn_norm: Option<RmsNorm>,
+    /// One logit per query head in each softmax (gpt-oss).
+    sinks: Option<Tensor>,
     /// Sliding window for this layer, `None` for global attention.
     window: Option<usize>,
     /// Index into [`Model::ropes`].
@@ -162,15 +173,25 @@ impl Layer {
                 file.linear(&name("attn_v"), [kv_rows, e])?,
             ]),
         };
-        let gate_up = match layout.fused_gate_up {
-            true => GateUp::Fused(file.linear(&name("ffn_up"), [2 * ff, e])?),
-            false => GateUp::Separate(file.linear(&name("ffn_gate"), [ff, e])?, file.linear(&name("ffn_up"), [ff, e])?),
+        let ffn = match hp.moe {
+            Some(moe) => Ffn::Experts(moe::Experts::load(file, i, e, moe)?),
+            None => {
+                let gate_up = match layout.fused_gate_up {
+                    true => GateUp::Fused(file.linear(&name("ffn_up"), [2 * ff, e])?),
+                    false => GateUp::Separate(file.linear(&name("ffn_gate"), [ff, e])?, file.linear(&name("ffn_up"), [ff, e])?),
+                };
+                Ffn::Dense { gate_up, down: file.linear(&name("ffn_down"), [e, ff])? }
+            }
         };
         let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
         let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
         let k_norm = optional(layout.qk_norm, "attn_k_norm.weight", d)?;
         let post_attn_norm = optional(layout.post_norms, "post_attention_norm.weight", e)?;
         let post_ffn_norm = optional(layout.post_norms, "post_ffw_norm.weight", e)?;
+        let sinks = match layout.sinks {
+            true => Some(file.vector(&name("attn_sinks.weight"), hp.n_head)?),
+            false => None,
+        };
         let window = hp.layer_window(i);
         Ok(Layer {
             attn_norm: file.norm(&name("attn_norm.weight"), e, eps)?,
@@ -179,10 +200,10 @@ impl Layer {
             q_norm,
             k_norm,
             post_attn_norm,
-            ffn_norm: file.norm(&name("ffn_norm.weight"), e, eps)?,
-            gate_up,
-            down: file.linear(&name("ffn_down"), [e, ff])?,
+            ffn_norm: file.norm(&name(layout.ffn_norm), e, eps)?,
+            ffn,
             post_ffn_norm,
+            sinks,
             window,
             rope: usize::from(window.is_some() && hp.rope_local.is_some()),
         })
@@ -201,9 +222,13 @@ impl Layer {
         }
     }
 
-    /// The MLP's activation input: `act(gate) · up`.
-    fn gated(&self, h: &Tensor, gelu: bool) -> Result<Tensor> {
-        let (gate, up) = match &self.gate_up {
+    /// The feed-forward output of every row of `h`: `down(act(gate) · up)`, or the experts'.
+    fn ffn(&self, h: &Tensor, gelu: bool) -> Result<Tensor> {
+        let (gate_up, down) = match &self.ffn {
+            Ffn::Dense { gate_up, down } => (gate_up, down),
+            Ffn::Experts(experts) => return experts.forward(h),
+        };
+        let (gate, up) = match gate_up {
             GateUp::Separate(gate, up) => (gate.forward(h)?, up.forward(h)?),
             GateUp::Fused(w) => {
                 let both = w.forward(h)?;
@@ -211,7 +236,8 @@ impl Layer {
                 (both.narrow(2, 0, ff)?.contiguous()?, both.narrow(2, ff, ff)?.contiguous()?)
             }
         };
-        if gelu { super::ops::gelu_mul(&gate, &up) } else { candle_nn::ops::silu(&gate)? * up }
+        let act = if gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
+        down.forward(&act)
     }
 }
 
@@ -256,20 +282,21 @@ pub struct Model {
 
 impl Model {
     /// Loads the weights of `content`, sizing position tables for `max_len` tokens.
-    pub fn load<R: Read + Seek>(
-        content: &gguf_file::Content,
-        reader: &mut R,
-        hp: Hparams,
-        max_len: usize,
-        device: &Device,
-    ) -> Result<Model> {
+    pub fn load<R: Read + Seek>(header: &gguf::Header, reader: &mut R, hp: Hparams, max_len: usize, device: &Device) -> Result<Model> {
         let file_size = reader.seek(std::io::SeekFrom::End(0))?;
-        let mut file = Tensors { content, reader, device, file_size };
+        let mut file = Tensors { header, reader, device, file_size };
         let (vocab, e) = (hp.vocab_size, hp.n_embd);
         let (embed, output) = if file.has("output.weight") {
-            let embed = Embedding::Quantized(Arc::new(file.tensor("token_embd.weight", &[vocab, e])?));
+            // A table of a type candle does not know is looked up on wisp's kernel.
+            let embed = match file.blocks_only("token_embd.weight") {
+                true => Embedding::Blocks(
+                    file.blocks("token_embd.weight", [vocab, e])?
+                        .ok_or_else(|| candle_core::Error::Msg("the token embeddings' type runs on wisp's CPU kernel only".into()))?,
+                ),
+                false => Embedding::Quantized(Arc::new(file.tensor("token_embd.weight", &[vocab, e])?)),
+            };
             (embed, file.weight("output.weight", [vocab, e])?.0)
-        } else if let Some((w, _)) = file.blocks("token_embd.weight", [vocab, e])? {
+        } else if let Some(w) = file.blocks("token_embd.weight", [vocab, e])? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Blocks(w.clone()), Weight::Blocks(w))
         } else {
@@ -426,7 +453,7 @@ impl Model {
         let x = (x + attn)?;
 
         let h = layer.ffn_norm.forward(&x)?;
-        let mut ffn = layer.down.forward(&layer.gated(&h, self.hp.layout.gelu)?)?;
+        let mut ffn = layer.ffn(&h, self.hp.layout.gelu)?;
         if let Some(norm) = &layer.post_ffn_norm {
             ffn = norm.forward(&ffn)?;
         }
@@ -450,6 +477,7 @@ impl Model {
         let rope = &self.ropes[layer.rope];
         let q_norm = layer.q_norm.as_ref().map(|n| CpuValues::of(&n.weight)).transpose()?;
         let k_norm = layer.k_norm.as_ref().map(|n| CpuValues::of(&n.weight)).transpose()?;
+        let sinks = layer.sinks.as_ref().map(CpuValues::of).transpose()?;
         let (cos, sin) = (CpuValues::of(&rope.cos)?, CpuValues::of(&rope.sin)?);
         let spec = attention::Spec {
             heads: self.heads(),
@@ -462,6 +490,7 @@ impl Model {
             n_rot: rope.n_rot,
             neox: rope.neox,
             temperature: self.hp.attn_temperature,
+            sinks: sinks.as_deref(),
         };
         let out = attention::attend(&spec, &mut q, &mut k, &v, &mut seqs);
         Tensor::from_vec(out, (1, rows, self.hp.n_head * self.hp.head_dim), &self.device)
@@ -560,7 +589,16 @@ impl Model {
             ))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match &layer.sinks {
+            // Each query head's sink as one more column, dropped after the softmax.
+            Some(sinks) => {
+                let column = sinks.reshape((1, hp.n_kv_head, self.groups, 1, 1))?.broadcast_as((1, hp.n_kv_head, self.groups, n, 1))?;
+                let scores = scores.reshape((1, hp.n_kv_head, self.groups, n, keys))?;
+                let probs = candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&scores, &column.contiguous()?], 4)?)?;
+                probs.narrow(4, 0, keys)?.reshape((1, hp.n_kv_head, self.groups * n, keys))?
+            }
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
         let attn = probs.matmul(&v_all)?; // (1, kv, groups * n, d)
         attn.reshape((1, hp.n_head, n, hp.head_dim))?.transpose(1, 2)?.reshape((1, n, hp.n_head * hp.head_dim))
     }
