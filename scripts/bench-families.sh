@@ -2,7 +2,7 @@
 # Every architecture at the size users run, beside llama.cpp: for each family a synthetic
 # GGUF (scripts/make-gguf.py) with the released per-layer shapes of its smallest model of
 # >= 1B parameters, layers cut only where the file would pass 2 GB, quantized to each type
-# asked (default Q4_K_M, the most used), then one table from scripts/bench-quants.sh
+# asked (default Q4_K_M, the most used; gpt-oss in its released MXFP4), then one table from scripts/bench-quants.sh
 # (wisp bench beside llama-bench, same threads, one run). Files are kept in
 # $WISPBENCH_CACHE/families.
 #
@@ -19,9 +19,11 @@ py=.venv/bin/python
 [ -x "$py" ] || py=python3
 
 files=()
-# name family layers (0: as released)
-while read -r name family layers; do
-  for type in "${types[@]}"; do
+# name family layers (0: as released) [the type it ships in, instead of the ones asked]
+while read -r name family layers own; do
+  file_types=("${types[@]}")
+  [ -n "$own" ] && file_types=("$own")
+  for type in "${file_types[@]}"; do
     out="$CACHE/families/$name.$type.gguf"
     if [ ! -s "$out" ]; then
       echo "bench: making $out" >&2
@@ -36,5 +38,7 @@ qwen3-1.7b qwen3-1.7b 0
 phi-3.5-mini-20of32 phi3 20
 phi-4-mini-20of32 phi4 20
 ministral-3-3b-18of26 mistral3 18
+qwen3-30b-a3b-4of48 qwen3moe 4
+gpt-oss-20b-2of24 gpt-oss 2 MXFP4_MOE
 LIST
 scripts/bench-quants.sh "$THREADS" "${files[@]}"

@@ -406,7 +406,7 @@ fn batched_forward_equals_forward_alone() {
 
 /// With routed experts too: each expert runs the rows routed to it from every sequence of
 /// the step, so a row's experts see other sequences' rows beside it (gate and up on wisp's
-/// Q4_K kernel, down on candle's Q6_K).
+/// Q4_K kernel, down on candle's Q6_K), and an untied Q6_K output projection.
 #[test]
 fn batched_forward_equals_forward_alone_with_experts() {
     let parts = load(&common::synthetic("qwen3moe-Q4_K_M"));

@@ -23,7 +23,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::model::AttnTemperature;
-use super::ops::SyncPtr;
+use super::ops::{SyncPtr, dot};
 
 /// Head geometry of a layer.
 #[derive(Debug, Clone, Copy)]
@@ -297,21 +297,6 @@ fn prepare(spec: &Spec<'_>, x: &mut [f32], norm: Option<&[f32]>, pos: usize) {
             *b = x1 * s + x2 * c;
         }
     }
-}
-
-/// Dot product in 16 independent lanes (two 256-bit accumulators), so LLVM vectorises it.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_blocks.remainder().iter().zip(b_blocks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_blocks.zip(b_blocks) {
-        for l in 0..LANES {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -85,6 +85,21 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * 0.044_715f32.mul_add(x * x, 1.0)))
 }
 
+/// Dot product in 16 independent lanes (two 256-bit accumulators), so LLVM vectorises it.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_blocks.remainder().iter().zip(b_blocks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_blocks.zip(b_blocks) {
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `gelu(gate) · up`, element-wise, for tensors of one shape. On the CPU one fused pass;
 /// elsewhere candle's ops.
 pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -46,14 +46,14 @@ pub(super) struct Linear {
 }
 
 impl Linear {
-    pub fn new((weight, dtype): (Weight, FileType), bias: Option<Tensor>) -> Linear {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Linear {
         // candle picks a different x86 kernel for Q6_K with one row (compact weights) than
         // with several (repacked tiles), and the two round differently: a sequence decoded
         // alone would not produce the tokens it produces beside others. Padding one row to
         // two keeps every row on the tiled kernel, so batched output equals single-stream
         // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
         // kernel needs no such care.
-        let pad_single_row = matches!(weight, Weight::Candle(_)) && dtype == FileType::Ggml(GgmlDType::Q6K);
+        let pad_single_row = matches!(&weight, Weight::Candle(QMatMul::QTensor(t)) if t.dtype() == GgmlDType::Q6K);
         Linear { weight, bias, pad_single_row }
     }
 
@@ -170,11 +170,11 @@ impl<R: Read + Seek> Tensors<'_, R> {
         Ok(Some(Arc::new(BlockMatrix::read(self.reader, file_type, shape[0], shape[1])?)))
     }
 
-    /// A `(rows, cols)` weight matrix with the kernel that multiplies by it, and its file type.
-    pub fn weight(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<(Weight, FileType)> {
+    /// A `(rows, cols)` weight matrix with the kernel that multiplies by it.
+    pub fn weight(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<Weight> {
         let (file_type, start, _) = self.locate(name, &[rows, cols])?;
         self.reader.seek(std::io::SeekFrom::Start(start))?;
-        Ok((self.read_weight(name, file_type, rows, cols)?, file_type))
+        self.read_weight(name, file_type, rows, cols)
     }
 
     /// The `n` matrices of `rows × cols` in the expert-major 3-D tensor `name.weight` (GGUF
@@ -192,7 +192,7 @@ impl<R: Read + Seek> Tensors<'_, R> {
         (0..n)
             .map(|e| {
                 let bias = biases.as_ref().map(|b| b.get(e)).transpose()?;
-                Ok(Linear::new((self.read_weight(&name, file_type, rows, cols)?, file_type), bias))
+                Ok(Linear::new(self.read_weight(&name, file_type, rows, cols)?, bias))
             })
             .collect()
     }

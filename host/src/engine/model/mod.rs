@@ -269,7 +269,7 @@ pub struct Model {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: Weight,
+    output: Linear,
     /// The global layers' RoPE, then the sliding layers' where they differ (Gemma 3).
     ropes: Vec<Rope>,
     /// Query heads grouped on one KV head.
@@ -295,7 +295,7 @@ impl Model {
                 ),
                 false => Embedding::Quantized(Arc::new(file.tensor("token_embd.weight", &[vocab, e])?)),
             };
-            (embed, file.weight("output.weight", [vocab, e])?.0)
+            (embed, file.weight("output.weight", [vocab, e])?)
         } else if let Some(w) = file.blocks("token_embd.weight", [vocab, e])? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Blocks(w.clone()), Weight::Blocks(w))
@@ -303,6 +303,9 @@ impl Model {
             let t = Arc::new(file.tensor("token_embd.weight", &[vocab, e])?);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
+        // A Linear, so a Q6_K table is padded to candle's kernel for several rows as the
+        // layers' are: one sequence's logits equal its logits in a batch.
+        let output = Linear::new(output, None);
         let norm = file.norm("output_norm.weight", e, hp.rms_eps as f32)?;
         let layers = (0..hp.n_layer).map(|i| Layer::load(&mut file, &hp, i)).collect::<Result<Vec<_>>>()?;
         let mut ropes = Vec::with_capacity(2);

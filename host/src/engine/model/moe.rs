@@ -6,7 +6,7 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use super::blocks::{Linear, Tensors};
 use super::hparams::Moe;
@@ -29,7 +29,9 @@ pub enum Activation {
 }
 
 pub(super) struct Experts {
-    router: Linear,
+    /// The router's `(n_expert, n_embd)` weights and its bias, as f32.
+    router: Vec<f32>,
+    router_bias: Option<Vec<f32>>,
     experts: Vec<Expert>,
     moe: Moe,
 }
@@ -41,22 +43,35 @@ impl Experts {
     pub fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, i: usize, n_embd: usize, moe: Moe) -> Result<Experts> {
         let name = |n: &str| format!("blk.{i}.{n}");
         let (n, ff) = (moe.n_expert, moe.n_ff);
-        let router = file.linear(&name("ffn_gate_inp"), [n, n_embd])?;
+        let router = file.tensor(&name("ffn_gate_inp.weight"), &[n, n_embd])?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let bias_name = name("ffn_gate_inp.bias");
+        let router_bias = match file.has(&bias_name) {
+            true => Some(file.tensor(&bias_name, &[n])?.dequantize(&Device::Cpu)?.to_vec1()?),
+            false => None,
+        };
         let gate = file.experts(&name("ffn_gate_exps"), [n, ff, n_embd])?;
         let up = file.experts(&name("ffn_up_exps"), [n, ff, n_embd])?;
         let down = file.experts(&name("ffn_down_exps"), [n, n_embd, ff])?;
         let experts = gate.into_iter().zip(up).zip(down).map(|((gate, up), down)| Expert { gate, up, down }).collect();
-        Ok(Experts { router, experts, moe })
+        Ok(Experts { router, router_bias, experts, moe })
     }
 
     /// The MLP output of every row of `h`, `(1, rows, n_embd)`.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (_, rows, width) = h.dims3()?;
-        let scores = self.router.forward(h)?.squeeze(0)?.to_vec2::<f32>()?;
+        let xs = h.flatten_all()?.to_vec1::<f32>()?;
         // Per expert: the rows routed to it and their weights.
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.moe.n_expert];
-        for (row, scores) in scores.iter().enumerate() {
-            for (expert, weight) in route(scores, self.moe.n_used) {
+        let mut scores = vec![0f32; self.moe.n_expert];
+        for (row, x) in xs.chunks_exact(width).enumerate() {
+            // The router's scores, one dot product per expert in a fixed order: a row is
+            // routed the same whatever else is in the batch (a matmul's blocking would
+            // depend on the number of rows).
+            for (e, score) in scores.iter_mut().enumerate() {
+                *score =
+                    crate::engine::ops::dot(x, &self.router[e * width..(e + 1) * width]) + self.router_bias.as_ref().map_or(0.0, |b| b[e]);
+            }
+            for (expert, weight) in route(&scores, self.moe.n_used) {
                 routed[expert].0.push(row as u32);
                 routed[expert].1.push(weight);
             }
