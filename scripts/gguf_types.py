@@ -5,7 +5,7 @@ so llama-quantize falls back to others), and speed follows the types of the big 
 
     python3 scripts/gguf_types.py FILE.gguf   # prints e.g. "Q5_0 58% Q8_0 31% Q4_K 11%"
 
-Shares of the 2-D tensors' elements, largest first. Standard library only.
+Shares of the matrices' elements (2-D, and 3-D expert stacks), largest first. Standard library only.
 """
 import struct
 import sys
@@ -13,7 +13,7 @@ import sys
 # ggml_type ids (ggml.h) of the types GGUF models use.
 TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
          11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
-         19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 30: "BF16"}
+         19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 30: "BF16", 39: "MXFP4"}
 # GGUF metadata value types: fixed sizes, 8 = string, 9 = array.
 SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
@@ -54,9 +54,12 @@ def tensor_types(path):
             (dims,) = read(f, "I")
             shape = read(f, "Q" * dims)
             kind, _offset = read(f, "IQ")
-            if dims == 2:
+            if dims >= 2:
                 name = TYPES.get(kind, f"type{kind}")
-                counts[name] = counts.get(name, 0) + shape[0] * shape[1]
+                elements = 1
+                for d in shape:
+                    elements *= d
+                counts[name] = counts.get(name, 0) + elements
     return counts
 
 

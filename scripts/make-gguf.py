@@ -225,9 +225,10 @@ def write(family, out, layers, seed, small_ctx, tied, window):
             w.add_tensor(p + "ffn_gate_exps.weight", experts(n_expert, n_ff_exp, E))
             w.add_tensor(p + "ffn_up_exps.weight", experts(n_expert, n_ff_exp, E))
             # The weighted sum of n_used independent experts is ~1/sqrt(n_used) of one: the
-            # down projections are that much stronger, and more, so that a wrong expert or
-            # weight moves the logits past the test's tolerance.
-            w.add_tensor(p + "ffn_down_exps.weight", experts(n_expert, E, n_ff_exp, 1.5 * np.sqrt(n_used)))
+            # down projections are that much stronger, so a wrong expert or weight moves the
+            # logits past the test's tolerance (routing to the worst experts instead of the
+            # best: 5 nats), while two correct engines stay within 0.04-0.07.
+            w.add_tensor(p + "ffn_down_exps.weight", experts(n_expert, E, n_ff_exp, np.sqrt(n_used)))
             if spec.get("attn_bias"):
                 w.add_tensor(p + "ffn_gate_inp.bias", normal((n_expert,), 0.5))
                 w.add_tensor(p + "ffn_gate_exps.bias", normal((n_expert, n_ff_exp), 0.1))
