@@ -1,6 +1,6 @@
 //! Routed experts (llama.cpp `build_moe_ffn`): a router scores every expert for each row,
-//! the row runs the best `n_used` experts' SiLU-gated MLPs, and their outputs are summed
-//! with the router's weights. The rows of a step are grouped by expert, so an expert's
+//! the row runs the best `n_used` experts' gated MLPs ([`Activation`]), and their outputs
+//! are summed with the router's weights. The rows of a step are grouped by expert, so an expert's
 //! matrices are read once per step for all the rows routed to it: the prompt's tokens
 //! during prefill, the batch's sequences during decode.
 
@@ -11,7 +11,7 @@ use candle_core::{Device, Result, Tensor};
 use super::blocks::{Linear, Tensors};
 use super::hparams::Moe;
 
-/// One expert's SiLU-gated MLP.
+/// One expert's gated MLP.
 struct Expert {
     gate: Linear,
     up: Linear,
