@@ -18,9 +18,9 @@
 //! - RoPE tables are built once per parameter set, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
-//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K and Q5_K matrices (and a tied
-//!   embedding/output table of those types) are repacked at load and run on wisp's own
-//!   kernel ([`super::qgemm`]), Q6_K and the float types on candle's; Gemma's
+//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS and MXFP4
+//!   matrices (and a tied embedding/output table of those types) are repacked at load and
+//!   run on wisp's own kernel ([`super::qgemm`]), Q6_K and the float types on candle's; Gemma's
 //!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
 //! - on the CPU, attention is one pass per layer over every sequence of the step
 //!   ([`super::attention`]) on caches that are plain host buffers; on GPUs it is candle's
