@@ -243,3 +243,85 @@ fn parse<R: Read + Seek>(reader: &mut R) -> Parse<Header> {
     let tensor_data_offset = r.pos.div_ceil(alignment).saturating_mul(alignment);
     Ok(Header { content: Content { magic, metadata, tensor_infos, tensor_data_offset }, foreign })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file declaring `n_tensors` tensors and `n_kv` metadata entries, then `body`
+    /// (their encoding, as much of it as a case needs).
+    fn header(n_tensors: u64, n_kv: u64, body: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b.extend(body);
+        b
+    }
+
+    fn string(s: &str) -> Vec<u8> {
+        let mut b = (s.len() as u64).to_le_bytes().to_vec();
+        b.extend(s.as_bytes());
+        b
+    }
+
+    fn read(bytes: Vec<u8>) -> Result<Header, String> {
+        read_header(&mut std::io::Cursor::new(bytes))
+    }
+
+    #[test]
+    fn declared_sizes_beyond_the_file_are_refused_before_anything_is_allocated() {
+        // An array claiming 2^29 u8 values, a string claiming 2^40 bytes, a billion tensors.
+        let mut array = string("k");
+        array.extend(9u32.to_le_bytes());
+        array.extend(0u32.to_le_bytes());
+        array.extend((1u64 << 29).to_le_bytes());
+        let err = read(header(0, 1, &array)).err().unwrap();
+        assert!(err.contains("array of 536870912 values"), "{err}");
+        let mut long = (1u64 << 40).to_le_bytes().to_vec();
+        long.extend(b"a key of a few bytes");
+        let err = read(header(0, 1, &long)).err().unwrap();
+        assert!(err.contains("string of 1099511627776 bytes"), "{err}");
+        let err = read(header(1 << 30, 0, &[])).err().unwrap();
+        assert!(err.contains("1073741824 tensors"), "{err}");
+        // Nesting past the cap: arrays of arrays, 100 deep.
+        let mut nested = string("k");
+        nested.extend(9u32.to_le_bytes());
+        for _ in 0..100 {
+            nested.extend(9u32.to_le_bytes());
+            nested.extend(1u64.to_le_bytes());
+        }
+        nested.extend(vec![0u8; 64]);
+        let err = read(header(0, 1, &nested)).err().unwrap();
+        assert!(err.contains("nested"), "{err}");
+    }
+
+    #[test]
+    fn tensor_types_are_sorted_into_candles_and_wisps_and_unknown_ones_named() {
+        let mut body = string("general.alignment");
+        body.extend(4u32.to_le_bytes());
+        body.extend(64u32.to_le_bytes());
+        for (name, ty) in [("a", 8u32), ("b", 39)] {
+            body.extend(string(name));
+            body.extend(2u32.to_le_bytes());
+            body.extend(32u64.to_le_bytes());
+            body.extend(4u64.to_le_bytes());
+            body.extend(ty.to_le_bytes());
+            body.extend(0u64.to_le_bytes());
+        }
+        let h = read(header(2, 1, &body)).unwrap();
+        assert_eq!(h.content.tensor_infos["a"].shape.dims(), [4, 32], "rows first");
+        assert_eq!(h.foreign["b"].file_type, FileType::Mxfp4);
+        assert_eq!(h.content.tensor_data_offset % 64, 0);
+        // The same file with tensor b of type 16 (IQ2_XXS).
+        let at = body.len() - 12;
+        body[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+        let err = read(header(2, 1, &body)).err().unwrap();
+        assert!(err.contains("`b`") && err.contains("IQ2_XXS"), "{err}");
+        // An alignment that is not a power of two (after the key's 8-byte length and 17
+        // bytes, and its type).
+        body[at..at + 4].copy_from_slice(&39u32.to_le_bytes());
+        body[29..33].copy_from_slice(&48u32.to_le_bytes());
+        assert!(read(header(2, 1, &body)).err().unwrap().contains("general.alignment"));
+    }
+}
