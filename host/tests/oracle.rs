@@ -217,24 +217,13 @@ fn llama3_iq4_nl_matches_llama_cpp() {
     check("llama3-IQ4_NL");
 }
 
-/// Routed experts: 8 of Qwen3-30B-A3B's 128 per token, one layer of them.
-#[test]
-fn qwen3moe_q8_0_matches_llama_cpp() {
-    check("qwen3moe-Q8_0");
-}
-
-/// llama-quantize's Q4_K_M keeps the experts' down projection in Q6_K (candle's kernel),
-/// gate and up in Q4_K (wisp's).
+/// Routed experts: 8 of Qwen3-30B-A3B's 128 per token, one layer of them. llama-quantize's
+/// Q4_K_M keeps the experts' down projection in Q6_K (candle's kernel), gate and up in Q4_K
+/// (wisp's). (Q8_0 and MXFP4 experts on this file agreed too, 0.059 and 0.064 in session
+/// 14; CI keeps one MoE file of each family to stay within its time: gpt-oss's is MXFP4.)
 #[test]
 fn qwen3moe_q4_k_m_matches_llama_cpp() {
     check("qwen3moe-Q4_K_M");
-}
-
-/// gpt-oss's quant type (FP4 values under a power-of-two scale per 32) on the experts,
-/// Q8_0 elsewhere.
-#[test]
-fn qwen3moe_mxfp4_experts_match_llama_cpp() {
-    check("qwen3moe-MXFP4_MOE");
 }
 
 /// gpt-oss-20b's shapes, experts in MXFP4 as released: attention sinks, biases on the
