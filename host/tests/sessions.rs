@@ -362,8 +362,14 @@ fn bad_session_requests_get_clear_errors() {
     let (_, session) = call(&server, "GET", &format!("/v1/sessions/{id}"), "sk-alice", None);
     assert_eq!((session["message_count"].as_i64(), session["metadata"]["project"].as_str()), (Some(0), Some("x")));
 
-    // Paging, newest first.
-    let more: Vec<String> = (0..3).map(|_| create_session(&server, "sk-alice", json!({}))).collect();
+    // Paging, most recently active first (ties in the millisecond clock go by id, so the
+    // sessions are made a few milliseconds apart: CI once saw two within one).
+    let more: Vec<String> = (0..3)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            create_session(&server, "sk-alice", json!({}))
+        })
+        .collect();
     let (_, page) = call(&server, "GET", "/v1/sessions?limit=2", "sk-alice", None);
     assert_eq!(page["has_more"], true);
     let ids: Vec<_> = page["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
