@@ -77,13 +77,14 @@ impl Experts {
             }
         }
         let device = h.device();
-        let h = h.squeeze(0)?;
         let mut out = vec![0f32; rows * width];
         for (expert, (ids, weights)) in self.experts.iter().zip(&routed) {
             if ids.is_empty() {
                 continue;
             }
-            let xs = h.index_select(&Tensor::new(ids.as_slice(), device)?, 0)?.unsqueeze(0)?;
+            // The expert's rows, gathered from the host copy the router read.
+            let gathered: Vec<f32> = ids.iter().flat_map(|&r| &xs[r as usize * width..(r as usize + 1) * width]).copied().collect();
+            let xs = Tensor::from_vec(gathered, (1, ids.len(), width), device)?;
             let act = activate(self.moe.activation, &expert.gate.forward(&xs)?, &expert.up.forward(&xs)?)?;
             let ys = expert.down.forward(&act)?.squeeze(0)?.to_vec2::<f32>()?;
             for ((&row, &weight), y) in ids.iter().zip(weights).zip(&ys) {
@@ -126,9 +127,14 @@ fn route(scores: &[f32], n_used: usize) -> Vec<(usize, f32)> {
     // Ties go to the lower index, as ggml's argsort; a NaN score (a malformed file) is
     // chosen last and weighs nothing.
     let key = |e: usize| if scores[e].is_nan() { f32::NEG_INFINITY } else { scores[e] };
+    let better = |a: &usize, b: &usize| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
-    order.truncate(n_used);
+    // The best n_used, then only those sorted (a total order: the same result as a full sort).
+    if n_used < order.len() {
+        order.select_nth_unstable_by(n_used, better);
+        order.truncate(n_used);
+    }
+    order.sort_by(better);
     let max = order.first().map_or(0.0, |&e| key(e));
     let exps: Vec<f32> = order.iter().map(|&e| (key(e) - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
