@@ -40,5 +40,6 @@ phi-4-mini-20of32 phi4 20
 ministral-3-3b-18of26 mistral3 18
 qwen3-30b-a3b-4of48 qwen3moe 4
 gpt-oss-20b-2of24 gpt-oss 2 MXFP4_MOE
+gemma-4-e2b-15of35 gemma4 15
 LIST
 scripts/bench-quants.sh "$THREADS" "${files[@]}"

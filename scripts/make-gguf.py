@@ -82,6 +82,14 @@ FAMILIES = {
     # --small-ctx N trains the "original" context at N so short tests reach both effects.
     "mistral3": dict(arch="mistral3", E=3072, L=26, H=32, KV=8, D=128, F=9216, vocab="llama-bpe", eps=1e-5,
                      base=1e6, ctx=262144, tied=True, yarn=(16.0, 16384, 1.0), temp_scale=0.1),
+    # Gemma-4-E2B (docs/notes/gemma4.md): four sliding layers (head 256, base 1e4, window
+    # 512) to one global (head 512, base 1e6, proportional RoPE on a quarter of the pairs),
+    # the last 20 of 35 layers reading the KV cache of layer 13 or 14 with MLPs twice as
+    # wide, per-layer token embeddings of 256 per layer, logits soft-capped at 30. Written
+    # by write_gemma4; --layers N keeps the pattern and shares the same share of layers.
+    "gemma4": dict(arch="gemma4", E=1536, L=35, H=8, KV=1, D=512, F=6144, vocab="gemma-4", eps=1e-6,
+                   base=1e6, ctx=131072, tied=True, D_swa=256, base_swa=1e4, window=512, shared=20, ple=256,
+                   softcap=30.0, partial_rotary=0.25),
 }
 
 
@@ -115,21 +123,134 @@ def llama3_factors(head_dim, base, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
+class Weights:
+    """Random tensors from one seeded generator."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape, scale):
+        return (self.rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+    def matrix(self, rows, cols, gain=1.0):
+        """(rows, cols) with rows of norm ~gain: a unit-RMS input gives unit-RMS outputs."""
+        return self.normal((rows, cols), gain / np.sqrt(cols)).astype(np.float16)
+
+    def norm(self, n, scale=1.0):
+        return ((1.0 + self.normal((n,), 0.1)) * scale).astype(np.float32)
+
+    def next_token_output(self, embd, E, strength=(0.1, 0.4), spread=0.05):
+        """An output matrix in which each token's embedding favours a fixed next token by
+        `strength`, over random rows of `spread`."""
+        n_vocab = embd.shape[0]
+        nxt = self.rng.permutation(n_vocab)
+        strength = self.rng.uniform(*strength, size=(n_vocab, 1)).astype(np.float32)
+        out_w = self.normal((n_vocab, E), spread)
+        out_w[nxt] += strength * embd / np.sqrt(E) * 4.0
+        return out_w.astype(np.float16)
+
+
+def add_tokenizer(w, vocab):
+    """The tokenizer of llama.cpp's vocab-only file `vocab`; returns its size."""
+    tok = vocab_fields(vocab)
+    for key, value, vtype, sub in tok:
+        if key == "tokenizer.chat_template":
+            continue
+        w.add_key_value(key, value, vtype, sub)
+    return len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
+
+
+def write_gemma4(spec, w, L, g, window):
+    """Gemma 4 (src/models/gemma4.cpp). Gemma scales the embedding by sqrt(E) and norms every
+    sublayer's output: the post-norms here are scaled so the layers' sum is of the order of
+    the embedding (at weight 1 it would be ~1/30 of it and decide nothing). Mutations that
+    this file must catch in the oracle test: no per-layer inputs, softmax scale 1/sqrt(d),
+    no v norm, global layers' RoPE without `rope_freqs`."""
+    E, H, KV, D, D_swa, F, P = spec["E"], spec["H"], spec["KV"], spec["D"], spec["D_swa"], spec["F"], spec["ple"]
+    sliding = [i % 5 != 4 for i in range(L)]
+    # E2B: 15 of 35 layers keep their own cache, ending on a global layer after a sliding one.
+    first_shared = min(L, max(5, 5 * round((L * (spec["L"] - spec["shared"]) / spec["L"]) / 5)))
+    w.add_feed_forward_length([F if i < first_shared else 2 * F for i in range(L)])
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_key_length_swa(D_swa)
+    w.add_value_length_swa(D_swa)
+    w.add_rope_dimension_count(D)
+    w.add_rope_dimension_count_swa(D_swa)
+    w.add_rope_freq_base(spec["base"])
+    w.add_rope_freq_base_swa(spec["base_swa"])
+    w.add_sliding_window(window or spec["window"])
+    w.add_sliding_window_pattern(sliding)
+    w.add_shared_kv_layers(L - first_shared)
+    w.add_embedding_length_per_layer_input(P)
+    w.add_final_logit_softcapping(spec["softcap"])
+    n_vocab = add_tokenizer(w, spec["vocab"])
+
+    embd = g.normal((n_vocab, E), 1.0)
+    w.add_tensor("token_embd.weight", embd.astype(np.float16))
+    # The logits are soft-capped at 30: a narrower spread of the others keeps the favoured
+    # token ahead of 262k rivals (at 0.05, steps of log-probability -5 are common, where
+    # llama.cpp with and without flash attention differ by 0.17).
+    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=(0.15, 0.4), spread=0.02))
+    del embd
+    w.add_tensor("output_norm.weight", g.norm(E))
+    rot = int(D * spec["partial_rotary"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rot + [1e30] * (D // 2 - rot), dtype=np.float32))
+    # Token part of the per-layer inputs at unit RMS after the sqrt(P) scale.
+    w.add_tensor("per_layer_token_embd.weight", g.normal((n_vocab, P * L), 1.0 / np.sqrt(P)).astype(np.float16))
+    w.add_tensor("per_layer_model_proj.weight", g.matrix(P * L, E))
+    w.add_tensor("per_layer_proj_norm.weight", g.norm(P))
+    post = 0.55 * np.sqrt(E) / np.sqrt(3 * L)
+    for i in range(L):
+        p = f"blk.{i}."
+        d = D_swa if sliding[i] else D
+        ff = F if i < first_shared else 2 * F
+        # q.k (unscaled in Gemma 4) of spread ~2 after the q/k norms: attention picks
+        # positions, so RoPE and the cache it reads decide.
+        qk = np.sqrt(2.0) * d ** -0.25
+        w.add_tensor(p + "attn_norm.weight", g.norm(E))
+        w.add_tensor(p + "attn_q.weight", g.matrix(H * d, E))
+        w.add_tensor(p + "attn_q_norm.weight", g.norm(d, qk))
+        if i < first_shared:
+            w.add_tensor(p + "attn_k.weight", g.matrix(KV * d, E))
+            # v at 3x the RMS its weightless norm brings back to 1.
+            w.add_tensor(p + "attn_v.weight", g.matrix(KV * d, E, 3.0))
+            w.add_tensor(p + "attn_k_norm.weight", g.norm(d, qk))
+        w.add_tensor(p + "attn_output.weight", g.matrix(E, H * d))
+        w.add_tensor(p + "post_attention_norm.weight", g.norm(E, post))
+        w.add_tensor(p + "ffn_norm.weight", g.norm(E))
+        w.add_tensor(p + "ffn_gate.weight", g.matrix(ff, E))
+        w.add_tensor(p + "ffn_up.weight", g.matrix(ff, E))
+        w.add_tensor(p + "ffn_down.weight", g.matrix(E, ff))
+        w.add_tensor(p + "post_ffw_norm.weight", g.norm(E, post))
+        w.add_tensor(p + "inp_gate.weight", g.matrix(P, E))
+        w.add_tensor(p + "proj.weight", g.matrix(E, P))
+        w.add_tensor(p + "post_norm.weight", g.norm(E, post))
+        w.add_tensor(p + "layer_output_scale.weight", np.array([g.rng.uniform(0.6, 1.0)], dtype=np.float32))
+
+
 def write(family, out, layers, seed, small_ctx, tied, window):
     spec = dict(FAMILIES[family])
-    rng = np.random.default_rng(seed)
+    g = Weights(seed)
+    rng = g.rng
     arch = spec["arch"]
     E, H, KV, D, F = spec["E"], spec["H"], spec["KV"], spec["D"], spec["F"]
     L = layers or spec["L"]
     n_rot = spec.get("n_rot", D)
-    tok = vocab_fields(spec["vocab"])
-    n_vocab = len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
 
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(f"wisp synthetic {family}")
     w.add_context_length(spec["ctx"])
     w.add_embedding_length(E)
     w.add_block_count(L)
+    w.add_layer_norm_rms_eps(spec["eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    if arch == "gemma4":
+        write_gemma4(spec, w, L, g, window)
+        finish(w)
+        return
     w.add_feed_forward_length(F)
     w.add_head_count(H)
     w.add_head_count_kv(KV)
@@ -137,8 +258,6 @@ def write(family, out, layers, seed, small_ctx, tied, window):
     w.add_value_length(D)
     w.add_rope_dimension_count(n_rot)
     w.add_rope_freq_base(spec["base"])
-    w.add_layer_norm_rms_eps(spec["eps"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     if "longrope" in spec:
         orig = small_ctx or spec["longrope"]
         w.add_rope_scaling_orig_ctx_len(orig)
@@ -163,25 +282,14 @@ def write(family, out, layers, seed, small_ctx, tied, window):
         w.add_expert_count(n_expert)
         w.add_expert_used_count(n_used)
         w.add_expert_feed_forward_length(n_ff_exp)
-    for key, value, vtype, sub in tok:
-        if key == "tokenizer.chat_template":
-            continue
-        w.add_key_value(key, value, vtype, sub)
-
-    def normal(shape, scale):
-        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
-
-    def matrix(rows, cols, gain=1.0):
-        return normal((rows, cols), gain / np.sqrt(cols)).astype(np.float16)
+    n_vocab = add_tokenizer(w, spec["vocab"])
+    normal, matrix, norm = g.normal, g.matrix, g.norm
 
     def experts(n, rows, cols, gain=1.0):
         out = np.empty((n, rows, cols), dtype=np.float16)
         for e in range(n):
             out[e] = matrix(rows, cols, gain)
         return out
-
-    def norm(n):
-        return (1.0 + normal((n,), 0.1)).astype(np.float32)
 
     # The embedding table, and an output matrix that maps each token to a fixed next token.
     embd = normal((n_vocab, E), 1.0)
@@ -192,12 +300,7 @@ def write(family, out, layers, seed, small_ctx, tied, window):
         w.add_tensor("token_embd.weight", (embd * (2.0 / np.sqrt(E))).astype(np.float16))
     else:
         w.add_tensor("token_embd.weight", embd.astype(np.float16))
-        nxt = rng.permutation(n_vocab)
-        strength = rng.uniform(0.1, 0.4, size=(n_vocab, 1)).astype(np.float32)
-        out_w = normal((n_vocab, E), 0.05)
-        out_w[nxt] += strength * embd / np.sqrt(E) * 4.0
-        w.add_tensor("output.weight", out_w.astype(np.float16))
-        del out_w
+        w.add_tensor("output.weight", g.next_token_output(embd, E))
     del embd
     w.add_tensor("output_norm.weight", norm(E))
     if "llama3_rope" in spec:
@@ -252,7 +355,10 @@ def write(family, out, layers, seed, small_ctx, tied, window):
         w.add_tensor(p + spec.get("ffn_norm", "ffn_norm") + ".weight", norm(E))
         if "moe" not in spec:
             w.add_tensor(p + "ffn_down.weight", matrix(E, F, 0.7))
+    finish(w)
 
+
+def finish(w):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

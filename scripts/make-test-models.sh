@@ -43,6 +43,7 @@ qwen3-IQ4_XS qwen3 IQ4_XS
 llama3-IQ4_NL llama3 IQ4_NL
 qwen3moe-Q4_K_M qwen3moe Q4_K_M --layers 1
 gpt-oss-MXFP4_MOE gpt-oss MXFP4_MOE --layers 1 --window 16
+gemma4-Q4_K_M gemma4 Q4_K_M --layers 10 --window 16
 LIST
 ln -sfn "$dir" models/synthetic
 # Earlier generations' files.

@@ -413,3 +413,22 @@ fn batched_forward_equals_forward_alone_with_experts() {
     assert_eq!(parts.family, Family::Qwen3Moe);
     assert_batched_equals_alone(&parts);
 }
+
+/// Gemma 4 (Gemma-4-E2B's shapes, 10 layers, window 16): layers that read another layer's
+/// cache, two head sizes, per-layer inputs. Past the window, chunked prefill, token by
+/// token and a batch give the same logits, and candle's attention path (GPUs) agrees.
+#[test]
+fn gemma4_logits_do_not_depend_on_chunking_batching_or_the_attention_path() {
+    let parts = load(&common::synthetic("gemma4-Q4_K_M"));
+    assert_eq!(parts.family, Family::Gemma4);
+    let unit = parts.tokenizer.tokenizer.encode("The quick brown fox jumps over the lazy dog. ", false).unwrap().get_ids().to_vec();
+    let mut tokens = vec![parts.tokenizer.bos.unwrap()];
+    tokens.extend(unit.iter().copied().cycle().take(60));
+    let whole = last_logits(&parts, &tokens, tokens.len());
+    assert_close(&whole, &last_logits(&parts, &tokens, 7), "chunks of 7");
+    let by_token = last_logits(&parts, &tokens, 1);
+    let max = whole.iter().zip(&by_token).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(whole == by_token, "token by token: logits differ by up to {max}");
+    assert_batched_equals_alone(&parts);
+    assert_same_as_candle_attention(parts, &tokens);
+}

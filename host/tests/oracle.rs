@@ -234,6 +234,15 @@ fn gpt_oss_mxfp4_matches_llama_cpp() {
     check_with_candle_attention("gpt-oss-MXFP4_MOE");
 }
 
+/// Gemma-4-E2B's shapes cut to 10 layers: sliding layers of head 256 and global ones of 512
+/// with proportional RoPE, layers 5-9 reading the caches of layers 3 and 4, per-layer token
+/// embeddings, v norms, soft-capped logits, a window cut to 16 so the prompts pass it. Its
+/// GPU path (candle's attention) too.
+#[test]
+fn gemma4_q4_k_m_matches_llama_cpp() {
+    check_with_candle_attention("gemma4-Q4_K_M");
+}
+
 #[test]
 fn qwen2_q4_k_m_matches_llama_cpp() {
     check("qwen2-Q4_K_M");

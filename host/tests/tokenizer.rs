@@ -1,7 +1,8 @@
 //! The tokenizers built from GGUF metadata, checked token for token against llama.cpp's on
 //! a multilingual corpus (fixtures made by scripts/make-tokenizer-fixture.py) for the
 //! default model (SentencePiece) and SmolLM2 (byte-level BPE), and incremental
-//! detokenizing checked against whole-sequence decoding.
+//! detokenizing checked against whole-sequence decoding; Gemma 4's chat template, as its
+//! GGUFs carry it, against wisp's built-in one.
 
 mod common;
 
@@ -9,6 +10,8 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use serde_json::Value;
+use wisp::engine::model::Family;
+use wisp::engine::template::{ChatTemplate, TemplateMessage, builtin_template};
 use wisp::engine::tokenizer::{Detokenizer, GgufTokenizer};
 
 fn load(path: &Path) -> GgufTokenizer {
@@ -93,6 +96,30 @@ fn phi3_vocabulary_matches_llama_cpp_vectors() {
 #[test]
 fn llama3_vocabulary_matches_llama_cpp_vectors() {
     check_llama_cpp_vectors("llama-bpe");
+}
+
+#[test]
+fn gemma4_vocabulary_matches_llama_cpp_vectors() {
+    check_llama_cpp_vectors("gemma-4");
+}
+
+/// Gemma 4's own template (llama.cpp's models/templates/google-gemma-4-31B-it.jinja: tools,
+/// thinking, images) renders in minijinja, and wisp's fallback for a Gemma 4 file without
+/// one renders a plain conversation exactly as it does.
+#[test]
+fn gemma4_template_renders_and_the_builtin_fallback_agrees() {
+    let path = common::llama_cpp_source().join("models/templates/google-gemma-4-31B-it.jinja");
+    let messages: Vec<TemplateMessage> = [("system", " Be brief. "), ("user", "Hi"), ("assistant", "Hello."), ("user", "2+2?")]
+        .map(|(role, content)| TemplateMessage { role: role.into(), content: content.into() })
+        .into();
+    let render = |source: String| ChatTemplate::new(source, "<bos>".into(), "<eos>".into()).unwrap().render(&messages, true).unwrap();
+    let real = render(std::fs::read_to_string(path).unwrap());
+    assert_eq!(
+        real,
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello.<turn|>\n\
+         <|turn>user\n2+2?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    );
+    assert_eq!(render(builtin_template(Family::Gemma4).into()), real);
 }
 
 #[test]

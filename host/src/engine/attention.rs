@@ -26,7 +26,7 @@ use super::model::AttnTemperature;
 use super::ops::{SyncPtr, dot};
 
 /// Head geometry of a layer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heads {
     pub n_head: usize,
     pub n_kv_head: usize,
@@ -84,7 +84,11 @@ pub struct Spec<'a> {
     /// Per-head RMS norm weights of q and k (Gemma 3), and their epsilon.
     pub q_norm: Option<&'a [f32]>,
     pub k_norm: Option<&'a [f32]>,
+    /// A weightless per-head RMS norm of v (Gemma 4).
+    pub v_norm: bool,
     pub eps: f32,
+    /// The factor of q·k (`1/√head_dim` in most families).
+    pub scale: f32,
     /// RoPE tables, `(positions, n_rot / 2)`.
     pub cos: &'a [f32],
     pub sin: &'a [f32],
@@ -111,14 +115,17 @@ pub fn first_key(pos: usize, window: Option<usize>) -> usize {
 /// Query rows one work unit takes (a prompt chunk is split; a decode row is one unit).
 const QUERY_BLOCK: usize = 16;
 
-/// Attention of every sequence's new rows: `q` is `(rows, n_head · head_dim)`, `k` and `v`
-/// are `(rows, n_kv_head · head_dim)`, all rows of the step in `seqs` order. Writes k and v
-/// into the caches; returns `(rows, n_head · head_dim)`.
-pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &mut [SeqRows<'_>]) -> Vec<f32> {
+/// Attention of every sequence's new rows: `q` is `(rows, n_head · head_dim)`; `new_kv`, the
+/// step's `k` and `v`, `(rows, n_kv_head · head_dim)` each, all rows of the step in `seqs`
+/// order, written into the caches; `None` where the layer reads a cache another layer of
+/// the step has already written (Gemma 4's shared KV). Returns `(rows, n_head · head_dim)`.
+pub fn attend(spec: &Spec<'_>, q: &mut [f32], mut new_kv: Option<(&mut [f32], &[f32])>, seqs: &mut [SeqRows<'_>]) -> Vec<f32> {
     let Heads { n_head, n_kv_head, head_dim: d } = spec.heads;
     let (q_width, kv_width) = (n_head * d, n_kv_head * d);
     let rows = q.len() / q_width;
-    assert_eq!(k.len(), rows * kv_width, "k has one row per query row");
+    if let Some((k, v)) = &new_kv {
+        assert!(k.len() == rows * kv_width && v.len() == rows * kv_width, "k and v have one row per query row");
+    }
     // The parallel writes below are sound only if no two sequences share an output row and
     // every row is inside `out`: checked here, not assumed of the caller.
     let mut spans: Vec<(usize, usize)> = seqs.iter().map(|s| (s.offset, s.offset + s.n)).collect();
@@ -127,22 +134,32 @@ pub fn attend(spec: &Spec<'_>, q: &mut [f32], k: &mut [f32], v: &[f32], seqs: &m
         spans.windows(2).all(|w| w[0].1 <= w[1].0) && spans.last().is_none_or(|s| s.1 <= rows),
         "attention: the sequences' rows overlap or pass the {rows} rows of the step"
     );
-    let scale = 1.0 / (d as f32).sqrt();
+    let mut v_normed = vec![0f32; if spec.v_norm { d } else { 0 }];
     for seq in seqs.iter_mut() {
         for i in 0..seq.n {
             let (row, pos) = (seq.offset + i, seq.pos + i);
-            // As llama.cpp: the temperature multiplies q after RoPE, beside 1/√d.
-            let q_scale = scale * spec.temperature.map_or(1.0, |t| 1.0 + t.scale * ((pos as f32 / t.floor).floor() + 1.0).ln());
+            // As llama.cpp: the temperature multiplies q after RoPE, beside the scale.
+            let q_scale = spec.scale * spec.temperature.map_or(1.0, |t| 1.0 + t.scale * ((pos as f32 / t.floor).floor() + 1.0).ln());
             for head in q[row * q_width..(row + 1) * q_width].chunks_exact_mut(d) {
                 prepare(spec, head, spec.q_norm, pos);
                 head.iter_mut().for_each(|x| *x *= q_scale);
             }
+            let Some((k, v)) = new_kv.as_mut() else { continue };
             let (k_row, v_row) = (&mut k[row * kv_width..(row + 1) * kv_width], &v[row * kv_width..(row + 1) * kv_width]);
             for h in 0..n_kv_head {
                 prepare(spec, &mut k_row[h * d..(h + 1) * d], spec.k_norm, pos);
                 let at = (h * seq.capacity + pos) * d;
                 seq.kv.k[at..at + d].convert_from_f32_slice(&k_row[h * d..(h + 1) * d]);
-                seq.kv.v[at..at + d].convert_from_f32_slice(&v_row[h * d..(h + 1) * d]);
+                let v_head = &v_row[h * d..(h + 1) * d];
+                let v_head = match spec.v_norm {
+                    true => {
+                        v_normed.copy_from_slice(v_head);
+                        rms_norm(&mut v_normed, None, spec.eps);
+                        &v_normed
+                    }
+                    false => v_head,
+                };
+                seq.kv.v[at..at + d].convert_from_f32_slice(v_head);
             }
         }
     }
@@ -274,10 +291,8 @@ fn widen(src: &[f16], dst: &mut Vec<f32>) {
 
 /// RMS norm (if any) and RoPE at `pos`, in place, on one head's `d` values.
 fn prepare(spec: &Spec<'_>, x: &mut [f32], norm: Option<&[f32]>, pos: usize) {
-    if let Some(w) = norm {
-        let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        let inv = 1.0 / (mean + spec.eps).sqrt();
-        x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
+    if norm.is_some() {
+        rms_norm(x, norm, spec.eps);
     }
     let half = spec.n_rot / 2;
     let (cos, sin) = (&spec.cos[pos * half..(pos + 1) * half], &spec.sin[pos * half..(pos + 1) * half]);
@@ -296,6 +311,16 @@ fn prepare(spec: &Spec<'_>, x: &mut [f32], norm: Option<&[f32]>, pos: usize) {
             *a = x1 * c - x2 * s;
             *b = x1 * s + x2 * c;
         }
+    }
+}
+
+/// `x / √(mean(x²) + eps)`, times `weight` where there is one.
+fn rms_norm(x: &mut [f32], weight: Option<&[f32]>, eps: f32) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    match weight {
+        Some(w) => x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w),
+        None => x.iter_mut().for_each(|v| *v *= inv),
     }
 }
 
@@ -338,6 +363,9 @@ mod tests {
             None => t.clone(),
         };
         (qt, kt) = (norm(&qt, spec.q_norm), norm(&kt, spec.k_norm));
+        if spec.v_norm {
+            vt = norm(&vt, Some(&vec![1.0; d]));
+        }
         let cos = Tensor::from_vec(spec.cos[pos * half..(pos + n) * half].to_vec(), (n, half), &dev).unwrap();
         let sin = Tensor::from_vec(spec.sin[pos * half..(pos + n) * half].to_vec(), (n, half), &dev).unwrap();
         let rope = if spec.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
@@ -364,7 +392,7 @@ mod tests {
             let qh_t = qt.narrow(1, qh, 1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap(); // (n, d)
             let ks = k_all.narrow(1, kv, 1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap(); // (pos+n, d)
             let vs = v_all.narrow(1, kv, 1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap();
-            let scores = (qh_t.matmul(&ks.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+            let scores = (qh_t.matmul(&ks.t().unwrap()).unwrap() * spec.scale as f64).unwrap();
             let mut mask = vec![0f32; n * (pos + n)];
             for i in 0..n {
                 for j in 0..pos + n {
@@ -390,7 +418,22 @@ mod tests {
 
     fn spec<'a>(cos: &'a [f32], sin: &'a [f32], norm: Option<&'a [f32]>, window: Option<usize>, neox: bool) -> Spec<'a> {
         let n_rot = cos.len() / MAX * 2;
-        Spec { heads: HEADS, window, q_norm: norm, k_norm: norm, eps: 1e-6, cos, sin, n_rot, neox, temperature: None, sinks: None }
+        let scale = 1.0 / (HEADS.head_dim as f32).sqrt();
+        Spec {
+            heads: HEADS,
+            window,
+            q_norm: norm,
+            k_norm: norm,
+            v_norm: false,
+            eps: 1e-6,
+            scale,
+            cos,
+            sin,
+            n_rot,
+            neox,
+            temperature: None,
+            sinks: None,
+        }
     }
 
     /// A cache of `capacity` whose first `pos` positions hold seeded keys and values;
@@ -411,23 +454,30 @@ mod tests {
         let (qw, kw) = (HEADS.n_head * HEADS.head_dim, HEADS.n_kv_head * HEADS.head_dim);
         // gpt-oss's sinks, one per query head, some far above the scores.
         let sinks: Vec<f32> = (0..HEADS.n_head).map(|h| h as f32 * 1.5 - 2.0).collect();
+        // (window, neox, q/k norms, n_rot, temperature, sinks, Gemma 4's v norm and scale 1)
         let cases = [
-            (None, true, true, 16, false, false),
-            (Some(5), true, false, 16, false, false),
-            (None, false, false, 16, false, false),
-            (Some(3), false, true, 16, false, false),
+            (None, true, true, 16, false, false, false),
+            (Some(5), true, false, 16, false, false, false),
+            (None, false, false, 16, false, false, false),
+            (Some(3), false, true, 16, false, false, false),
             // Phi 4's partial rotary; Mistral 3's temperature (floor 8: rows past 8 are sharpened).
-            (None, true, false, 12, true, false),
-            (None, false, true, 8, true, false),
+            (None, true, false, 12, true, false, false),
+            (None, false, true, 8, true, false, false),
             // gpt-oss: sinks on sliding and global layers.
-            (Some(4), true, false, 16, false, true),
-            (None, true, false, 16, false, true),
+            (Some(4), true, false, 16, false, true, false),
+            (None, true, false, 16, false, true, false),
+            // Gemma 4: v normed without weights, q·k unscaled, on both kinds of layer.
+            (Some(4), true, true, 16, false, false, true),
+            (None, true, true, 16, false, false, true),
         ];
-        for (window, neox, with_norm, n_rot, temperature, with_sinks) in cases {
+        for (window, neox, with_norm, n_rot, temperature, with_sinks, gemma4) in cases {
             let (cos, sin) = tables(n_rot);
             let mut spec = spec(&cos, &sin, with_norm.then_some(&norm[..]), window, neox);
             spec.temperature = temperature.then_some(AttnTemperature { scale: 0.5, floor: 8.0 });
             spec.sinks = with_sinks.then_some(&sinks[..]);
+            if gemma4 {
+                (spec.v_norm, spec.scale) = (true, 1.0);
+            }
             // Three sequences: a decode row at 12, a prompt chunk of 20 rows at 0 (two query
             // blocks), a chunk of 3 rows at 7.
             let shapes = [(12usize, 1usize), (0, 20), (7, 3)];
@@ -441,7 +491,7 @@ mod tests {
                 offset += n;
             }
             let (mut q, mut k) = (q0.clone(), k0.clone());
-            let out = attend(&spec, &mut q, &mut k, &v0, &mut seqs);
+            let out = attend(&spec, &mut q, Some((&mut k, &v0)), &mut seqs);
             let mut offset = 0;
             for (&(pos, n), (_, k_past, v_past)) in shapes.iter().zip(&caches) {
                 let part = |x: &[f32], w: usize| x[offset * w..(offset + n) * w].to_vec();
@@ -465,8 +515,7 @@ mod tests {
         let alone = attend(
             &spec,
             &mut q[qw..].to_vec(),
-            &mut k[kw..].to_vec(),
-            &v[kw..],
+            Some((&mut k[kw..].to_vec(), &v[kw..])),
             &mut [SeqRows { offset: 0, n: 17, pos: 3, capacity: MAX, kv: &mut alone_kv }],
         );
         // In a batch, after another sequence's decode row.
@@ -476,9 +525,30 @@ mod tests {
             SeqRows { offset: 0, n: 1, pos: 9, capacity: MAX, kv: &mut kv0 },
             SeqRows { offset: 1, n: 17, pos: 3, capacity: MAX, kv: &mut kv1 },
         ];
-        let batched = attend(&spec, &mut q.clone(), &mut k.clone(), &v, &mut seqs);
+        let batched = attend(&spec, &mut q.clone(), Some((&mut k.clone(), &v)), &mut seqs);
         assert_eq!(alone, batched[qw..]);
         assert_eq!(alone_kv.k, kv1.k);
         assert_eq!(alone_kv.v, kv1.v);
+    }
+
+    /// A layer that shares an earlier layer's cache (Gemma 4) reads the keys and values that
+    /// layer wrote in the same step, and writes nothing.
+    #[test]
+    fn a_layer_reading_a_shared_cache_sees_what_its_source_wrote() {
+        let (cos, sin) = tables(HEADS.head_dim);
+        let spec = spec(&cos, &sin, None, None, true);
+        let (qw, kw) = (HEADS.n_head * HEADS.head_dim, HEADS.n_kv_head * HEADS.head_dim);
+        let (q, k, v) = (seeded(5 * qw, 11), seeded(5 * kw, 12), seeded(5 * kw, 13));
+        let (mut kv, _, _) = cache(4, MAX, 14);
+        let source = attend(
+            &spec,
+            &mut q.clone(),
+            Some((&mut k.clone(), &v)),
+            &mut [SeqRows { offset: 0, n: 5, pos: 4, capacity: MAX, kv: &mut kv }],
+        );
+        let written = (kv.k.clone(), kv.v.clone());
+        let shared = attend(&spec, &mut q.clone(), None, &mut [SeqRows { offset: 0, n: 5, pos: 4, capacity: MAX, kv: &mut kv }]);
+        assert_eq!(source, shared);
+        assert_eq!(written, (kv.k, kv.v));
     }
 }

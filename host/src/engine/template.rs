@@ -68,10 +68,26 @@ const HARMONY_TEMPLATE: &str = r#"{%- for message in messages -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<|start|>assistant<|channel|>final<|message|>' }}{%- endif -%}"#;
 
+/// Gemma 4's turns (google/gemma-4 without tools, images or thinking): a system turn of its
+/// own, `model` for the assistant, an empty thought channel opening the reply.
+const GEMMA4_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] in ['system', 'developer'] -%}
+  {{ '<|turn>system\n' + messages[0]['content'] | trim + '<turn|>\n' }}
+  {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+  {{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|turn>model\n<|channel>thought\n<channel|>' }}{%- endif -%}"#;
+
 /// The built-in template for a family, used when neither config nor GGUF gives one.
 pub fn builtin_template(family: Family) -> &'static str {
     match family {
         Family::Gemma3 => GEMMA_TEMPLATE,
+        Family::Gemma4 => GEMMA4_TEMPLATE,
         Family::GptOss => HARMONY_TEMPLATE,
         Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => CHATML_TEMPLATE,
         Family::Llama => LLAMA3_TEMPLATE,

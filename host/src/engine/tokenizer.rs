@@ -12,6 +12,8 @@
 //!   `tokenizer.ggml.merges`, the pre-tokenizer regex chosen by `tokenizer.ggml.pre`, whole
 //!   words first where llama.cpp ignores merges (Llama 3, Tekken). llama.cpp's own test
 //!   vectors (`models/ggml-vocab-*.gguf`) are checked in host/tests/tokenizer.rs.
+//! - `gemma4` (Gemma 4): a BPE with merges over raw UTF-8 with spaces as "▁", split only at
+//!   runs of newlines, unknown characters as byte tokens (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_GEMMA4`).
 //!
 //! The tokenizer is assembled with `tokenizers`' builders. (Generating a tokenizer.json in
 //! memory and loading it, as wisp first did, peaked at ~670 MB above the GGUF for the
@@ -82,17 +84,25 @@ impl GgufTokenizer {
                 let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
                 gpt2(&tokens, &merges, &types, pre.unwrap_or("default"))
             }
+            "gemma4" => {
+                let merges = strings(md, "tokenizer.ggml.merges")?;
+                gemma4(&tokens, &merges, &types, id(md, "tokenizer.ggml.unknown_token_id"))
+            }
             other => {
-                return Err(TokenizerError::Metadata(format!("tokenizer model `{other}` is not supported (supported: llama, gpt2)")));
+                return Err(TokenizerError::Metadata(format!(
+                    "tokenizer model `{other}` is not supported (supported: llama, gpt2, gemma4)"
+                )));
             }
         }
         .map_err(|e| TokenizerError::Build(e.to_string()))?;
         let bos = id(md, "tokenizer.ggml.bos_token_id");
         let eos = id(md, "tokenizer.ggml.eos_token_id");
         let default_add_bos = model == "llama";
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(default_add_bos);
+        // llama.cpp adds Gemma 4's BOS whatever the file says.
+        let add_bos = model == "gemma4" || md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(default_add_bos);
         let mut stop_ids: Vec<u32> = [eos, id(md, "tokenizer.ggml.eot_token_id")].into_iter().flatten().collect();
-        for name in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+        // Gemma 4 ends a turn with `<turn|>` and a tool call with `<|tool_response>`.
+        for name in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<turn|>", "<|tool_response>"] {
             if let Some(t) = tokenizer.token_to_id(name) {
                 stop_ids.push(t);
             }
@@ -234,6 +244,31 @@ fn gpt2(tokens: &[String], merges: &[String], types: &[i32], pre: &str) -> token
     let split = Split::new(SplitPattern::Regex(pre_tokenizer_regex(pre).into()), SplitDelimiterBehavior::Isolated, false)?;
     tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), byte_level.into()])));
     tokenizer.with_decoder(Some(byte_level));
+    tokenizer.add_tokens(added_tokens(tokens, types))?;
+    Ok(tokenizer)
+}
+
+/// Gemma 4's BPE: merges over raw UTF-8 (no byte map) in which spaces are "▁", words split
+/// only between runs of newlines and the rest, byte tokens for what the merges cannot spell.
+/// A merge's two halves are split at its first space after the first byte: tokens may
+/// themselves hold spaces (llama.cpp `llama_vocab::impl::load`).
+fn gemma4(tokens: &[String], merges: &[String], types: &[i32], unk: Option<u32>) -> tokenizers::Result<Tokenizer> {
+    let merges = merges
+        .iter()
+        .filter_map(|m| {
+            let at = m.as_bytes().iter().skip(1).position(|&b| b == b' ')? + 1;
+            Some((m[..at].to_string(), m[at + 1..].to_string()))
+        })
+        .collect();
+    let mut tokenizer = Tokenizer::new(bpe(tokens, merges, unk.and_then(|u| tokens.get(u as usize)), true, false)?);
+    tokenizer.with_normalizer(Some(Replace::new(" ", "▁")?))?;
+    let split = Split::new(SplitPattern::Regex(r"[^\n]+|[\n]+".into()), SplitDelimiterBehavior::Isolated, false)?;
+    tokenizer.with_pre_tokenizer(Some(split));
+    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
     tokenizer.add_tokens(added_tokens(tokens, types))?;
     Ok(tokenizer)
 }

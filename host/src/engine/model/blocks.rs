@@ -170,6 +170,18 @@ impl<R: Read + Seek> Tensors<'_, R> {
         Ok(Some(Arc::new(BlockMatrix::read(self.reader, file_type, shape[0], shape[1])?)))
     }
 
+    /// An embedding table of `(rows, cols)`; a table of a type candle does not know is
+    /// looked up on wisp's kernel.
+    pub fn embedding(&mut self, name: &str, shape: [usize; 2]) -> Result<Embedding> {
+        match self.blocks_only(name) {
+            true => Ok(Embedding::Blocks(
+                self.blocks(name, shape)?
+                    .ok_or_else(|| candle_core::Error::Msg(format!("`{name}`'s type runs on wisp's CPU kernel only")))?,
+            )),
+            false => Ok(Embedding::Quantized(Arc::new(self.tensor(name, &shape)?))),
+        }
+    }
+
     /// A `(rows, cols)` weight matrix with the kernel that multiplies by it.
     pub fn weight(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<Weight> {
         let (file_type, start, _) = self.locate(name, &[rows, cols])?;
@@ -209,6 +221,24 @@ impl<R: Read + Seek> Tensors<'_, R> {
         self.reader.read_exact(&mut raw)?;
         let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, vec![rows, cols], self.device)?;
         Ok(Weight::Candle(QMatMul::from_qtensor(t)?))
+    }
+
+    /// `name.weight` of `shape` for a matrix that llama-quantize leaves in a float type
+    /// (Gemma 4's `per_layer_model_proj` stays F16): on the CPU, requantized to Q8_0 for
+    /// wisp's kernel, whose every row is computed alike whatever the batch (candle's float
+    /// matmul picks its kernel by the number of rows: a sequence alone would not get the
+    /// bits it gets in a batch).
+    pub fn linear_q8(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<Linear> {
+        let weight_name = format!("{name}.weight");
+        let (file_type, _, _) = self.locate(&weight_name, &[rows, cols])?;
+        let float = matches!(file_type, FileType::Ggml(GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32));
+        if !float || !self.device.is_cpu() || !cols.is_multiple_of(32) {
+            return self.linear(name, [rows, cols]);
+        }
+        let values = self.tensor(&weight_name, &[rows, cols])?.dequantize(&Device::Cpu)?;
+        let q8 = QTensor::quantize(&values, GgmlDType::Q8_0)?;
+        let blocks = BlockMatrix::read(&mut std::io::Cursor::new(q8.data()?), FileType::Ggml(GgmlDType::Q8_0), rows, cols)?;
+        Ok(Linear::new(Weight::Blocks(Arc::new(blocks)), None))
     }
 
     /// `name.weight` of `shape` and `name.bias` if the file has one.

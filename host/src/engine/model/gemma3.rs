@@ -11,7 +11,7 @@ use super::rope::RopeParams;
 pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     let mut hp = Hparams::common(meta, Family::Gemma3)?;
     hp.layout = Layout { qk_norm: true, post_norms: true, gelu: true, embed_scale: true, ..Layout::LLAMA };
-    hp.rope = RopeParams::read(meta, hp.head_dim, 1_000_000.0)?;
+    hp.rope = RopeParams::read(meta, hp.layers[0].heads.head_dim, 1_000_000.0)?;
     hp.rope_local = Some(RopeParams {
         base: meta.opt_f32("rope.local_freq_base")?.unwrap_or(10_000.0),
         freq_scale: 1.0,
@@ -19,7 +19,8 @@ pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
         yarn: None,
         ..hp.rope.clone()
     });
-    hp.sliding_window = Some(meta.u32("attention.sliding_window")?);
-    hp.swa_pattern = meta.opt_u32("attention.sliding_window_type")?.unwrap_or(6);
+    // Every `pattern`-th layer is global, the others slide.
+    let pattern = meta.opt_u32("attention.sliding_window_type")?.unwrap_or(6).max(1);
+    hp.set_windows(meta.u32("attention.sliding_window")?, |i| !(i + 1).is_multiple_of(pattern));
     Ok(hp)
 }

@@ -12,8 +12,7 @@ use super::hparams::{Activation, Family, Hparams, Layout, Meta, Moe};
 pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     let mut hp = Hparams::common(meta, Family::GptOss)?;
     hp.layout = Layout { sinks: true, ffn_norm: "post_attention_norm.weight", ..Layout::LLAMA };
-    hp.moe = Some(Moe { activation: Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, ..Moe::read(meta, hp.n_ff)? });
-    hp.sliding_window = Some(meta.u32("attention.sliding_window")?);
-    hp.swa_pattern = 2;
+    hp.moe = Some(Moe { activation: Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, ..Moe::read(meta, &hp)? });
+    hp.set_windows(meta.u32("attention.sliding_window")?, |i| i.is_multiple_of(2));
     Ok(hp)
 }

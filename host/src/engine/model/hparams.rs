@@ -6,12 +6,18 @@ use candle_core::quantized::gguf_file::{self, Value};
 
 pub use super::moe::Activation;
 use super::rope::RopeParams;
+use crate::engine::attention::Heads;
+
+/// More layers than any released model has (Gemma 4 31B: 60); a larger count in a file is
+/// refused before anything is allocated per layer.
+const MAX_LAYERS: usize = 1024;
 
 /// The architectures wisp implements, from `general.architecture`; one module each beside
 /// this file says what sets it apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Gemma3,
+    Gemma4,
     GptOss,
     Llama,
     Mistral3,
@@ -22,8 +28,17 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 8] =
-        [Family::Gemma3, Family::GptOss, Family::Llama, Family::Mistral3, Family::Phi3, Family::Qwen2, Family::Qwen3, Family::Qwen3Moe];
+    pub const ALL: [Family; 9] = [
+        Family::Gemma3,
+        Family::Gemma4,
+        Family::GptOss,
+        Family::Llama,
+        Family::Mistral3,
+        Family::Phi3,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Qwen3Moe,
+    ];
 
     /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
     pub fn from_architecture(arch: &str) -> Option<Family> {
@@ -34,6 +49,7 @@ impl Family {
     pub fn arch_name(self) -> &'static str {
         match self {
             Family::Gemma3 => "gemma3",
+            Family::Gemma4 => "gemma4",
             Family::GptOss => "gpt-oss",
             Family::Llama => "llama",
             Family::Mistral3 => "mistral3",
@@ -69,6 +85,8 @@ pub struct Layout {
     pub sinks: bool,
     /// The name of the norm before the MLP (`post_attention_norm` in gpt-oss).
     pub ffn_norm: &'static str,
+    /// A weightless per-head RMS norm of v before it is cached (Gemma 4).
+    pub v_norm: bool,
 }
 
 impl Layout {
@@ -82,6 +100,7 @@ impl Layout {
         embed_scale: false,
         sinks: false,
         ffn_norm: "ffn_norm.weight",
+        v_norm: false,
     };
 }
 
@@ -92,24 +111,40 @@ pub struct Hparams {
     pub layout: Layout,
     pub n_layer: usize,
     pub n_embd: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub n_ff: usize,
     pub rms_eps: f64,
+    /// Each layer's heads, MLP width, window and KV cache (uniform but for the window in
+    /// most families; Gemma 4 sizes heads by attention kind and shares caches).
+    pub layers: Vec<LayerShape>,
     /// RoPE of the global-attention layers (all layers but Gemma's sliding ones).
     pub rope: RopeParams,
-    /// Gemma 3's sliding-window layers use their own RoPE base.
+    /// Gemma's sliding-window layers use their own RoPE (base, and head size in Gemma 4).
     pub rope_local: Option<RopeParams>,
-    pub sliding_window: Option<usize>,
-    /// Every `swa_pattern`-th layer is global, the others sliding (Gemma 3: 6).
-    pub swa_pattern: usize,
     /// Scaling of q by position (Llama 4, Mistral 3: `1 + scale · ln(1 + ⌊pos / floor⌋)`).
     pub attn_temperature: Option<AttnTemperature>,
+    /// The factor of q·k in the softmax; `None`: `1/√head_dim` (Gemma 4: 1, its q/k norms
+    /// set the scale).
+    pub attn_scale: Option<f32>,
+    /// Logits become `cap · tanh(logits / cap)` (Gemma 4: 30).
+    pub final_softcap: Option<f32>,
+    /// Width of each layer's slice of the per-layer token embeddings (Gemma 4 E2B/E4B's
+    /// `per_layer_token_embd`); 0 when the model has none.
+    pub per_layer_input: usize,
     pub context_length: usize,
     pub vocab_size: usize,
     /// Routed experts in place of the dense MLP (Qwen 3 MoE).
     pub moe: Option<Moe>,
+}
+
+/// What one layer's attention and MLP look like.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerShape {
+    pub heads: Heads,
+    pub n_ff: usize,
+    /// Sliding window, `None` for global attention.
+    pub window: Option<usize>,
+    /// The layer whose keys and values this one attends to: itself, or an earlier layer
+    /// of the same kind whose cache it reads without writing (Gemma 4's shared KV).
+    pub kv_source: usize,
 }
 
 /// A mixture-of-experts MLP: each token runs `n_used` of `n_expert` gated MLPs of width
@@ -125,7 +160,8 @@ pub struct Moe {
 impl Moe {
     /// `{arch}.expert_count`, `expert_used_count` and `expert_feed_forward_length`
     /// (llama.cpp's default without it: the dense width over the experts used).
-    pub(super) fn read(meta: &Meta<'_>, dense_ff: usize) -> Result<Moe> {
+    pub(super) fn read(meta: &Meta<'_>, hp: &Hparams) -> Result<Moe> {
+        let dense_ff = hp.layers.first().map_or(0, |l| l.n_ff);
         let (n_expert, n_used) = (meta.u32("expert_count")?, meta.u32("expert_used_count")?);
         let n_ff = meta.opt_u32("expert_feed_forward_length")?.unwrap_or(dense_ff / n_used.max(1));
         Ok(Moe { n_expert, n_used, n_ff, activation: Activation::Silu })
@@ -145,6 +181,7 @@ impl Hparams {
         let meta = Meta { content, arch: family.arch_name() };
         let hp = match family {
             Family::Gemma3 => super::gemma3::hparams(&meta)?,
+            Family::Gemma4 => super::gemma4::hparams(&meta)?,
             Family::GptOss => super::gpt_oss::hparams(&meta)?,
             Family::Llama => super::llama::hparams(&meta)?,
             Family::Mistral3 => super::mistral3::hparams(&meta)?,
@@ -158,56 +195,97 @@ impl Hparams {
     }
 
     /// What every family shares: Llama's keys and defaults, RoPE on all `head_dim` values.
+    /// Head counts and MLP widths may be one value or one per layer.
     pub(super) fn common(meta: &Meta<'_>, family: Family) -> Result<Hparams> {
+        let n_layer = meta.u32("block_count")?;
+        if n_layer > MAX_LAYERS {
+            candle_core::bail!("bad hyper-parameters: {n_layer} layers (at most {MAX_LAYERS})")
+        }
         let n_embd = meta.u32("embedding_length")?;
-        let n_head = meta.u32("attention.head_count")?;
-        let n_kv_head = meta.opt_u32("attention.head_count_kv")?.unwrap_or(n_head);
+        let n_head = meta.per_layer("attention.head_count", n_layer)?;
+        let n_kv_head = meta.opt_per_layer("attention.head_count_kv", n_layer)?.unwrap_or_else(|| n_head.clone());
+        let n_ff = meta.per_layer("feed_forward_length", n_layer)?;
         let head_dim = match meta.opt_u32("attention.key_length")? {
             Some(d) => d,
-            None if n_head > 0 => n_embd / n_head,
-            None => 0,
+            None => n_embd.checked_div(n_head.first().copied().unwrap_or(0)).unwrap_or(0),
         };
         let vocab_size = match meta.content.metadata.get("tokenizer.ggml.tokens") {
             Some(Value::Array(tokens)) => tokens.len(),
             _ => meta.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0),
         };
         let rope_dims = meta.opt_u32("rope.dimension_count")?.unwrap_or(head_dim);
+        let layers = (0..n_layer)
+            .map(|i| LayerShape {
+                heads: Heads { n_head: n_head[i], n_kv_head: n_kv_head[i], head_dim },
+                n_ff: n_ff[i],
+                window: None,
+                kv_source: i,
+            })
+            .collect();
         Ok(Hparams {
             family,
             layout: Layout::LLAMA,
-            n_layer: meta.u32("block_count")?,
+            n_layer,
             n_embd,
-            n_head,
-            n_kv_head,
-            head_dim,
-            n_ff: meta.u32("feed_forward_length")?,
             rms_eps: meta.f32("attention.layer_norm_rms_epsilon")? as f64,
+            layers,
             rope: RopeParams::read(meta, rope_dims, 10_000.0)?,
             rope_local: None,
-            sliding_window: None,
-            swa_pattern: 1,
             attn_temperature: None,
+            attn_scale: None,
+            final_softcap: None,
+            per_layer_input: 0,
             context_length: meta.u32("context_length")?,
             vocab_size,
             moe: None,
         })
     }
 
+    /// Gives the layers for which `sliding(i)` holds the window `window` (the others stay
+    /// global).
+    pub(super) fn set_windows(&mut self, window: usize, sliding: impl Fn(usize) -> bool) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.window = sliding(i).then_some(window);
+        }
+    }
+
+    /// The RoPE of layer `i`: 0 for [`Hparams::rope`], 1 for [`Hparams::rope_local`].
+    pub(super) fn rope_index(&self, i: usize) -> usize {
+        usize::from(self.layers[i].window.is_some() && self.rope_local.is_some())
+    }
+
     /// Shapes a forward pass relies on; a malformed file is refused here, not in a kernel.
     fn validate(&self) -> Result<()> {
         let fail = |what: String| Err(candle_core::Error::Msg(format!("bad hyper-parameters: {what}")));
-        if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
-            return fail(format!("{} query heads, {} KV heads", self.n_head, self.n_kv_head));
+        if self.n_layer == 0 || self.n_embd == 0 || self.vocab_size == 0 {
+            return fail(format!("{} layers, embedding length {}, vocabulary {}", self.n_layer, self.n_embd, self.vocab_size));
         }
-        if self.n_layer == 0 || self.n_embd == 0 || self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.vocab_size == 0 {
-            return fail(format!(
-                "{} layers, embedding length {}, head dim {}, vocabulary {}",
-                self.n_layer, self.n_embd, self.head_dim, self.vocab_size
-            ));
-        }
-        for rope in std::iter::once(&self.rope).chain(&self.rope_local) {
-            if rope.n_rot == 0 || rope.n_rot > self.head_dim || !rope.n_rot.is_multiple_of(2) {
-                return fail(format!("RoPE over {} of a head's {} values", rope.n_rot, self.head_dim));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Heads { n_head, n_kv_head, head_dim } = layer.heads;
+            if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+                return fail(format!("layer {i}: {n_head} query heads, {n_kv_head} KV heads"));
+            }
+            if head_dim == 0 || !head_dim.is_multiple_of(2) {
+                return fail(format!("layer {i}: head dim {head_dim}"));
+            }
+            if layer.n_ff == 0 && self.moe.is_none() {
+                return fail(format!("layer {i}: feed-forward length 0"));
+            }
+            if layer.window == Some(0) {
+                return fail(format!("layer {i}: a sliding window of 0"));
+            }
+            let rope = if self.rope_index(i) == 1 { self.rope_local.as_ref().unwrap_or(&self.rope) } else { &self.rope };
+            if rope.n_rot == 0 || rope.n_rot > head_dim || !rope.n_rot.is_multiple_of(2) {
+                return fail(format!("layer {i}: RoPE over {} of a head's {head_dim} values", rope.n_rot));
+            }
+            // A shared cache is an earlier layer's own, written with the same geometry and
+            // read through the same window.
+            let src = layer.kv_source;
+            if src != i {
+                let source = self.layers.get(src).filter(|s| src < i && s.kv_source == src);
+                if source.is_none_or(|s| s.heads.n_kv_head != n_kv_head || s.heads.head_dim != head_dim || s.window != layer.window) {
+                    return fail(format!("layer {i} reads the KV cache of layer {src}, which does not match it"));
+                }
             }
         }
         if let Some(moe) = self.moe
@@ -215,17 +293,7 @@ impl Hparams {
         {
             return fail(format!("{} of {} experts of width {}", moe.n_used, moe.n_expert, moe.n_ff));
         }
-        if self.sliding_window == Some(0) || self.swa_pattern == 0 {
-            return fail("a sliding window of 0".into());
-        }
         Ok(())
-    }
-
-    /// The sliding window of `layer`, `None` for a global layer: every `swa_pattern`-th
-    /// layer is global when the family has a window (Gemma 3: five sliding, one global).
-    pub(super) fn layer_window(&self, layer: usize) -> Option<usize> {
-        let window = self.sliding_window?;
-        (!(layer + 1).is_multiple_of(self.swa_pattern)).then_some(window)
     }
 }
 
@@ -264,6 +332,34 @@ impl<'a> Meta<'a> {
 
     pub fn f32(&self, key: &str) -> Result<f32> {
         self.opt_f32(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// A count that is one value for all layers or an array of one per layer.
+    pub fn opt_per_layer(&self, key: &str, n_layer: usize) -> Result<Option<Vec<usize>>> {
+        let value = self.get(key);
+        self.typed(key, value, |v| match v {
+            Value::Array(items) => {
+                if items.len() != n_layer {
+                    candle_core::bail!("{} values for {n_layer} layers", items.len())
+                }
+                items.iter().map(|x| x.to_u32().or_else(|_| x.to_i32().map(|x| x.max(0) as u32)).map(|x| x as usize)).collect()
+            }
+            v => Ok(vec![v.to_u32()? as usize; n_layer]),
+        })
+    }
+
+    pub fn per_layer(&self, key: &str, n_layer: usize) -> Result<Vec<usize>> {
+        self.opt_per_layer(key, n_layer)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// An array of one flag per layer.
+    pub fn flags(&self, key: &str, n_layer: usize) -> Result<Vec<bool>> {
+        let flags = self.typed(key, self.get(key), |v| match v {
+            Value::Array(items) if items.len() == n_layer => items.iter().map(Value::to_bool).collect(),
+            Value::Array(items) => candle_core::bail!("{} values for {n_layer} layers", items.len()),
+            _ => candle_core::bail!("not an array"),
+        })?;
+        flags.ok_or_else(|| self.missing(key))
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {

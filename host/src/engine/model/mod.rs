@@ -4,7 +4,7 @@
 //! - [`blocks`]: norms, weight matrices and their kernels, the tensor reader;
 //! - [`rope`]: rotary tables as ggml computes them (plain, Llama 3 factors, LongRoPE, YaRN);
 //! - [`gguf`]: the header of an untrusted file, read without panics;
-//! - `gemma3`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`: what
+//! - `gemma3`, `gemma4`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`: what
 //!   sets each family apart, its keys and its [`Layout`], with the llama.cpp file it follows;
 //! - [`moe`]: routed experts in place of the MLP;
 //! - this file: the pre-norm decoder block every family shares and the batched forward pass.
@@ -31,6 +31,7 @@
 
 mod blocks;
 mod gemma3;
+mod gemma4;
 pub mod gguf;
 mod gpt_oss;
 mod hparams;
@@ -51,7 +52,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
 use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
-pub use hparams::{AttnTemperature, Family, Hparams, Layout, Moe};
+pub use hparams::{AttnTemperature, Family, Hparams, LayerShape, Layout, Moe};
 pub use rope::{Factors, RopeParams, Yarn};
 
 /// A candle error's message alone: candle appends a backtrace when RUST_BACKTRACE is set,
@@ -61,19 +62,20 @@ pub fn error_message(e: &candle_core::Error) -> String {
 }
 
 /// One sequence's KV cache, per layer, preallocated to `capacity` positions and filled in
-/// place up to `len`.
+/// place up to `len`. A layer that reads another layer's cache (Gemma 4) has none.
 pub struct SeqCache {
     kv: Kv,
-    heads: Heads,
+    /// Each layer's head geometry.
+    heads: Vec<Heads>,
     len: usize,
     capacity: usize,
 }
 
 enum Kv {
     /// On the CPU: plain buffers that [`attention::attend`] writes and reads.
-    Host(Vec<LayerKv>),
+    Host(Vec<Option<LayerKv>>),
     /// On a GPU: K and V tensors of shape `(1, n_kv_head, capacity, head_dim)` for candle's ops.
-    Device { k: Vec<Tensor>, v: Vec<Tensor> },
+    Device(Vec<Option<[Tensor; 2]>>),
 }
 
 impl SeqCache {
@@ -93,8 +95,8 @@ impl SeqCache {
     /// Bytes of keys and values this cache holds (its capacity, not its length).
     pub fn bytes(&self) -> usize {
         match &self.kv {
-            Kv::Host(layers) => layers.iter().map(LayerKv::bytes).sum(),
-            Kv::Device { k, v } => k.iter().chain(v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+            Kv::Host(layers) => layers.iter().flatten().map(LayerKv::bytes).sum(),
+            Kv::Device(layers) => layers.iter().flatten().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
         }
     }
 
@@ -106,13 +108,17 @@ impl SeqCache {
         }
         match (&mut self.kv, &other.kv) {
             (Kv::Host(dst), Kv::Host(src)) => {
-                for (dst, src) in dst.iter_mut().zip(src) {
-                    dst.copy_prefix(src, self.heads, n, other.capacity, self.capacity);
+                for ((dst, src), heads) in dst.iter_mut().zip(src).zip(&self.heads) {
+                    if let (Some(dst), Some(src)) = (dst, src) {
+                        dst.copy_prefix(src, *heads, n, other.capacity, self.capacity);
+                    }
                 }
             }
-            (Kv::Device { k, v }, Kv::Device { k: src_k, v: src_v }) => {
-                for (dst, src) in k.iter_mut().zip(src_k).chain(v.iter_mut().zip(src_v)) {
-                    dst.slice_set(&src.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+            (Kv::Device(dst), Kv::Device(src)) => {
+                for (dst, src) in dst.iter_mut().flatten().zip(src.iter().flatten()) {
+                    for (dst, src) in dst.iter_mut().zip(src) {
+                        dst.slice_set(&src.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                    }
                 }
             }
             _ => candle_core::bail!("cannot copy a prefix between caches on different devices"),
@@ -122,9 +128,11 @@ impl SeqCache {
     }
 }
 
-/// q, k and v from one matrix each, or from one fused matrix split by rows (Phi 3).
+/// q, k and v from one matrix each, or from one fused matrix split by rows (Phi 3). A layer
+/// that reads another layer's cache has no k (nor v); without a v matrix, v is k's
+/// projection (Gemma 4's `attention_k_eq_v`).
 enum Qkv {
-    Separate([Linear; 3]),
+    Separate { q: Linear, k: Option<Linear>, v: Option<Linear> },
     Fused(Linear),
 }
 
@@ -140,7 +148,18 @@ enum Ffn {
     Experts(moe::Experts),
 }
 
+/// Gemma 4's per-layer input: `gelu(gate · x) ⊙ input`, projected back to the stream.
+struct PerLayerGate {
+    gate: Linear,
+    proj: Linear,
+    post_norm: RmsNorm,
+}
+
 struct Layer {
+    shape: LayerShape,
+    /// Whether this layer computes and caches keys and values (else it reads the cache of
+    /// `shape.kv_source`).
+    writes_kv: bool,
     attn_norm: RmsNorm,
     qkv: Qkv,
     wo: Linear,
@@ -152,26 +171,33 @@ struct Layer {
     post_ffn_norm: Option<RmsNorm>,
     /// One logit per query head in each softmax (gpt-oss).
     sinks: Option<Tensor>,
-    /// Sliding window for this layer, `None` for global attention.
-    window: Option<usize>,
+    per_layer: Option<PerLayerGate>,
+    /// Multiplies the layer's output (Gemma 4's `layer_output_scale`).
+    out_scale: Option<f64>,
     /// Index into [`Model::ropes`].
     rope: usize,
 }
 
 impl Layer {
-    /// Layer `i` as `hp.layout` describes it, every tensor's shape checked.
+    /// Layer `i` as `hp.layout` and `hp.layers[i]` describe it, every tensor's shape checked.
     fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, hp: &Hparams, i: usize) -> Result<Layer> {
-        let (e, d, layout) = (hp.n_embd, hp.head_dim, hp.layout);
-        let (q_rows, kv_rows, ff) = (hp.n_head * d, hp.n_kv_head * d, hp.n_ff);
+        let (e, layout, shape) = (hp.n_embd, hp.layout, hp.layers[i]);
+        let Heads { n_head, n_kv_head, head_dim: d } = shape.heads;
+        let (q_rows, kv_rows, ff) = (n_head * d, n_kv_head * d, shape.n_ff);
+        let writes_kv = shape.kv_source == i;
         let eps = hp.rms_eps as f32;
         let name = |n: &str| format!("blk.{i}.{n}");
         let qkv = match layout.fused_qkv {
             true => Qkv::Fused(file.linear(&name("attn_qkv"), [q_rows + 2 * kv_rows, e])?),
-            false => Qkv::Separate([
-                file.linear(&name("attn_q"), [q_rows, e])?,
-                file.linear(&name("attn_k"), [kv_rows, e])?,
-                file.linear(&name("attn_v"), [kv_rows, e])?,
-            ]),
+            false => {
+                // Only Gemma 4 may leave v out (v = k); elsewhere a missing v is an error.
+                let has_v = hp.family != Family::Gemma4 || file.has(&name("attn_v.weight"));
+                Qkv::Separate {
+                    q: file.linear(&name("attn_q"), [q_rows, e])?,
+                    k: writes_kv.then(|| file.linear(&name("attn_k"), [kv_rows, e])).transpose()?,
+                    v: (writes_kv && has_v).then(|| file.linear(&name("attn_v"), [kv_rows, e])).transpose()?,
+                }
+            }
         };
         let ffn = match hp.moe {
             Some(moe) => Ffn::Experts(moe::Experts::load(file, i, e, moe)?),
@@ -185,15 +211,30 @@ impl Layer {
         };
         let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
         let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
-        let k_norm = optional(layout.qk_norm, "attn_k_norm.weight", d)?;
+        let k_norm = optional(layout.qk_norm && writes_kv, "attn_k_norm.weight", d)?;
         let post_attn_norm = optional(layout.post_norms, "post_attention_norm.weight", e)?;
         let post_ffn_norm = optional(layout.post_norms, "post_ffw_norm.weight", e)?;
         let sinks = match layout.sinks {
-            true => Some(file.vector(&name("attn_sinks.weight"), hp.n_head)?),
+            true => Some(file.vector(&name("attn_sinks.weight"), n_head)?),
             false => None,
         };
-        let window = hp.layer_window(i);
+        let p = hp.per_layer_input;
+        let per_layer = match p {
+            0 => None,
+            _ => Some(PerLayerGate {
+                gate: file.linear(&name("inp_gate"), [p, e])?,
+                proj: file.linear(&name("proj"), [e, p])?,
+                post_norm: file.norm(&name("post_norm.weight"), e, eps)?,
+            }),
+        };
+        let scale_name = name("layer_output_scale.weight");
+        let out_scale = match file.has(&scale_name) {
+            true => Some(file.vector(&scale_name, 1)?.to_vec1::<f32>()?[0] as f64),
+            false => None,
+        };
         Ok(Layer {
+            shape,
+            writes_kv,
             attn_norm: file.norm(&name("attn_norm.weight"), e, eps)?,
             qkv,
             wo: file.linear(&name("attn_output"), [e, q_rows])?,
@@ -204,20 +245,34 @@ impl Layer {
             ffn,
             post_ffn_norm,
             sinks,
-            window,
-            rope: usize::from(window.is_some() && hp.rope_local.is_some()),
+            per_layer,
+            out_scale,
+            rope: hp.rope_index(i),
         })
     }
 
-    /// q, k and v of every row: `(1, rows, width)` each.
-    fn qkv(&self, h: &Tensor, hp: &Hparams) -> Result<[Tensor; 3]> {
+    /// q of every row and, for a layer with its own cache, k and v: `(1, rows, width)` each.
+    fn qkv(&self, h: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         match &self.qkv {
-            Qkv::Separate([q, k, v]) => Ok([q.forward(h)?, k.forward(h)?, v.forward(h)?]),
+            Qkv::Separate { q, k: Some(k), v } => {
+                let k_out = k.forward(h)?;
+                let v_out = match v {
+                    Some(v) => v.forward(h)?,
+                    None => k_out.clone(),
+                };
+                Ok((q.forward(h)?, Some((k_out, v_out))))
+            }
+            Qkv::Separate { q, k: None, .. } => Ok((q.forward(h)?, None)),
             Qkv::Fused(w) => {
                 let all = w.forward(h)?;
-                let (q_rows, kv_rows) = (hp.n_head * hp.head_dim, hp.n_kv_head * hp.head_dim);
+                let Heads { n_head, n_kv_head, head_dim } = self.shape.heads;
+                let (q_rows, kv_rows) = (n_head * head_dim, n_kv_head * head_dim);
                 let part = |start, len| all.narrow(2, start, len)?.contiguous();
-                Ok([part(0, q_rows)?, part(q_rows, kv_rows)?, part(q_rows + kv_rows, kv_rows)?])
+                let kv = match self.writes_kv {
+                    true => Some((part(q_rows, kv_rows)?, part(q_rows + kv_rows, kv_rows)?)),
+                    false => None,
+                };
+                Ok((part(0, q_rows)?, kv))
             }
         }
     }
@@ -262,18 +317,39 @@ impl Rope {
     }
 }
 
+/// Gemma 4's per-layer inputs of each token: its row of `per_layer_token_embd` (a slice per
+/// layer, scaled by `√width`) plus a normed projection of its embedding, over `√2`.
+struct PerLayerInputs {
+    table: Embedding,
+    proj: Linear,
+    norm: RmsNorm,
+    /// Each layer's slice.
+    width: usize,
+}
+
+impl PerLayerInputs {
+    /// `(1, rows, n_layer · width)` for the tokens `ids` whose scaled embeddings are `x`.
+    fn forward(&self, ids: &[u32], x: &Tensor, device: &Device) -> Result<Tensor> {
+        let (rows, n_embd) = (ids.len(), x.dim(2)?);
+        let tokens = (self.table.forward(ids, device)? * (self.width as f64).sqrt())?.unsqueeze(0)?;
+        let all = tokens.dim(2)?;
+        let proj = (self.proj.forward(x)? * (1.0 / (n_embd as f64).sqrt()))?;
+        let proj = self.norm.forward(&proj.reshape((1, rows * all / self.width, self.width))?)?.reshape((1, rows, all))?;
+        (proj + tokens)? * std::f64::consts::FRAC_1_SQRT_2
+    }
+}
+
 /// A loaded model: weights, RoPE tables and the forward pass.
 pub struct Model {
     hp: Hparams,
     embed: Embedding,
     embed_scale: Option<f64>,
+    per_layer: Option<PerLayerInputs>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
-    /// The global layers' RoPE, then the sliding layers' where they differ (Gemma 3).
+    /// The global layers' RoPE, then the sliding layers' where they differ (Gemma 3 and 4).
     ropes: Vec<Rope>,
-    /// Query heads grouped on one KV head.
-    groups: usize,
     max_len: usize,
     device: Device,
     /// Attention by [`attention::attend`] on host buffers (the CPU), else by candle's ops.
@@ -287,15 +363,7 @@ impl Model {
         let mut file = Tensors { header, reader, device, file_size };
         let (vocab, e) = (hp.vocab_size, hp.n_embd);
         let (embed, output) = if file.has("output.weight") {
-            // A table of a type candle does not know is looked up on wisp's kernel.
-            let embed = match file.blocks_only("token_embd.weight") {
-                true => Embedding::Blocks(
-                    file.blocks("token_embd.weight", [vocab, e])?
-                        .ok_or_else(|| candle_core::Error::Msg("the token embeddings' type runs on wisp's CPU kernel only".into()))?,
-                ),
-                false => Embedding::Quantized(Arc::new(file.tensor("token_embd.weight", &[vocab, e])?)),
-            };
-            (embed, file.weight("output.weight", [vocab, e])?)
+            (file.embedding("token_embd.weight", [vocab, e])?, file.weight("output.weight", [vocab, e])?)
         } else if let Some(w) = file.blocks("token_embd.weight", [vocab, e])? {
             // Tied: one copy of the table serves the lookup and the output projection.
             (Embedding::Blocks(w.clone()), Weight::Blocks(w))
@@ -307,6 +375,18 @@ impl Model {
         // layers' are: one sequence's logits equal its logits in a batch.
         let output = Linear::new(output, None);
         let norm = file.norm("output_norm.weight", e, hp.rms_eps as f32)?;
+        let per_layer = match hp.per_layer_input {
+            0 => None,
+            width => {
+                let all = width * hp.n_layer;
+                Some(PerLayerInputs {
+                    table: file.embedding("per_layer_token_embd.weight", [vocab, all])?,
+                    proj: file.linear_q8("per_layer_model_proj", [all, e])?,
+                    norm: file.norm("per_layer_proj_norm.weight", width, hp.rms_eps as f32)?,
+                    width,
+                })
+            }
+        };
         let layers = (0..hp.n_layer).map(|i| Layer::load(&mut file, &hp, i)).collect::<Result<Vec<_>>>()?;
         let mut ropes = Vec::with_capacity(2);
         for params in std::iter::once(&hp.rope).chain(&hp.rope_local) {
@@ -327,9 +407,9 @@ impl Model {
         }
         Ok(Model {
             embed_scale: hp.layout.embed_scale.then(|| (hp.n_embd as f64).sqrt()),
-            groups: hp.n_head / hp.n_kv_head,
             hp,
             embed,
+            per_layer,
             layers,
             norm,
             output,
@@ -359,13 +439,13 @@ impl Model {
     /// A cache for one sequence of at most `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
         let capacity = capacity.min(self.max_len).max(1);
-        let heads = self.heads();
+        let heads: Vec<Heads> = self.layers.iter().map(|l| l.shape.heads).collect();
+        let owners = self.layers.iter().zip(&heads).map(|(l, h)| l.writes_kv.then_some(*h));
         let kv = if self.host_attention {
-            Kv::Host((0..self.hp.n_layer).map(|_| LayerKv::zeros(heads, capacity)).collect())
+            Kv::Host(owners.map(|h| h.map(|h| LayerKv::zeros(h, capacity))).collect())
         } else {
-            let shape = (1, heads.n_kv_head, capacity, heads.head_dim);
-            let zeros = || (0..self.hp.n_layer).map(|_| Tensor::zeros(shape, DType::F32, &self.device)).collect::<Result<Vec<_>>>();
-            Kv::Device { k: zeros()?, v: zeros()? }
+            let zeros = |h: Heads| Tensor::zeros((1, h.n_kv_head, capacity, h.head_dim), DType::F32, &self.device);
+            Kv::Device(owners.map(|h| h.map(|h| Ok([zeros(h)?, zeros(h)?])).transpose()).collect::<Result<_>>()?)
         };
         Ok(SeqCache { kv, heads, len: 0, capacity })
     }
@@ -374,11 +454,8 @@ impl Model {
     /// CPU's caches, f32 in a GPU's).
     pub fn kv_bytes_per_token(&self) -> usize {
         let elem = if self.host_attention { LayerKv::ELEMENT_BYTES } else { DType::F32.size_in_bytes() };
-        self.hp.n_layer * 2 * self.hp.n_kv_head * self.hp.head_dim * elem
-    }
-
-    fn heads(&self) -> Heads {
-        Heads { n_head: self.hp.n_head, n_kv_head: self.hp.n_kv_head, head_dim: self.hp.head_dim }
+        let per_layer = |l: &Layer| 2 * l.shape.heads.n_kv_head * l.shape.heads.head_dim * elem;
+        self.layers.iter().filter(|l| l.writes_kv).map(per_layer).sum()
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
@@ -410,8 +487,13 @@ impl Model {
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
+        let per_layer = self.per_layer.as_ref().map(|p| p.forward(&all, &x, &self.device)).transpose()?;
         for (idx, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, segments, &mut spans, idx)?;
+            let input = match (&per_layer, &self.per_layer) {
+                (Some(inputs), Some(p)) => Some(inputs.narrow(2, idx * p.width, p.width)?.contiguous()?),
+                _ => None,
+            };
+            x = self.layer_forward(layer, &x, input.as_ref(), segments, &mut spans)?;
         }
         let mut last = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(&spans) {
@@ -420,7 +502,11 @@ impl Model {
         }
         let last = if last.len() == 1 { last.remove(0) } else { Tensor::cat(&last, 1)? };
         let last = self.norm.forward(&last)?;
-        self.output.forward(&last)?.squeeze(0)
+        let logits = self.output.forward(&last)?.squeeze(0)?;
+        match self.hp.final_softcap {
+            Some(cap) => (logits / cap as f64)?.tanh()? * cap as f64,
+            None => Ok(logits),
+        }
     }
 
     /// Additive mask `(n, keys)`: 0 where query `pos + i` may see key `first + j`, -inf else.
@@ -441,13 +527,22 @@ impl Model {
         Tensor::from_vec(mask, (n, keys), &self.device)
     }
 
-    fn layer_forward(&self, layer: &Layer, x: &Tensor, segments: &mut [Segment<'_>], spans: &mut [Span], idx: usize) -> Result<Tensor> {
+    /// One layer over every row of the step; `per_layer` is this layer's slice of the
+    /// per-layer inputs (Gemma 4), `(1, rows, width)`.
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        per_layer: Option<&Tensor>,
+        segments: &mut [Segment<'_>],
+        spans: &mut [Span],
+    ) -> Result<Tensor> {
         let h = layer.attn_norm.forward(x)?;
-        let qkv = layer.qkv(&h, &self.hp)?;
+        let (q, kv) = layer.qkv(&h)?;
         let attn = if self.host_attention {
-            self.attention_host(layer, &qkv, segments, spans, idx)?
+            self.attention_host(layer, q, kv, segments, spans)?
         } else {
-            self.attention_device(layer, &qkv, segments, spans, idx)?
+            self.attention_device(layer, &q, kv.as_ref(), segments, spans)?
         };
         let mut attn = layer.wo.forward(&attn)?;
         if let Some(norm) = &layer.post_attn_norm {
@@ -460,22 +555,41 @@ impl Model {
         if let Some(norm) = &layer.post_ffn_norm {
             ffn = norm.forward(&ffn)?;
         }
-        x + ffn
+        let mut x = (x + ffn)?;
+        if let (Some(gate), Some(input)) = (&layer.per_layer, per_layer) {
+            let gated = super::ops::gelu_mul(&gate.gate.forward(&x)?, input)?;
+            x = (&x + gate.post_norm.forward(&gate.proj.forward(&gated)?)?)?;
+        }
+        match layer.out_scale {
+            Some(scale) => x * scale,
+            None => Ok(x),
+        }
     }
 
-    /// Attention of every segment in one pass on the CPU ([`attention::attend`]); `qkv`
-    /// holds the projections of all rows of the step.
-    fn attention_host(&self, layer: &Layer, qkv: &[Tensor; 3], segments: &mut [Segment<'_>], spans: &[Span], idx: usize) -> Result<Tensor> {
+    /// Attention of every segment in one pass on the CPU ([`attention::attend`]); `q` and
+    /// `kv` hold the projections of all rows of the step (`kv` is `None` where the layer
+    /// reads another layer's cache).
+    fn attention_host(
+        &self,
+        layer: &Layer,
+        q: Tensor,
+        kv: Option<(Tensor, Tensor)>,
+        segments: &mut [Segment<'_>],
+        spans: &[Span],
+    ) -> Result<Tensor> {
         use super::ops::CpuValues;
-        let rows = qkv[0].dim(1)?;
-        // q and k are normed and rotated in place, so copied; the rest is read where it lies.
-        let (mut q, mut k) = (CpuValues::of(&qkv[0])?.to_vec(), CpuValues::of(&qkv[1])?.to_vec());
-        let v = CpuValues::of(&qkv[2])?;
+        let rows = q.dim(1)?;
+        let heads = layer.shape.heads;
+        // q and k are normed and rotated in place, so copied; v is read where it lies.
+        let mut q = CpuValues::of(&q)?.to_vec();
+        let mut k = kv.as_ref().map(|(k, _)| CpuValues::of(k).map(|k| k.to_vec())).transpose()?;
+        let v = kv.as_ref().map(|(_, v)| CpuValues::of(v)).transpose()?;
         let mut seqs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans) {
             let capacity = seg.cache.capacity;
             let Kv::Host(layers) = &mut seg.cache.kv else { candle_core::bail!("a device cache was given to the CPU attention") };
-            seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv: &mut layers[idx] });
+            let Some(kv) = layers[layer.shape.kv_source].as_mut() else { candle_core::bail!("layer reads a KV cache no layer keeps") };
+            seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv });
         }
         let rope = &self.ropes[layer.rope];
         let q_norm = layer.q_norm.as_ref().map(|n| CpuValues::of(&n.weight)).transpose()?;
@@ -483,11 +597,13 @@ impl Model {
         let sinks = layer.sinks.as_ref().map(CpuValues::of).transpose()?;
         let (cos, sin) = (CpuValues::of(&rope.cos)?, CpuValues::of(&rope.sin)?);
         let spec = attention::Spec {
-            heads: self.heads(),
-            window: layer.window,
+            heads,
+            window: layer.shape.window,
             q_norm: q_norm.as_deref(),
             k_norm: k_norm.as_deref(),
+            v_norm: self.hp.layout.v_norm,
             eps: self.hp.rms_eps as f32,
+            scale: self.attn_scale(heads),
             cos: &cos,
             sin: &sin,
             n_rot: rope.n_rot,
@@ -495,62 +611,64 @@ impl Model {
             temperature: self.hp.attn_temperature,
             sinks: sinks.as_deref(),
         };
-        let out = attention::attend(&spec, &mut q, &mut k, &v, &mut seqs);
-        Tensor::from_vec(out, (1, rows, self.hp.n_head * self.hp.head_dim), &self.device)
+        let new_kv = k.as_deref_mut().zip(v.as_deref());
+        let out = attention::attend(&spec, &mut q, new_kv, &mut seqs);
+        Tensor::from_vec(out, (1, rows, heads.n_head * heads.head_dim), &self.device)
+    }
+
+    /// The factor of q·k in a layer of `heads`.
+    fn attn_scale(&self, heads: Heads) -> f32 {
+        self.hp.attn_scale.unwrap_or(1.0 / (heads.head_dim as f32).sqrt())
     }
 
     /// Attention with candle's ops, one segment at a time (GPUs).
     fn attention_device(
         &self,
         layer: &Layer,
-        qkv: &[Tensor; 3],
+        q_all: &Tensor,
+        kv_all: Option<&(Tensor, Tensor)>,
         segments: &mut [Segment<'_>],
         spans: &mut [Span],
-        idx: usize,
     ) -> Result<Tensor> {
-        let hp = &self.hp;
-        let [q_all, k_all, v_all] = qkv;
+        let Heads { n_head, n_kv_head, head_dim } = layer.shape.heads;
         let mut outs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans.iter_mut()) {
             let (n, pos) = (span.n, span.pos);
-            let q = q_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_head, hp.head_dim))?.transpose(1, 2)?;
-            let k = k_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
-            let v = v_all.narrow(1, span.offset, n)?.reshape((1, n, hp.n_kv_head, hp.head_dim))?.transpose(1, 2)?;
+            let rows = |t: &Tensor, heads| t.narrow(1, span.offset, n)?.reshape((1, n, heads, head_dim))?.transpose(1, 2);
+            let q = rows(q_all, n_head)?;
+            let kv = kv_all.map(|(k, v)| Ok::<_, candle_core::Error>((rows(k, n_kv_head)?, rows(v, n_kv_head)?))).transpose()?;
             // Masks are shared by every layer of the same kind; built only for runs of >1 token.
             let mask = if n > 1 {
-                let slot = &mut span.masks[usize::from(layer.window.is_some())];
+                let slot = &mut span.masks[usize::from(layer.shape.window.is_some())];
                 if slot.is_none() {
-                    *slot = Some(self.mask(pos, n, layer.window)?);
+                    *slot = Some(self.mask(pos, n, layer.shape.window)?);
                 }
                 slot.as_ref()
             } else {
                 None
             };
-            outs.push(self.attention(layer, q, k, v, pos, seg.cache, idx, mask)?);
+            outs.push(self.attention(layer, q, kv, pos, seg.cache, mask)?);
         }
         if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 1) }
     }
 
     /// Attention of one sequence's `n` new positions (`q`, `k`, `v`: `(1, heads, n, d)`)
-    /// over its cache; writes the new keys and values in place. Returns `(1, n, heads * d)`.
-    #[allow(clippy::too_many_arguments)]
+    /// over its cache; writes the new keys and values in place (when the layer has its
+    /// own). Returns `(1, n, heads * d)`.
     fn attention(
         &self,
         layer: &Layer,
         q: Tensor,
-        k: Tensor,
-        v: Tensor,
+        kv: Option<(Tensor, Tensor)>,
         pos: usize,
         cache: &mut SeqCache,
-        idx: usize,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let hp = &self.hp;
+        let heads = layer.shape.heads;
+        let Heads { n_head, n_kv_head, head_dim } = heads;
+        let groups = n_head / n_kv_head;
         let n = q.dim(2)?;
-        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?),
-            _ => (q.contiguous()?, k.contiguous()?),
-        };
         let rope = &self.ropes[layer.rope];
         let (cos, sin) = (rope.cos.narrow(0, pos, n)?, rope.sin.narrow(0, pos, n)?);
         let turn = |x: &Tensor| -> Result<Tensor> {
@@ -559,51 +677,60 @@ impl Model {
                 true => candle_nn::rotary_emb::rope(&part, &cos, &sin)?,
                 false => candle_nn::rotary_emb::rope_i(&part, &cos, &sin)?,
             };
-            match rope.n_rot == hp.head_dim {
+            match rope.n_rot == head_dim {
                 true => Ok(turned),
-                false => Tensor::cat(&[&turned, &x.narrow(3, rope.n_rot, hp.head_dim - rope.n_rot)?], 3)?.contiguous(),
+                false => Tensor::cat(&[&turned, &x.narrow(3, rope.n_rot, head_dim - rope.n_rot)?], 3)?.contiguous(),
             }
         };
-        let (mut q, k) = (turn(&q)?, turn(&k)?);
+        let normed = |x: Tensor, norm: &Option<RmsNorm>| match norm {
+            Some(norm) => norm.forward(&x.contiguous()?),
+            None => x.contiguous(),
+        };
+        let mut q = turn(&normed(q, &layer.q_norm)?)?;
         if let Some(t) = hp.attn_temperature {
             let by_row: Vec<f32> = (pos..pos + n).map(|p| 1.0 + t.scale * ((p as f32 / t.floor).floor() + 1.0).ln()).collect();
             q = q.broadcast_mul(&Tensor::from_vec(by_row, (1, 1, n, 1), &self.device)?)?;
         }
-        let Kv::Device { k: cache_k, v: cache_v } = &mut cache.kv else {
-            candle_core::bail!("a host cache was given to the device attention")
+        let Kv::Device(layers) = &mut cache.kv else { candle_core::bail!("a host cache was given to the device attention") };
+        let Some([cache_k, cache_v]) = layers[layer.shape.kv_source].as_mut() else {
+            candle_core::bail!("layer reads a KV cache no layer keeps")
         };
-        cache_k[idx].slice_set(&k, 2, pos)?;
-        cache_v[idx].slice_set(&v.contiguous()?, 2, pos)?;
-        let first = attention::first_key(pos, layer.window);
+        if let Some((k, v)) = kv {
+            let k = turn(&normed(k, &layer.k_norm)?)?;
+            let v = v.contiguous()?;
+            let v = match hp.layout.v_norm {
+                true => candle_nn::ops::rms_norm(&v, &Tensor::ones(head_dim, DType::F32, &self.device)?, hp.rms_eps as f32)?,
+                false => v,
+            };
+            cache_k.slice_set(&k, 2, pos)?;
+            cache_v.slice_set(&v, 2, pos)?;
+        }
+        let first = attention::first_key(pos, layer.shape.window);
         let keys = pos + n - first;
-        let k_all = cache_k[idx].narrow(2, first, keys)?;
-        let v_all = cache_v[idx].narrow(2, first, keys)?;
+        let k_all = cache_k.narrow(2, first, keys)?;
+        let v_all = cache_v.narrow(2, first, keys)?;
 
         // Fold the query heads sharing a KV head into rows: (1, kv, groups * n, d).
-        let scale = 1.0 / (hp.head_dim as f64).sqrt();
-        let q = (q * scale)?.reshape((1, hp.n_kv_head, self.groups * n, hp.head_dim))?;
+        let q = (q * self.attn_scale(heads) as f64)?.reshape((1, n_kv_head, groups * n, head_dim))?;
         let scores = q.matmul(&k_all.t()?)?;
         let scores = match mask {
-            Some(mask) => scores.reshape((1, hp.n_kv_head, self.groups, n, keys))?.broadcast_add(mask)?.reshape((
-                1,
-                hp.n_kv_head,
-                self.groups * n,
-                keys,
-            ))?,
+            Some(mask) => {
+                scores.reshape((1, n_kv_head, groups, n, keys))?.broadcast_add(mask)?.reshape((1, n_kv_head, groups * n, keys))?
+            }
             None => scores,
         };
         let probs = match &layer.sinks {
             // Each query head's sink as one more column, dropped after the softmax.
             Some(sinks) => {
-                let column = sinks.reshape((1, hp.n_kv_head, self.groups, 1, 1))?.broadcast_as((1, hp.n_kv_head, self.groups, n, 1))?;
-                let scores = scores.reshape((1, hp.n_kv_head, self.groups, n, keys))?;
+                let column = sinks.reshape((1, n_kv_head, groups, 1, 1))?.broadcast_as((1, n_kv_head, groups, n, 1))?;
+                let scores = scores.reshape((1, n_kv_head, groups, n, keys))?;
                 let probs = candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&scores, &column.contiguous()?], 4)?)?;
-                probs.narrow(4, 0, keys)?.reshape((1, hp.n_kv_head, self.groups * n, keys))?
+                probs.narrow(4, 0, keys)?.reshape((1, n_kv_head, groups * n, keys))?
             }
             None => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         let attn = probs.matmul(&v_all)?; // (1, kv, groups * n, d)
-        attn.reshape((1, hp.n_head, n, hp.head_dim))?.transpose(1, 2)?.reshape((1, n, hp.n_head * hp.head_dim))
+        attn.reshape((1, n_head, n, head_dim))?.transpose(1, 2)?.reshape((1, n, n_head * head_dim))
     }
 }
 

@@ -10,6 +10,6 @@ use super::hparams::{Family, Hparams, Layout, Meta, Moe};
 pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     let mut hp = Hparams::common(meta, Family::Qwen3Moe)?;
     hp.layout = Layout { qk_norm: true, ..Layout::LLAMA };
-    hp.moe = Some(Moe::read(meta, hp.n_ff)?);
+    hp.moe = Some(Moe::read(meta, &hp)?);
     Ok(hp)
 }
