@@ -1,7 +1,9 @@
 //! The parts every family is built from: RMS norms, weight matrices with the kernel that
 //! multiplies by them, the embedding table, and the reader that takes them out of a GGUF.
 
+use std::fs::File;
 use std::io::{Read, Seek};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -70,20 +72,50 @@ impl Linear {
     }
 }
 
-/// The token embedding table.
+/// An embedding table.
 pub(super) enum Embedding {
     /// Shared with the tied output projection.
     Blocks(Arc<BlockMatrix>),
     Quantized(Arc<QTensor>),
+    /// Left in the file, its rows read as tokens need them.
+    OnDisk(DiskTable),
 }
 
 impl Embedding {
-    /// `(tokens, n_embd)` rows for `ids`.
+    /// `(tokens, cols)` rows for `ids`.
     pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Embedding::Blocks(w) => Tensor::from_vec(w.gather(ids)?, (ids.len(), w.cols()), device),
             Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
+            Embedding::OnDisk(table) => table.rows(ids)?.to_device(device),
         }
+    }
+}
+
+/// A table of a type candle reads, left in the GGUF and read a row at a time (positioned
+/// reads on a handle of its own, so any thread may look up at any time).
+pub(super) struct DiskTable {
+    file: File,
+    /// Where row 0 starts in the file.
+    start: u64,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl DiskTable {
+    /// The rows `ids`, dequantized: `(ids, cols)` on the CPU.
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut raw = vec![0u8; ids.len() * self.row_bytes];
+        for (&id, row) in ids.iter().zip(raw.chunks_exact_mut(self.row_bytes)) {
+            if id as usize >= self.rows {
+                candle_core::bail!("token {id} is past the table's {} rows", self.rows)
+            }
+            self.file.read_exact_at(row, self.start + id as u64 * self.row_bytes as u64)?;
+        }
+        candle_core::quantized::ggml_file::qtensor_from_ggml(self.dtype, &raw, vec![ids.len(), self.cols], &Device::Cpu)?
+            .dequantize(&Device::Cpu)
     }
 }
 
@@ -247,5 +279,18 @@ impl<R: Read + Seek> Tensors<'_, R> {
         let bias_name = format!("{name}.bias");
         let bias = if self.has(&bias_name) { Some(self.vector(&bias_name, shape[0])?) } else { None };
         Ok(Linear::new(weight, bias))
+    }
+}
+
+impl Tensors<'_, File> {
+    /// An embedding table of `(rows, cols)` left in the file, a row read per token and
+    /// never held: Gemma 4's per-layer token embeddings (E2B: 262,144 × 8,960 values,
+    /// ~1.3 GB at Q4_K, a few kB a token), which llama.cpp reads lazily too. A type candle
+    /// cannot read is held in memory on wisp's kernel instead.
+    pub fn embedding_on_disk(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<Embedding> {
+        let (file_type, start, bytes) = self.locate(name, &[rows, cols])?;
+        let FileType::Ggml(dtype) = file_type else { return self.embedding(name, [rows, cols]) };
+        let row_bytes = (bytes / rows.max(1) as u64) as usize;
+        Ok(Embedding::OnDisk(DiskTable { file: self.reader.try_clone()?, start, dtype, rows, cols, row_bytes }))
     }
 }

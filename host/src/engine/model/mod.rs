@@ -358,7 +358,7 @@ pub struct Model {
 
 impl Model {
     /// Loads the weights of `content`, sizing position tables for `max_len` tokens.
-    pub fn load<R: Read + Seek>(header: &gguf::Header, reader: &mut R, hp: Hparams, max_len: usize, device: &Device) -> Result<Model> {
+    pub fn load(header: &gguf::Header, reader: &mut std::fs::File, hp: Hparams, max_len: usize, device: &Device) -> Result<Model> {
         let file_size = reader.seek(std::io::SeekFrom::End(0))?;
         let mut file = Tensors { header, reader, device, file_size };
         let (vocab, e) = (hp.vocab_size, hp.n_embd);
@@ -380,7 +380,7 @@ impl Model {
             width => {
                 let all = width * hp.n_layer;
                 Some(PerLayerInputs {
-                    table: file.embedding("per_layer_token_embd.weight", [vocab, all])?,
+                    table: file.embedding_on_disk("per_layer_token_embd.weight", [vocab, all])?,
                     proj: file.linear_q8("per_layer_model_proj", [all, e])?,
                     norm: file.norm("per_layer_proj_norm.weight", width, hp.rms_eps as f32)?,
                     width,
