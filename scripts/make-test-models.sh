@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Writes the synthetic GGUFs host/tests/oracle.rs checks wisp against llama.cpp on: each
 # family's released per-layer shapes and real tokenizer with seeded random weights, cut to
-# two layers (one where a layer of experts is 600M weights), quantized by llama-quantize
+# two layers (one where a layer of experts is 600M weights; Gemma 4 ten, to reach its
+# shared KV layers), quantized by llama-quantize
 # (scripts/make-gguf.py). Made once into a cache keyed by the generator's contents (a change
 # makes new files and removes the old directory; a list entry whose flags change is made
-# again), linked into models/synthetic/. ~7.3 GB; ~9 minutes on 2 cores.
+# again), linked into models/synthetic/. ~8.5 GB; ~13 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${WISPBENCH_CACHE:-$HOME/.cache/wisp-bench}
