@@ -165,6 +165,8 @@ struct Layer {
     wo: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Gemma 4's weightless norm of v (its weight is ones, made once at load).
+    v_norm: Option<RmsNorm>,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     ffn: Ffn,
@@ -209,6 +211,9 @@ impl Layer {
                 Ffn::Dense { gate_up, down: file.linear(&name("ffn_down"), [e, ff])? }
             }
         };
+        let v_norm = (layout.v_norm && writes_kv)
+            .then(|| Ok::<_, candle_core::Error>(RmsNorm { weight: Tensor::ones(d, DType::F32, file.device)?, eps }))
+            .transpose()?;
         let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
         let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
         let k_norm = optional(layout.qk_norm && writes_kv, "attn_k_norm.weight", d)?;
@@ -240,6 +245,7 @@ impl Layer {
             wo: file.linear(&name("attn_output"), [e, q_rows])?,
             q_norm,
             k_norm,
+            v_norm,
             post_attn_norm,
             ffn_norm: file.norm(&name(layout.ffn_norm), e, eps)?,
             ffn,
@@ -601,7 +607,7 @@ impl Model {
             window: layer.shape.window,
             q_norm: q_norm.as_deref(),
             k_norm: k_norm.as_deref(),
-            v_norm: self.hp.layout.v_norm,
+            v_norm: layer.v_norm.is_some(),
             eps: self.hp.rms_eps as f32,
             scale: self.attn_scale(heads),
             cos: &cos,
@@ -697,11 +703,7 @@ impl Model {
         };
         if let Some((k, v)) = kv {
             let k = turn(&normed(k, &layer.k_norm)?)?;
-            let v = v.contiguous()?;
-            let v = match hp.layout.v_norm {
-                true => candle_nn::ops::rms_norm(&v, &Tensor::ones(head_dim, DType::F32, &self.device)?, hp.rms_eps as f32)?,
-                false => v,
-            };
+            let v = normed(v, &layer.v_norm)?;
             cache_k.slice_set(&k, 2, pos)?;
             cache_v.slice_set(&v, 2, pos)?;
         }
