@@ -90,12 +90,23 @@ fn metrics_move_with_traffic_including_plugin_denies_and_traps() {
     unknown["model"] = json!("nope");
     assert_eq!(chat(&server, Some("sk-demo"), unknown).status(), 404);
 
-    let after = Scrape::take(&server);
+    // The engine lowers its gauges after it has sent a request's last event (keeping the
+    // finished prefix comes in between), so a scrape right after `[DONE]` may still count
+    // the stream as running: they must settle, not be settled at once.
+    let m = [("model", "gemma-3-270m")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let scrape = Scrape::take(&server);
+        let busy = scrape.sum("wisp_requests_running", &m) + scrape.sum("wisp_requests_waiting", &m);
+        if busy == 0.0 || Instant::now() > deadline {
+            break scrape;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let grew = |name: &str, labels: &[(&str, &str)], by: f64| {
         let delta = after.sum(name, labels) - before.sum(name, labels);
         assert!(delta >= by, "{name}{labels:?} grew by {delta}, expected at least {by}");
     };
-    let m = [("model", "gemma-3-270m")];
     grew("wisp_requests_total", &[("route", "chat_completions"), ("status", "200")], 2.0);
     grew("wisp_requests_total", &[("route", "chat_completions"), ("status", "401")], 1.0);
     grew("wisp_requests_total", &[("route", "chat_completions"), ("status", "404")], 1.0);
