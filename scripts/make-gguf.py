@@ -87,6 +87,14 @@ FAMILIES = {
     # the last 20 of 35 layers reading the KV cache of layer 13 or 14 with MLPs twice as
     # wide, per-layer token embeddings of 256 per layer, logits soft-capped at 30. Written
     # by write_gemma4; --layers N keeps the pattern and shares the same share of layers.
+    # Qwen3.5-0.8B: three Gated DeltaNet layers (16 key and 16 value heads of 128, a
+    # 4-tap convolution) to one attention layer (8 query heads of 256 with a sigmoid output
+    # gate, 2 KV heads, q/k norms, interleaved M-RoPE over 64 of 256 values, base 1e7),
+    # and one multi-token-prediction block after the trunk, as converted files carry it.
+    # Written by write_qwen35; --layers N keeps the 3:1 pattern (use a multiple of 4).
+    "qwen35": dict(arch="qwen35", E=1024, L=24, H=8, KV=2, D=256, F=3584, vocab="qwen35", eps=1e-6,
+                   base=1e7, ctx=262144, tied=True, n_rot=64, sections=[11, 11, 10, 0],
+                   ssm=dict(conv=4, state=128, groups=16, v_heads=16), mtp=1),
     "gemma4": dict(arch="gemma4", E=1536, L=35, H=8, KV=1, D=512, F=6144, vocab="gemma-4", eps=1e-6,
                    base=1e6, ctx=131072, tied=True, D_swa=256, base_swa=1e4, window=512, shared=20, ple=256,
                    softcap=30.0, partial_rotary=0.25),
@@ -231,6 +239,89 @@ def write_gemma4(spec, w, L, g, window):
         w.add_tensor(p + "layer_output_scale.weight", np.array([g.rng.uniform(0.6, 1.0)], dtype=np.float32))
 
 
+def write_qwen35(spec, w, L, g):
+    """Qwen 3.5 (src/models/qwen35.cpp, delta-net-base.cpp). The recurrent layers' decay
+    keeps a few tokens of memory (softplus(dt) ~0.05-0.3 times A in 1-4, as the released
+    initialisation) so the state and the convolution decide: the oracle test catches a
+    state that is reset between prompt chunks, a convolution without its held inputs, and
+    the output gate left out. Layers' outputs are scaled so the embedding still leads."""
+    E, H, KV, D, F = spec["E"], spec["H"], spec["KV"], spec["D"], spec["F"]
+    ssm = spec["ssm"]
+    S, n_k, n_v, taps = ssm["state"], ssm["groups"], ssm["v_heads"], ssm["conv"]
+    key_dim, value_dim = n_k * S, n_v * S
+    conv_dim = 2 * key_dim + value_dim
+    mtp = spec["mtp"]
+    recurrent = [(i + 1) % 4 != 0 for i in range(L)] + [False] * mtp
+    w.add_nextn_predict_layers(mtp)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_dimension_count(spec["n_rot"])
+    w.add_rope_dimension_sections(spec["sections"])
+    w.add_rope_freq_base(spec["base"])
+    w.add_ssm_conv_kernel(taps)
+    w.add_ssm_state_size(S)
+    w.add_ssm_group_count(n_k)
+    w.add_ssm_time_step_rank(n_v)
+    w.add_ssm_inner_size(value_dim)
+    w.add_full_attention_interval(4)
+    w.add_recurrent_layers(recurrent)
+    n_vocab = add_tokenizer(w, spec["vocab"])
+
+    embd = g.normal((n_vocab, E), 1.0)
+    w.add_tensor("token_embd.weight", embd.astype(np.float16))
+    # The embedding's favoured token leads by ~3 nats at the median (at the default
+    # strength, by 18: the layers would move nothing the test sees).
+    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=(0.06, 0.24)))
+    del embd
+    w.add_tensor("output_norm.weight", g.norm(E))
+    gain = 0.7
+
+    def attention(p):
+        w.add_tensor(p + "attn_q.weight", g.matrix(2 * H * D, E))
+        w.add_tensor(p + "attn_k.weight", g.matrix(KV * D, E))
+        w.add_tensor(p + "attn_v.weight", g.matrix(KV * D, E))
+        w.add_tensor(p + "attn_q_norm.weight", g.norm(D))
+        w.add_tensor(p + "attn_k_norm.weight", g.norm(D))
+        w.add_tensor(p + "attn_output.weight", g.matrix(E, H * D, gain))
+
+    def mlp(p):
+        w.add_tensor(p + "post_attention_norm.weight", g.norm(E))
+        w.add_tensor(p + "ffn_gate.weight", g.matrix(F, E))
+        w.add_tensor(p + "ffn_up.weight", g.matrix(F, E))
+        w.add_tensor(p + "ffn_down.weight", g.matrix(E, F, gain))
+
+    for i in range(L):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", g.norm(E))
+        if recurrent[i]:
+            w.add_tensor(p + "attn_qkv.weight", g.matrix(conv_dim, E))
+            w.add_tensor(p + "attn_gate.weight", g.matrix(value_dim, E))
+            w.add_tensor(p + "ssm_conv1d.weight", g.normal((conv_dim, taps), 0.6))
+            dt = g.rng.uniform(0.05, 0.3, n_v)
+            w.add_tensor(p + "ssm_dt.bias", np.log(np.expm1(dt)).astype(np.float32))
+            w.add_tensor(p + "ssm_a", (-g.rng.uniform(1.0, 4.0, n_v)).astype(np.float32))
+            w.add_tensor(p + "ssm_alpha.weight", g.matrix(n_v, E, 0.5))
+            w.add_tensor(p + "ssm_beta.weight", g.matrix(n_v, E))
+            w.add_tensor(p + "ssm_norm.weight", g.norm(S))
+            w.add_tensor(p + "ssm_out.weight", g.matrix(E, value_dim, gain))
+        else:
+            attention(p)
+        mlp(p)
+    # The multi-token-prediction block: loaded by llama.cpp only for speculative decoding,
+    # skipped by wisp; here so files shaped as converted load.
+    for i in range(L, L + mtp):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", g.norm(E))
+        attention(p)
+        mlp(p)
+        w.add_tensor(p + "nextn.eh_proj.weight", g.matrix(E, 2 * E))
+        w.add_tensor(p + "nextn.enorm.weight", g.norm(E))
+        w.add_tensor(p + "nextn.hnorm.weight", g.norm(E))
+
+
 def write(family, out, layers, seed, small_ctx, tied, window):
     spec = dict(FAMILIES[family])
     g = Weights(seed)
@@ -244,11 +335,15 @@ def write(family, out, layers, seed, small_ctx, tied, window):
     w.add_name(f"wisp synthetic {family}")
     w.add_context_length(spec["ctx"])
     w.add_embedding_length(E)
-    w.add_block_count(L)
+    w.add_block_count(L + spec.get("mtp", 0))
     w.add_layer_norm_rms_eps(spec["eps"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     if arch == "gemma4":
         write_gemma4(spec, w, L, g, window)
+        finish(w)
+        return
+    if arch == "qwen35":
+        write_qwen35(spec, w, L, g)
         finish(w)
         return
     w.add_feed_forward_length(F)

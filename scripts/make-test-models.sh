@@ -2,7 +2,7 @@
 # Writes the synthetic GGUFs host/tests/oracle.rs checks wisp against llama.cpp on: each
 # family's released per-layer shapes and real tokenizer with seeded random weights, cut to
 # two layers (one where a layer of experts is 600M weights; Gemma 4 ten, to reach its
-# shared KV layers), quantized by llama-quantize
+# shared KV layers; Qwen 3.5 four, one of them attention), quantized by llama-quantize
 # (scripts/make-gguf.py). Made once into a cache keyed by the generator's contents (a change
 # makes new files and removes the old directory; a list entry whose flags change is made
 # again), linked into models/synthetic/. ~8.5 GB; ~13 minutes on 2 cores.
@@ -29,7 +29,6 @@ while read -r name family type extra; do
     echo "$family $args" > "$out.args"
   fi
 done <<'LIST'
-qwen3-Q8_0 qwen3 Q8_0
 qwen3-tied-Q8_0 qwen3 Q8_0 --tied
 qwen3-Q4_K_M qwen3 Q4_K_M
 qwen2-Q4_K_M qwen2 Q4_K_M
@@ -45,6 +44,7 @@ llama3-IQ4_NL llama3 IQ4_NL
 qwen3moe-Q4_K_M qwen3moe Q4_K_M --layers 1
 gpt-oss-MXFP4_MOE gpt-oss MXFP4_MOE --layers 1 --window 16
 gemma4-Q4_K_M gemma4 Q4_K_M --layers 10 --window 16
+qwen35-Q4_K_M qwen35 Q4_K_M --layers 4
 LIST
 ln -sfn "$dir" models/synthetic
 # Earlier generations' files.

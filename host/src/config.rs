@@ -266,7 +266,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Memory per model for the KV of finished sequences, reused by prompts that start with
     /// them (a session's next turn, a shared system prompt); 0 turns reuse off. Unset: sized
-    /// against the model, the KV of `max_batch` sequences of [`PREFIX_CACHE_TOKENS`] each.
+    /// against the model, the KV of `max_batch` sequences of [`PREFIX_CACHE_TOKENS`] each
+    /// (and their recurrent states, for a model with recurrent layers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix_cache_mb: Option<usize>,
     /// `max_tokens` used when a request gives none: the rest of the context, capped here.
@@ -283,11 +284,12 @@ pub struct Limits {
 pub const PREFIX_CACHE_TOKENS: usize = 2048;
 
 impl Limits {
-    /// The prefix cache's budget in bytes for a model whose KV takes `kv_bytes_per_token`.
-    pub fn prefix_cache_bytes(&self, kv_bytes_per_token: usize) -> usize {
+    /// The prefix cache's budget in bytes for a model whose KV takes `kv_bytes_per_token`
+    /// and whose recurrent state (with its checkpoints) takes up to `state_bytes` a sequence.
+    pub fn prefix_cache_bytes(&self, kv_bytes_per_token: usize, state_bytes: usize) -> usize {
         match self.prefix_cache_mb {
             Some(mb) => mb << 20,
-            None => self.max_batch * PREFIX_CACHE_TOKENS * kv_bytes_per_token,
+            None => self.max_batch * (PREFIX_CACHE_TOKENS * kv_bytes_per_token + state_bytes),
         }
     }
 }
@@ -571,11 +573,12 @@ mod tests {
     #[test]
     fn the_prefix_cache_is_sized_against_the_model_unless_set() {
         let limits = Config::from_toml("[limits]\nmax_batch = 4").unwrap().limits;
-        assert_eq!(limits.prefix_cache_bytes(1000), 4 * PREFIX_CACHE_TOKENS * 1000);
+        assert_eq!(limits.prefix_cache_bytes(1000, 0), 4 * PREFIX_CACHE_TOKENS * 1000);
+        assert_eq!(limits.prefix_cache_bytes(1000, 7), 4 * (PREFIX_CACHE_TOKENS * 1000 + 7));
         let limits = Config::from_toml("[limits]\nprefix_cache_mb = 3").unwrap().limits;
-        assert_eq!(limits.prefix_cache_bytes(1000), 3 << 20);
+        assert_eq!(limits.prefix_cache_bytes(1000, 7), 3 << 20);
         let limits = Config::from_toml("[limits]\nprefix_cache_mb = 0").unwrap().limits;
-        assert_eq!(limits.prefix_cache_bytes(1000), 0);
+        assert_eq!(limits.prefix_cache_bytes(1000, 7), 0);
     }
 
     #[test]

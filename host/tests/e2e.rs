@@ -538,6 +538,38 @@ fn the_next_turn_reuses_the_previous_turns_kv_and_answers_the_same() {
     assert_eq!(counter(&without, "wisp_prefix_cache_bytes{"), 0.0);
 }
 
+/// A hybrid recurrent model (Qwen 3.5's shapes: Gated DeltaNet layers hold a state that
+/// cannot be cut back to a shorter prefix): the state after the first prompt is kept as a
+/// checkpoint beside the state at the reply's end, so the next turn, whose reply text may
+/// tokenize otherwise than it was generated, still skips at least the first prompt, and
+/// answers as without reuse.
+#[test]
+fn a_recurrent_models_next_turn_restores_a_kept_state_and_answers_the_same() {
+    let model = format!("[[models]]\nid = \"q\"\npath = \"{}\"\n", common::synthetic("qwen35-Q4_K_M").display());
+    let with_reuse = Server::start_with_config(&model);
+    let without = Server::start_with_config(&format!("[limits]\nprefix_cache_mb = 0\n{model}"));
+    let complete = |server: &Server, prompt: &str| {
+        let body = json!({"model": "q", "prompt": prompt, "max_tokens": 16, "temperature": 0});
+        let (status, r) = post(server, "/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        (r["choices"][0]["text"].as_str().unwrap().to_string(), r["usage"]["prompt_tokens"].as_f64().unwrap())
+    };
+    let first_prompt = "Tell me about lighthouses and the people who kept them, in some detail, please.";
+    let (first, first_tokens) = complete(&with_reuse, first_prompt);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counter(&with_reuse, "wisp_prefix_cache_bytes{") == 0.0 {
+        assert!(Instant::now() < deadline, "the finished sequence's state never moved to the prefix cache");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let next = format!("{first_prompt}{first} And what about today?");
+    let (reply, _) = complete(&with_reuse, &next);
+    let reused = counter(&with_reuse, "wisp_prefix_cache_hit_tokens_total");
+    assert!(reused >= first_tokens, "at least the first prompt ({first_tokens} tokens) is reused, got {reused}");
+    assert_eq!(complete(&without, first_prompt).0, first);
+    assert_eq!(complete(&without, &next).0, reply, "reuse changes nothing in the output");
+    assert_eq!(counter(&without, "wisp_prefix_cache_hit_tokens_total"), 0.0);
+}
+
 #[test]
 fn an_engine_panic_fails_its_requests_and_the_engine_serves_on() {
     // Room for two requests: a leaked place would show as a 503 below.

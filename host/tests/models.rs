@@ -432,3 +432,39 @@ fn gemma4_logits_do_not_depend_on_chunking_batching_or_the_attention_path() {
     assert_batched_equals_alone(&parts);
     assert_same_as_candle_attention(parts, &tokens);
 }
+
+/// Qwen 3.5 (0.8B's shapes, 4 layers: three Gated DeltaNet, one gated attention): the
+/// recurrent state carries across prompt chunks, steps and batches bit for bit; a cache
+/// copied at a kept state (a checkpoint, or the end) continues as if it had read the whole
+/// prompt, and a position without a kept state is refused.
+#[test]
+fn qwen35_state_carries_across_chunks_batches_and_checkpoints() {
+    let parts = load(&common::synthetic("qwen35-Q4_K_M"));
+    assert_eq!(parts.family, Family::Qwen35);
+    let unit = parts.tokenizer.tokenizer.encode("The quick brown fox jumps over the lazy dog. ", false).unwrap().get_ids().to_vec();
+    let tokens: Vec<u32> = unit.iter().copied().cycle().take(60).collect();
+    let whole = last_logits(&parts, &tokens, tokens.len());
+    for chunk in [7, 1] {
+        let chunked = last_logits(&parts, &tokens, chunk);
+        let max = whole.iter().zip(&chunked).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(whole == chunked, "chunks of {chunk}: logits differ by up to {max}");
+    }
+    assert_batched_equals_alone(&parts);
+
+    let model = &parts.model;
+    let mut source = model.new_cache(tokens.len()).unwrap();
+    model.forward(&tokens[..40], &mut source).unwrap();
+    source.checkpoint();
+    model.forward(&tokens[40..50], &mut source).unwrap();
+    assert_eq!((source.reusable(39), source.reusable(45), source.reusable(55)), (0, 40, 50));
+    for at in [40, 50] {
+        let mut cache = model.new_cache(tokens.len()).unwrap();
+        cache.copy_prefix(&source, at).unwrap();
+        let logits = model.forward(&tokens[at..], &mut cache).unwrap().to_vec1::<f32>().unwrap();
+        assert!(logits == whole, "continued from the state kept at {at}");
+    }
+    let mut cache = model.new_cache(tokens.len()).unwrap();
+    let refused = cache.copy_prefix(&source, 45).unwrap_err().to_string();
+    assert!(refused.contains("no recurrent state is kept at position 45"), "{refused}");
+    assert_same_as_candle_attention(parts, &tokens);
+}

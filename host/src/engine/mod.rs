@@ -677,7 +677,7 @@ fn read_parts(config: &ModelConfig, path: &std::path::Path) -> Result<ModelParts
 fn load(config: &ModelConfig, limits: &Limits, metrics: Arc<Metrics>) -> Result<LoadedModel, EngineError> {
     let ModelParts { family, model, tokenizer, template, own_template, context_length } = load_parts(config)?;
     let tokenizer = Arc::new(tokenizer);
-    let prefix_cache_bytes = limits.prefix_cache_bytes(model.kv_bytes_per_token());
+    let prefix_cache_bytes = limits.prefix_cache_bytes(model.kv_bytes_per_token(), model.max_state_bytes());
     tracing::info!(model = %config.id, prefix_cache_mb = prefix_cache_bytes >> 20, "prefix cache budget");
     let scheduler = Scheduler::start(
         scheduler::SchedulerConfig {

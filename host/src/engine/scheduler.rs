@@ -204,14 +204,15 @@ impl PrefixCache {
     }
 
     /// The entry sharing the longest prefix with `prompt` (at most `prompt.len() - 1`
-    /// tokens: the last one is fed to get logits), moved to the most recent place.
+    /// tokens: the last one is fed to get logits; with recurrent layers, at a position whose
+    /// state the entry kept), moved to the most recent place.
     fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, &SeqCache)> {
         let limit = prompt.len().saturating_sub(1);
         let (idx, shared) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, (tokens, _))| (i, tokens.iter().zip(prompt).take(limit).take_while(|(a, b)| a == b).count()))
+            .map(|(i, (tokens, cache))| (i, cache.reusable(tokens.iter().zip(prompt).take(limit).take_while(|(a, b)| a == b).count())))
             .max_by_key(|(_, shared)| *shared)?;
         if shared < MIN_REUSE_TOKENS {
             return None;
@@ -233,14 +234,16 @@ impl PrefixCache {
         if tokens.len() < MIN_REUSE_TOKENS || self.budget == 0 {
             return Ok(());
         }
-        // One entry per distinct history: a longer sequence replaces those it extends.
+        let mut compact = model.new_cache(tokens.len())?;
+        compact.copy_prefix(cache, tokens.len())?;
+        // One entry per distinct history: a longer sequence replaces those it extends,
+        // where it can continue from their end (with recurrent layers, only where it kept
+        // their state).
         let before = self.entries.len();
-        self.entries.retain(|(old, _)| !tokens.starts_with(old));
+        self.entries.retain(|(old, _)| !(tokens.starts_with(old) && compact.reusable(old.len()) == old.len()));
         if self.entries.len() != before {
             self.bytes = self.entries.iter().map(|(_, c)| c.bytes()).sum();
         }
-        let mut compact = model.new_cache(tokens.len())?;
-        compact.copy_prefix(cache, tokens.len())?;
         let size = compact.bytes();
         if size > self.budget {
             return Ok(());
@@ -491,6 +494,9 @@ impl Worker {
                     continue;
                 }
                 self.per_model.prompt_tokens.inc_by(seq.request.prompt.len() as u64);
+                // A recurrent model's state after the prompt: the next turn's prompt repeats
+                // this one, but the reply it repeats may tokenize otherwise.
+                seq.cache.checkpoint();
                 seq.phase =
                     tracing::info_span!(parent: &seq.request.span, "decode", model = %self.model_id, tokens = tracing::field::Empty);
             }

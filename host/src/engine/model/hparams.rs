@@ -25,10 +25,11 @@ pub enum Family {
     Qwen2,
     Qwen3,
     Qwen3Moe,
+    Qwen35,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Gemma3,
         Family::Gemma4,
         Family::GptOss,
@@ -38,6 +39,7 @@ impl Family {
         Family::Qwen2,
         Family::Qwen3,
         Family::Qwen3Moe,
+        Family::Qwen35,
     ];
 
     /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
@@ -57,6 +59,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3moe",
+            Family::Qwen35 => "qwen35",
         }
     }
 
@@ -87,6 +90,9 @@ pub struct Layout {
     pub ffn_norm: &'static str,
     /// A weightless per-head RMS norm of v before it is cached (Gemma 4).
     pub v_norm: bool,
+    /// The q projection is twice as wide, each head's q followed by a gate of the same
+    /// size whose sigmoid multiplies that head's attention output (Qwen 3.5).
+    pub gated_q: bool,
 }
 
 impl Layout {
@@ -101,6 +107,7 @@ impl Layout {
         sinks: false,
         ffn_norm: "ffn_norm.weight",
         v_norm: false,
+        gated_q: false,
     };
 }
 
@@ -133,6 +140,8 @@ pub struct Hparams {
     pub vocab_size: usize,
     /// Routed experts in place of the dense MLP (Qwen 3 MoE).
     pub moe: Option<Moe>,
+    /// The shape of the Gated DeltaNet layers, where some layers are recurrent (Qwen 3.5).
+    pub delta_net: Option<DeltaNetShape>,
 }
 
 /// What one layer's attention and MLP look like.
@@ -145,6 +154,36 @@ pub struct LayerShape {
     /// The layer whose keys and values this one attends to: itself, or an earlier layer
     /// of the same kind whose cache it reads without writing (Gemma 4's shared KV).
     pub kv_source: usize,
+    /// A Gated DeltaNet layer (a recurrent state per sequence, no KV cache) instead of
+    /// attention (Qwen 3.5's three of every four).
+    pub recurrent: bool,
+}
+
+/// A Gated DeltaNet layer's geometry (llama.cpp's `ssm.*` keys): keys and values of
+/// `head_dim` (`ssm.state_size`), `n_k_heads` key heads (`ssm.group_count`) shared by
+/// `n_v_heads` value heads (`ssm.time_step_rank`, tiled: value head `h` reads key head
+/// `h % n_k_heads`), and a causal convolution of `conv_kernel` taps over q, k and v.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeltaNetShape {
+    pub conv_kernel: usize,
+    pub head_dim: usize,
+    pub n_k_heads: usize,
+    pub n_v_heads: usize,
+}
+
+impl DeltaNetShape {
+    pub fn key_dim(&self) -> usize {
+        self.n_k_heads * self.head_dim
+    }
+
+    pub fn value_dim(&self) -> usize {
+        self.n_v_heads * self.head_dim
+    }
+
+    /// Channels of the convolution: q, k and v side by side.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
 }
 
 /// A mixture-of-experts MLP: each token runs `n_used` of `n_expert` gated MLPs of width
@@ -189,6 +228,7 @@ impl Hparams {
             Family::Qwen2 => super::qwen2::hparams(&meta)?,
             Family::Qwen3 => super::qwen3::hparams(&meta)?,
             Family::Qwen3Moe => super::qwen3moe::hparams(&meta)?,
+            Family::Qwen35 => super::qwen35::hparams(&meta)?,
         };
         hp.validate()?;
         Ok(hp)
@@ -220,6 +260,7 @@ impl Hparams {
                 n_ff: n_ff[i],
                 window: None,
                 kv_source: i,
+                recurrent: false,
             })
             .collect();
         Ok(Hparams {
@@ -238,6 +279,7 @@ impl Hparams {
             context_length: meta.u32("context_length")?,
             vocab_size,
             moe: None,
+            delta_net: None,
         })
     }
 
@@ -260,7 +302,21 @@ impl Hparams {
         if self.n_layer == 0 || self.n_embd == 0 || self.vocab_size == 0 {
             return fail(format!("{} layers, embedding length {}, vocabulary {}", self.n_layer, self.n_embd, self.vocab_size));
         }
+        if let Some(d) = self.delta_net {
+            let DeltaNetShape { conv_kernel, head_dim, n_k_heads, n_v_heads } = d;
+            if !(2..=16).contains(&conv_kernel) || head_dim == 0 || n_k_heads == 0 || !n_v_heads.is_multiple_of(n_k_heads) {
+                return fail(format!(
+                    "Gated DeltaNet: convolution of {conv_kernel}, {n_k_heads} key heads and {n_v_heads} value heads of {head_dim}"
+                ));
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
+            if layer.recurrent {
+                if self.delta_net.is_none() || layer.kv_source != i || layer.n_ff == 0 && self.moe.is_none() {
+                    return fail(format!("layer {i} is recurrent in a model without the recurrent layers' shape"));
+                }
+                continue;
+            }
             let Heads { n_head, n_kv_head, head_dim } = layer.heads;
             if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
                 return fail(format!("layer {i}: {n_head} query heads, {n_kv_head} KV heads"));
@@ -353,13 +409,16 @@ impl<'a> Meta<'a> {
     }
 
     /// An array of one flag per layer.
-    pub fn flags(&self, key: &str, n_layer: usize) -> Result<Vec<bool>> {
-        let flags = self.typed(key, self.get(key), |v| match v {
+    pub fn opt_flags(&self, key: &str, n_layer: usize) -> Result<Option<Vec<bool>>> {
+        self.typed(key, self.get(key), |v| match v {
             Value::Array(items) if items.len() == n_layer => items.iter().map(Value::to_bool).collect(),
             Value::Array(items) => candle_core::bail!("{} values for {n_layer} layers", items.len()),
             _ => candle_core::bail!("not an array"),
-        })?;
-        flags.ok_or_else(|| self.missing(key))
+        })
+    }
+
+    pub fn flags(&self, key: &str, n_layer: usize) -> Result<Vec<bool>> {
+        self.opt_flags(key, n_layer)?.ok_or_else(|| self.missing(key))
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {

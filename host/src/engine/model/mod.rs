@@ -4,9 +4,11 @@
 //! - [`blocks`]: norms, weight matrices and their kernels, the tensor reader;
 //! - [`rope`]: rotary tables as ggml computes them (plain, Llama 3 factors, LongRoPE, YaRN);
 //! - [`gguf`]: the header of an untrusted file, read without panics;
-//! - `gemma3`, `gemma4`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`: what
-//!   sets each family apart, its keys and its [`Layout`], with the llama.cpp file it follows;
+//! - `gemma3`, `gemma4`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`,
+//!   `qwen35`: what sets each family apart, its keys and its [`Layout`], with the llama.cpp
+//!   file it follows;
 //! - [`moe`]: routed experts in place of the MLP;
+//! - [`deltanet`]: the Gated DeltaNet layer (a recurrent state in place of attention);
 //! - this file: the pre-norm decoder block every family shares and the batched forward pass.
 //!
 //! This is wisp's own model instead of candle-transformers' because the stock quantized
@@ -30,6 +32,7 @@
 //! (`llama.cpp: src/llama-model.cpp`, `src/models/<arch>.cpp`).
 
 mod blocks;
+mod deltanet;
 mod gemma3;
 mod gemma4;
 pub mod gguf;
@@ -41,6 +44,7 @@ mod moe;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen35;
 mod qwen3moe;
 mod rope;
 
@@ -52,7 +56,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
 use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
-pub use hparams::{AttnTemperature, Family, Hparams, LayerShape, Layout, Moe};
+pub use hparams::{AttnTemperature, DeltaNetShape, Family, Hparams, LayerShape, Layout, Moe};
 pub use rope::{Factors, RopeParams, Yarn};
 
 /// A candle error's message alone: candle appends a backtrace when RUST_BACKTRACE is set,
@@ -62,14 +66,39 @@ pub fn error_message(e: &candle_core::Error) -> String {
 }
 
 /// One sequence's KV cache, per layer, preallocated to `capacity` positions and filled in
-/// place up to `len`. A layer that reads another layer's cache (Gemma 4) has none.
+/// place up to `len`. A layer that reads another layer's cache (Gemma 4) has none, nor
+/// has a recurrent layer (Qwen 3.5), which holds a [`deltanet::State`] instead: the state
+/// after `len` tokens, which cannot be cut back to an earlier position. So that a later
+/// prompt sharing only part of the history still skips it, a cache may keep
+/// [`Checkpoint`]s of the states at earlier positions (the end of each prompt).
 pub struct SeqCache {
     kv: Kv,
     /// Each layer's head geometry.
     heads: Vec<Heads>,
+    /// Each recurrent layer's state; `None` for attention layers.
+    states: Vec<Option<deltanet::State>>,
+    /// The states at earlier positions, oldest first, at most [`MAX_CHECKPOINTS`].
+    checkpoints: Vec<Checkpoint>,
     len: usize,
     capacity: usize,
 }
+
+/// The recurrent states after the first `len` tokens.
+#[derive(Clone)]
+struct Checkpoint {
+    len: usize,
+    states: Vec<Option<deltanet::State>>,
+}
+
+impl Checkpoint {
+    fn bytes(&self) -> usize {
+        self.states.iter().flatten().map(deltanet::State::bytes).sum()
+    }
+}
+
+/// Checkpoints a cache keeps (the newest): a session's last turns can be edited or
+/// continued from a kept state.
+const MAX_CHECKPOINTS: usize = 2;
 
 enum Kv {
     /// On the CPU: plain buffers that [`attention::attend`] writes and reads.
@@ -92,19 +121,62 @@ impl SeqCache {
         self.capacity
     }
 
-    /// Bytes of keys and values this cache holds (its capacity, not its length).
+    /// Bytes of keys and values this cache holds (its capacity, not its length), with its
+    /// recurrent states and their checkpoints.
     pub fn bytes(&self) -> usize {
-        match &self.kv {
+        let kv: usize = match &self.kv {
             Kv::Host(layers) => layers.iter().flatten().map(LayerKv::bytes).sum(),
             Kv::Device(layers) => layers.iter().flatten().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+        };
+        let states: usize = self.states.iter().flatten().map(deltanet::State::bytes).sum();
+        kv + states + self.checkpoints.iter().map(Checkpoint::bytes).sum::<usize>()
+    }
+
+    fn recurrent(&self) -> bool {
+        self.states.iter().any(Option::is_some)
+    }
+
+    /// The longest prefix of at most `n` positions another cache can copy from this one
+    /// ([`SeqCache::copy_prefix`]): `n` itself (up to `len`) without recurrent layers; with
+    /// them, the longest of `len` and the checkpoints not past `n` (0 if none).
+    pub fn reusable(&self, n: usize) -> usize {
+        let n = n.min(self.len);
+        if !self.recurrent() {
+            return n;
         }
+        let kept = self.checkpoints.iter().map(|c| c.len).chain(std::iter::once(self.len));
+        kept.filter(|&len| len <= n).max().unwrap_or(0)
+    }
+
+    /// Keeps the recurrent states at the current length, to continue from later (the
+    /// oldest checkpoint goes past [`MAX_CHECKPOINTS`]). Nothing without recurrent layers.
+    pub fn checkpoint(&mut self) {
+        if !self.recurrent() || self.checkpoints.last().is_some_and(|c| c.len == self.len) {
+            return;
+        }
+        if self.checkpoints.len() == MAX_CHECKPOINTS {
+            self.checkpoints.remove(0);
+        }
+        self.checkpoints.push(Checkpoint { len: self.len, states: self.states.clone() });
     }
 
     /// Copies the first `n` positions of `other` into this (empty) cache: a prompt that
-    /// starts with those tokens skips their prefill.
+    /// starts with those tokens skips their prefill. With recurrent layers `n` must be one
+    /// of `other`'s [`SeqCache::reusable`] positions; its checkpoints up to `n` come along.
     pub fn copy_prefix(&mut self, other: &SeqCache, n: usize) -> Result<()> {
         if n > other.len || n > self.capacity {
             candle_core::bail!("cannot reuse {n} positions (source holds {}, room for {})", other.len, self.capacity)
+        }
+        if other.recurrent() {
+            let states = match n == other.len {
+                true => &other.states,
+                false => match other.checkpoints.iter().find(|c| c.len == n) {
+                    Some(c) => &c.states,
+                    None => candle_core::bail!("no recurrent state is kept at position {n}"),
+                },
+            };
+            self.states.clone_from(states);
+            self.checkpoints = other.checkpoints.iter().filter(|c| c.len < n).cloned().collect();
         }
         match (&mut self.kv, &other.kv) {
             (Kv::Host(dst), Kv::Host(src)) => {
@@ -155,37 +227,51 @@ struct PerLayerGate {
     post_norm: RmsNorm,
 }
 
-struct Layer {
-    shape: LayerShape,
+/// How a layer mixes positions.
+enum Mixer {
+    Attention(Attention),
+    /// A recurrent Gated DeltaNet layer (Qwen 3.5).
+    DeltaNet(deltanet::DeltaNet),
+}
+
+struct Attention {
     /// Whether this layer computes and caches keys and values (else it reads the cache of
     /// `shape.kv_source`).
     writes_kv: bool,
-    attn_norm: RmsNorm,
     qkv: Qkv,
     wo: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     /// Gemma 4's weightless norm of v (its weight is ones, made once at load).
     v_norm: Option<RmsNorm>,
-    post_attn_norm: Option<RmsNorm>,
-    ffn_norm: RmsNorm,
-    ffn: Ffn,
-    post_ffn_norm: Option<RmsNorm>,
     /// One logit per query head in each softmax (gpt-oss).
     sinks: Option<Tensor>,
-    per_layer: Option<PerLayerGate>,
-    /// Multiplies the layer's output (Gemma 4's `layer_output_scale`).
-    out_scale: Option<f64>,
+    /// Each head's output is multiplied by the sigmoid of a gate from the q projection
+    /// (Qwen 3.5's [`Layout::gated_q`]).
+    gated: bool,
     /// Index into [`Model::ropes`].
     rope: usize,
 }
 
-impl Layer {
-    /// Layer `i` as `hp.layout` and `hp.layers[i]` describe it, every tensor's shape checked.
-    fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, hp: &Hparams, i: usize) -> Result<Layer> {
+struct Layer {
+    shape: LayerShape,
+    attn_norm: RmsNorm,
+    mixer: Mixer,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    ffn: Ffn,
+    post_ffn_norm: Option<RmsNorm>,
+    per_layer: Option<PerLayerGate>,
+    /// Multiplies the layer's output (Gemma 4's `layer_output_scale`).
+    out_scale: Option<f64>,
+}
+
+impl Attention {
+    /// Layer `i`'s attention as `hp.layout` and `hp.layers[i]` describe it.
+    fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, hp: &Hparams, i: usize) -> Result<Attention> {
         let (e, layout, shape) = (hp.n_embd, hp.layout, hp.layers[i]);
         let Heads { n_head, n_kv_head, head_dim: d } = shape.heads;
-        let (q_rows, kv_rows, ff) = (n_head * d, n_kv_head * d, shape.n_ff);
+        let (q_rows, kv_rows) = (n_head * d, n_kv_head * d);
         let writes_kv = shape.kv_source == i;
         let eps = hp.rms_eps as f32;
         let name = |n: &str| format!("blk.{i}.{n}");
@@ -194,13 +280,99 @@ impl Layer {
             false => {
                 // Only Gemma 4 may leave v out (v = k); elsewhere a missing v is an error.
                 let has_v = hp.family != Family::Gemma4 || file.has(&name("attn_v.weight"));
+                let q_width = if layout.gated_q { 2 * q_rows } else { q_rows };
                 Qkv::Separate {
-                    q: file.linear(&name("attn_q"), [q_rows, e])?,
+                    q: file.linear(&name("attn_q"), [q_width, e])?,
                     k: writes_kv.then(|| file.linear(&name("attn_k"), [kv_rows, e])).transpose()?,
                     v: (writes_kv && has_v).then(|| file.linear(&name("attn_v"), [kv_rows, e])).transpose()?,
                 }
             }
         };
+        let v_norm = (layout.v_norm && writes_kv)
+            .then(|| Ok::<_, candle_core::Error>(RmsNorm { weight: Tensor::ones(d, DType::F32, file.device)?, eps }))
+            .transpose()?;
+        let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
+        let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
+        let k_norm = optional(layout.qk_norm && writes_kv, "attn_k_norm.weight", d)?;
+        let sinks = match layout.sinks {
+            true => Some(file.vector(&name("attn_sinks.weight"), n_head)?),
+            false => None,
+        };
+        Ok(Attention {
+            writes_kv,
+            qkv,
+            wo: file.linear(&name("attn_output"), [e, q_rows])?,
+            q_norm,
+            k_norm,
+            v_norm,
+            sinks,
+            gated: layout.gated_q,
+            rope: hp.rope_index(i),
+        })
+    }
+
+    /// q of every row, for a layer with its own cache k and v, and for a gated layer the
+    /// gate: `(1, rows, width)` each.
+    fn qkv(&self, h: &Tensor, heads: Heads) -> Result<Projected> {
+        let Heads { n_head, n_kv_head, head_dim } = heads;
+        let (q, kv) = match &self.qkv {
+            Qkv::Separate { q, k: Some(k), v } => {
+                let k_out = k.forward(h)?;
+                let v_out = match v {
+                    Some(v) => v.forward(h)?,
+                    None => k_out.clone(),
+                };
+                (q.forward(h)?, Some((k_out, v_out)))
+            }
+            Qkv::Separate { q, k: None, .. } => (q.forward(h)?, None),
+            Qkv::Fused(w) => {
+                let all = w.forward(h)?;
+                let (q_rows, kv_rows) = (n_head * head_dim, n_kv_head * head_dim);
+                let part = |start, len| all.narrow(2, start, len)?.contiguous();
+                let kv = match self.writes_kv {
+                    true => Some((part(q_rows, kv_rows)?, part(q_rows + kv_rows, kv_rows)?)),
+                    false => None,
+                };
+                (part(0, q_rows)?, kv)
+            }
+        };
+        if !self.gated {
+            return Ok(Projected { q, kv, gate: None });
+        }
+        // Each head's q, then its gate.
+        let rows = q.dim(1)?;
+        let q = q.reshape((1, rows, n_head, 2 * head_dim))?;
+        let half = |start| q.narrow(3, start, head_dim)?.contiguous()?.reshape((1, rows, n_head * head_dim));
+        Ok(Projected { q: half(0)?, kv, gate: Some(half(head_dim)?) })
+    }
+}
+
+/// An attention layer's projections of the rows of a step.
+struct Projected {
+    q: Tensor,
+    /// k and v, for a layer with its own cache.
+    kv: Option<(Tensor, Tensor)>,
+    /// The output gate's logits (Qwen 3.5).
+    gate: Option<Tensor>,
+}
+
+impl Layer {
+    /// Whether this layer computes and caches keys and values.
+    fn writes_kv(&self) -> bool {
+        matches!(&self.mixer, Mixer::Attention(a) if a.writes_kv)
+    }
+
+    /// Layer `i` as `hp.layout` and `hp.layers[i]` describe it, every tensor's shape checked.
+    fn load<R: Read + Seek>(file: &mut Tensors<'_, R>, hp: &Hparams, i: usize) -> Result<Layer> {
+        let (e, layout, shape) = (hp.n_embd, hp.layout, hp.layers[i]);
+        let eps = hp.rms_eps as f32;
+        let name = |n: &str| format!("blk.{i}.{n}");
+        let mixer = match (shape.recurrent, hp.delta_net) {
+            (true, Some(delta)) => Mixer::DeltaNet(deltanet::DeltaNet::load(file, i, e, delta, eps)?),
+            (true, None) => candle_core::bail!("layer {i} is recurrent in a model without the recurrent layers' shape"),
+            (false, _) => Mixer::Attention(Attention::load(file, hp, i)?),
+        };
+        let ff = shape.n_ff;
         let ffn = match hp.moe {
             Some(moe) => Ffn::Experts(moe::Experts::load(file, i, e, moe)?),
             None => {
@@ -211,18 +383,9 @@ impl Layer {
                 Ffn::Dense { gate_up, down: file.linear(&name("ffn_down"), [e, ff])? }
             }
         };
-        let v_norm = (layout.v_norm && writes_kv)
-            .then(|| Ok::<_, candle_core::Error>(RmsNorm { weight: Tensor::ones(d, DType::F32, file.device)?, eps }))
-            .transpose()?;
         let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
-        let q_norm = optional(layout.qk_norm, "attn_q_norm.weight", d)?;
-        let k_norm = optional(layout.qk_norm && writes_kv, "attn_k_norm.weight", d)?;
         let post_attn_norm = optional(layout.post_norms, "post_attention_norm.weight", e)?;
         let post_ffn_norm = optional(layout.post_norms, "post_ffw_norm.weight", e)?;
-        let sinks = match layout.sinks {
-            true => Some(file.vector(&name("attn_sinks.weight"), n_head)?),
-            false => None,
-        };
         let p = hp.per_layer_input;
         let per_layer = match p {
             0 => None,
@@ -239,48 +402,15 @@ impl Layer {
         };
         Ok(Layer {
             shape,
-            writes_kv,
             attn_norm: file.norm(&name("attn_norm.weight"), e, eps)?,
-            qkv,
-            wo: file.linear(&name("attn_output"), [e, q_rows])?,
-            q_norm,
-            k_norm,
-            v_norm,
+            mixer,
             post_attn_norm,
             ffn_norm: file.norm(&name(layout.ffn_norm), e, eps)?,
             ffn,
             post_ffn_norm,
-            sinks,
             per_layer,
             out_scale,
-            rope: hp.rope_index(i),
         })
-    }
-
-    /// q of every row and, for a layer with its own cache, k and v: `(1, rows, width)` each.
-    fn qkv(&self, h: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        match &self.qkv {
-            Qkv::Separate { q, k: Some(k), v } => {
-                let k_out = k.forward(h)?;
-                let v_out = match v {
-                    Some(v) => v.forward(h)?,
-                    None => k_out.clone(),
-                };
-                Ok((q.forward(h)?, Some((k_out, v_out))))
-            }
-            Qkv::Separate { q, k: None, .. } => Ok((q.forward(h)?, None)),
-            Qkv::Fused(w) => {
-                let all = w.forward(h)?;
-                let Heads { n_head, n_kv_head, head_dim } = self.shape.heads;
-                let (q_rows, kv_rows) = (n_head * head_dim, n_kv_head * head_dim);
-                let part = |start, len| all.narrow(2, start, len)?.contiguous();
-                let kv = match self.writes_kv {
-                    true => Some((part(q_rows, kv_rows)?, part(q_rows + kv_rows, kv_rows)?)),
-                    false => None,
-                };
-                Ok((part(0, q_rows)?, kv))
-            }
-        }
     }
 
     /// The feed-forward output of every row of `h`: `down(act(gate) · up)`, or the experts'.
@@ -446,14 +576,16 @@ impl Model {
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
         let capacity = capacity.min(self.max_len).max(1);
         let heads: Vec<Heads> = self.layers.iter().map(|l| l.shape.heads).collect();
-        let owners = self.layers.iter().zip(&heads).map(|(l, h)| l.writes_kv.then_some(*h));
+        let owners = self.layers.iter().zip(&heads).map(|(l, h)| l.writes_kv().then_some(*h));
         let kv = if self.host_attention {
             Kv::Host(owners.map(|h| h.map(|h| LayerKv::zeros(h, capacity))).collect())
         } else {
             let zeros = |h: Heads| Tensor::zeros((1, h.n_kv_head, capacity, h.head_dim), DType::F32, &self.device);
             Kv::Device(owners.map(|h| h.map(|h| Ok([zeros(h)?, zeros(h)?])).transpose()).collect::<Result<_>>()?)
         };
-        Ok(SeqCache { kv, heads, len: 0, capacity })
+        let states =
+            self.layers.iter().map(|l| self.hp.delta_net.filter(|_| l.shape.recurrent).map(|d| deltanet::State::zeros(&d))).collect();
+        Ok(SeqCache { kv, heads, states, checkpoints: Vec::new(), len: 0, capacity })
     }
 
     /// Bytes of keys and values one position takes in a cache of this model (f16 in the
@@ -461,7 +593,14 @@ impl Model {
     pub fn kv_bytes_per_token(&self) -> usize {
         let elem = if self.host_attention { LayerKv::ELEMENT_BYTES } else { DType::F32.size_in_bytes() };
         let per_layer = |l: &Layer| 2 * l.shape.heads.n_kv_head * l.shape.heads.head_dim * elem;
-        self.layers.iter().filter(|l| l.writes_kv).map(per_layer).sum()
+        self.layers.iter().filter(|l| l.writes_kv()).map(per_layer).sum()
+    }
+
+    /// Bytes of recurrent state one cache holds at most whatever its length (Qwen 3.5's
+    /// Gated DeltaNet layers: the states and their checkpoints); 0 for attention-only models.
+    pub fn max_state_bytes(&self) -> usize {
+        let per_layer = self.hp.delta_net.map_or(0, |d| deltanet::State::zeros(&d).bytes());
+        self.layers.iter().filter(|l| l.shape.recurrent).count() * per_layer * (1 + MAX_CHECKPOINTS)
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
@@ -544,13 +683,30 @@ impl Model {
         spans: &mut [Span],
     ) -> Result<Tensor> {
         let h = layer.attn_norm.forward(x)?;
-        let (q, kv) = layer.qkv(&h)?;
-        let attn = if self.host_attention {
-            self.attention_host(layer, q, kv, segments, spans)?
-        } else {
-            self.attention_device(layer, &q, kv.as_ref(), segments, spans)?
+        let mut attn = match &layer.mixer {
+            Mixer::Attention(a) => {
+                let Projected { q, kv, gate } = a.qkv(&h, layer.shape.heads)?;
+                let mut out = if self.host_attention {
+                    self.attention_host(a, &layer.shape, q, kv, segments, spans)?
+                } else {
+                    self.attention_device(a, &layer.shape, &q, kv.as_ref(), segments, spans)?
+                };
+                if let Some(gate) = gate {
+                    out = (out * candle_nn::ops::sigmoid(&gate)?)?;
+                }
+                a.wo.forward(&out)?
+            }
+            Mixer::DeltaNet(net) => {
+                let mut seqs = Vec::with_capacity(spans.len());
+                for (seg, span) in segments.iter_mut().zip(spans.iter()) {
+                    let Some(state) = seg.cache.states[layer.shape.kv_source].as_mut() else {
+                        candle_core::bail!("a recurrent layer was given a cache without its state")
+                    };
+                    seqs.push(deltanet::Rows { offset: span.offset, n: span.n, state });
+                }
+                net.forward(&h, &mut seqs)?
+            }
         };
-        let mut attn = layer.wo.forward(&attn)?;
         if let Some(norm) = &layer.post_attn_norm {
             attn = norm.forward(&attn)?;
         }
@@ -577,7 +733,8 @@ impl Model {
     /// reads another layer's cache).
     fn attention_host(
         &self,
-        layer: &Layer,
+        layer: &Attention,
+        shape: &LayerShape,
         q: Tensor,
         kv: Option<(Tensor, Tensor)>,
         segments: &mut [Segment<'_>],
@@ -585,7 +742,7 @@ impl Model {
     ) -> Result<Tensor> {
         use super::ops::CpuValues;
         let rows = q.dim(1)?;
-        let heads = layer.shape.heads;
+        let heads = shape.heads;
         // q and k are normed and rotated in place, so copied; v is read where it lies.
         let mut q = CpuValues::of(&q)?.to_vec();
         let mut k = kv.as_ref().map(|(k, _)| CpuValues::of(k).map(|k| k.to_vec())).transpose()?;
@@ -594,7 +751,7 @@ impl Model {
         for (seg, span) in segments.iter_mut().zip(spans) {
             let capacity = seg.cache.capacity;
             let Kv::Host(layers) = &mut seg.cache.kv else { candle_core::bail!("a device cache was given to the CPU attention") };
-            let Some(kv) = layers[layer.shape.kv_source].as_mut() else { candle_core::bail!("layer reads a KV cache no layer keeps") };
+            let Some(kv) = layers[shape.kv_source].as_mut() else { candle_core::bail!("layer reads a KV cache no layer keeps") };
             seqs.push(SeqRows { offset: span.offset, n: span.n, pos: span.pos, capacity, kv });
         }
         let rope = &self.ropes[layer.rope];
@@ -604,7 +761,7 @@ impl Model {
         let (cos, sin) = (CpuValues::of(&rope.cos)?, CpuValues::of(&rope.sin)?);
         let spec = attention::Spec {
             heads,
-            window: layer.shape.window,
+            window: shape.window,
             q_norm: q_norm.as_deref(),
             k_norm: k_norm.as_deref(),
             v_norm: layer.v_norm.is_some(),
@@ -630,13 +787,14 @@ impl Model {
     /// Attention with candle's ops, one segment at a time (GPUs).
     fn attention_device(
         &self,
-        layer: &Layer,
+        layer: &Attention,
+        shape: &LayerShape,
         q_all: &Tensor,
         kv_all: Option<&(Tensor, Tensor)>,
         segments: &mut [Segment<'_>],
         spans: &mut [Span],
     ) -> Result<Tensor> {
-        let Heads { n_head, n_kv_head, head_dim } = layer.shape.heads;
+        let Heads { n_head, n_kv_head, head_dim } = shape.heads;
         let mut outs = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(spans.iter_mut()) {
             let (n, pos) = (span.n, span.pos);
@@ -645,15 +803,15 @@ impl Model {
             let kv = kv_all.map(|(k, v)| Ok::<_, candle_core::Error>((rows(k, n_kv_head)?, rows(v, n_kv_head)?))).transpose()?;
             // Masks are shared by every layer of the same kind; built only for runs of >1 token.
             let mask = if n > 1 {
-                let slot = &mut span.masks[usize::from(layer.shape.window.is_some())];
+                let slot = &mut span.masks[usize::from(shape.window.is_some())];
                 if slot.is_none() {
-                    *slot = Some(self.mask(pos, n, layer.shape.window)?);
+                    *slot = Some(self.mask(pos, n, shape.window)?);
                 }
                 slot.as_ref()
             } else {
                 None
             };
-            outs.push(self.attention(layer, q, kv, pos, seg.cache, mask)?);
+            outs.push(self.attention(layer, shape, q, kv, pos, seg.cache, mask)?);
         }
         if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 1) }
     }
@@ -661,9 +819,11 @@ impl Model {
     /// Attention of one sequence's `n` new positions (`q`, `k`, `v`: `(1, heads, n, d)`)
     /// over its cache; writes the new keys and values in place (when the layer has its
     /// own). Returns `(1, n, heads * d)`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        layer: &Layer,
+        layer: &Attention,
+        shape: &LayerShape,
         q: Tensor,
         kv: Option<(Tensor, Tensor)>,
         pos: usize,
@@ -671,7 +831,7 @@ impl Model {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let hp = &self.hp;
-        let heads = layer.shape.heads;
+        let heads = shape.heads;
         let Heads { n_head, n_kv_head, head_dim } = heads;
         let groups = n_head / n_kv_head;
         let n = q.dim(2)?;
@@ -698,7 +858,7 @@ impl Model {
             q = q.broadcast_mul(&Tensor::from_vec(by_row, (1, 1, n, 1), &self.device)?)?;
         }
         let Kv::Device(layers) = &mut cache.kv else { candle_core::bail!("a host cache was given to the device attention") };
-        let Some([cache_k, cache_v]) = layers[layer.shape.kv_source].as_mut() else {
+        let Some([cache_k, cache_v]) = layers[shape.kv_source].as_mut() else {
             candle_core::bail!("layer reads a KV cache no layer keeps")
         };
         if let Some((k, v)) = kv {
@@ -707,7 +867,7 @@ impl Model {
             cache_k.slice_set(&k, 2, pos)?;
             cache_v.slice_set(&v, 2, pos)?;
         }
-        let first = attention::first_key(pos, layer.shape.window);
+        let first = attention::first_key(pos, shape.window);
         let keys = pos + n - first;
         let k_all = cache_k.narrow(2, first, keys)?;
         let v_all = cache_v.narrow(2, first, keys)?;
