@@ -41,5 +41,6 @@ ministral-3-3b-18of26 mistral3 18
 qwen3-30b-a3b-4of48 qwen3moe 4
 gpt-oss-20b-2of24 gpt-oss 2 MXFP4_MOE
 gemma-4-e2b-15of35 gemma4 15
+qwen3.5-4b-16of32 qwen35-4b 16
 LIST
 scripts/bench-quants.sh "$THREADS" "${files[@]}"

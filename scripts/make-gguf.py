@@ -95,6 +95,12 @@ FAMILIES = {
     "qwen35": dict(arch="qwen35", E=1024, L=24, H=8, KV=2, D=256, F=3584, vocab="qwen35", eps=1e-6,
                    base=1e7, ctx=262144, tied=True, n_rot=64, sections=[11, 11, 10, 0],
                    ssm=dict(conv=4, state=128, groups=16, v_heads=16), mtp=1),
+    # Qwen3.5-4B (the speed table's file): 32 layers on a 2560-wide stream, attention 16/4
+    # heads of 256, DeltaNet 16 key heads shared by 32 value heads (value head h reads key
+    # head h mod 16), MLP 9216.
+    "qwen35-4b": dict(arch="qwen35", E=2560, L=32, H=16, KV=4, D=256, F=9216, vocab="qwen35", eps=1e-6,
+                      base=1e7, ctx=262144, tied=True, n_rot=64, sections=[11, 11, 10, 0],
+                      ssm=dict(conv=4, state=128, groups=16, v_heads=32), mtp=1),
     "gemma4": dict(arch="gemma4", E=1536, L=35, H=8, KV=1, D=512, F=6144, vocab="gemma-4", eps=1e-6,
                    base=1e6, ctx=131072, tied=True, D_swa=256, base_swa=1e4, window=512, shared=20, ple=256,
                    softcap=30.0, partial_rotary=0.25),

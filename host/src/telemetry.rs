@@ -127,10 +127,13 @@ impl Metrics {
                 "wisp_kv_cache_usage_ratio",
                 "KV cache held by running sequences, as a fraction of max_batch sequences of the whole context",
             ),
-            kv_cache_bytes: gauge("wisp_kv_cache_bytes", "Bytes of KV cache allocated to running sequences"),
+            kv_cache_bytes: gauge(
+                "wisp_kv_cache_bytes",
+                "Bytes of KV cache (and recurrent state, with its checkpoints) allocated to running sequences",
+            ),
             prefix_cache_bytes: gauge(
                 "wisp_prefix_cache_bytes",
-                "Bytes of KV cache kept from finished sequences for prefix reuse (within limits.prefix_cache_mb)",
+                "Bytes of KV cache and recurrent state kept from finished sequences for prefix reuse (within limits.prefix_cache_mb)",
             ),
             upstream_requests: counter(
                 "wisp_upstream_requests_total",
