@@ -184,6 +184,12 @@ impl DeltaNetShape {
     pub fn conv_dim(&self) -> usize {
         2 * self.key_dim() + self.value_dim()
     }
+
+    /// Values of one sequence's state in one layer: the convolution's held inputs and each
+    /// value head's `head_dim × head_dim` memory.
+    pub fn state_floats(&self) -> usize {
+        (self.conv_kernel - 1) * self.conv_dim() + self.n_v_heads * self.head_dim * self.head_dim
+    }
 }
 
 /// A mixture-of-experts MLP: each token runs `n_used` of `n_expert` gated MLPs of width

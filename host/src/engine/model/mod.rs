@@ -599,7 +599,7 @@ impl Model {
     /// Bytes of recurrent state one cache holds at most whatever its length (Qwen 3.5's
     /// Gated DeltaNet layers: the states and their checkpoints); 0 for attention-only models.
     pub fn max_state_bytes(&self) -> usize {
-        let per_layer = self.hp.delta_net.map_or(0, |d| deltanet::State::zeros(&d).bytes());
+        let per_layer = self.hp.delta_net.map_or(0, |d| d.state_floats() * size_of::<f32>());
         self.layers.iter().filter(|l| l.shape.recurrent).count() * per_layer * (1 + MAX_CHECKPOINTS)
     }
 
@@ -638,7 +638,7 @@ impl Model {
                 (Some(inputs), Some(p)) => Some(inputs.narrow(2, idx * p.width, p.width)?.contiguous()?),
                 _ => None,
             };
-            x = self.layer_forward(layer, &x, input.as_ref(), segments, &mut spans)?;
+            x = self.layer_forward(idx, layer, &x, input.as_ref(), segments, &mut spans)?;
         }
         let mut last = Vec::with_capacity(spans.len());
         for (seg, span) in segments.iter_mut().zip(&spans) {
@@ -672,10 +672,11 @@ impl Model {
         Tensor::from_vec(mask, (n, keys), &self.device)
     }
 
-    /// One layer over every row of the step; `per_layer` is this layer's slice of the
+    /// Layer `idx` over every row of the step; `per_layer` is this layer's slice of the
     /// per-layer inputs (Gemma 4), `(1, rows, width)`.
     fn layer_forward(
         &self,
+        idx: usize,
         layer: &Layer,
         x: &Tensor,
         per_layer: Option<&Tensor>,
@@ -699,7 +700,7 @@ impl Model {
             Mixer::DeltaNet(net) => {
                 let mut seqs = Vec::with_capacity(spans.len());
                 for (seg, span) in segments.iter_mut().zip(spans.iter()) {
-                    let Some(state) = seg.cache.states[layer.shape.kv_source].as_mut() else {
+                    let Some(state) = seg.cache.states[idx].as_mut() else {
                         candle_core::bail!("a recurrent layer was given a cache without its state")
                     };
                     seqs.push(deltanet::Rows { offset: span.offset, n: span.n, state });
