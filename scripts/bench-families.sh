@@ -42,5 +42,7 @@ qwen3-30b-a3b-4of48 qwen3moe 4
 gpt-oss-20b-2of24 gpt-oss 2 MXFP4_MOE
 gemma-4-e2b-15of35 gemma4 15
 qwen3.5-4b-16of32 qwen35-4b 16
+qwen3.5-35b-a3b-2of40 qwen35moe 2
+gemma-4-26b-a4b-2of30 gemma4-moe 2
 LIST
 scripts/bench-quants.sh "$THREADS" "${files[@]}"

@@ -101,9 +101,27 @@ FAMILIES = {
     "qwen35-4b": dict(arch="qwen35", E=2560, L=32, H=16, KV=4, D=256, F=9216, vocab="qwen35", eps=1e-6,
                       base=1e7, ctx=262144, tied=True, n_rot=64, sections=[11, 11, 10, 0],
                       ssm=dict(conv=4, state=128, groups=16, v_heads=32), mtp=1),
+    # Qwen3.5-35B-A3B: qwen35's layers on a 2048-wide stream (attention 16/2 heads of 256;
+    # DeltaNet 16 key : 32 value heads) with 8 of 256 routed experts of width 512 and a
+    # shared expert of 512 behind a sigmoid gate in every layer. One layer of experts is
+    # 805M weights: test files keep two layers, one of each kind (llama.cpp refuses a
+    # hybrid file without both), and leave out the MTP block, a third layer of experts that
+    # both engines skip (the qwen35 file checks that they do).
+    "qwen35moe": dict(arch="qwen35moe", E=2048, L=40, H=16, KV=2, D=256, F=0, vocab="qwen35", eps=1e-6,
+                      base=1e7, ctx=262144, tied=False, n_rot=64, sections=[11, 11, 10, 0],
+                      ssm=dict(conv=4, state=128, groups=16, v_heads=32), mtp=0, moe=(256, 8, 512), shared=512),
     "gemma4": dict(arch="gemma4", E=1536, L=35, H=8, KV=1, D=512, F=6144, vocab="gemma-4", eps=1e-6,
                    base=1e6, ctx=131072, tied=True, D_swa=256, base_swa=1e4, window=512, shared=20, ple=256,
-                   softcap=30.0, partial_rotary=0.25),
+                   softcap=30.0, partial_rotary=0.25, swa_run=4),
+    # Gemma-4-26B-A4B (the metadata of llama.cpp's models/ggml-vocab-gemma-4.gguf): five
+    # sliding layers (8 KV heads of 256, window 1024) to one global (2 KV heads of 512),
+    # a dense GELU MLP of 2112 beside 8 of 128 routed experts of width 704 (gate and up in
+    # one tensor, a per-expert output scale) in every layer, no per-layer inputs or shared
+    # caches. One layer of experts is 761M weights: test files keep two layers, one of each
+    # kind (2.1 GB at Q4_K_M, the untied output in Q6_K a third of it).
+    "gemma4-moe": dict(arch="gemma4", E=2816, L=30, H=16, KV=(8, 2), D=512, F=2112, vocab="gemma-4", eps=1e-6,
+                       base=1e6, ctx=262144, tied=True, D_swa=256, base_swa=1e4, window=1024, shared=0, ple=0,
+                       softcap=30.0, partial_rotary=0.25, swa_run=5, moe=(128, 8, 704), strength=(0.05, 0.15)),
 }
 
 
@@ -159,9 +177,18 @@ class Weights:
         n_vocab = embd.shape[0]
         nxt = self.rng.permutation(n_vocab)
         strength = self.rng.uniform(*strength, size=(n_vocab, 1)).astype(np.float32)
-        out_w = self.normal((n_vocab, E), spread)
-        out_w[nxt] += strength * embd / np.sqrt(E) * 4.0
-        return out_w.astype(np.float16)
+        # Row nxt[i] favours token i's embedding; made a few thousand rows at a time (the
+        # same draws and sums as at once) so a 262k x 2816 table needs no f32 copies of it.
+        source = np.empty(n_vocab, dtype=np.int64)
+        source[nxt] = np.arange(n_vocab)
+        out_w = np.empty((n_vocab, E), dtype=np.float16)
+        for start in range(0, n_vocab, 4096):
+            rows = slice(start, min(start + 4096, n_vocab))
+            chunk = self.normal((rows.stop - rows.start, E), spread)
+            i = source[rows]
+            chunk += strength[i] * embd[i] / np.sqrt(E) * 4.0
+            out_w[rows] = chunk
+        return out_w
 
 
 def add_tokenizer(w, vocab):
@@ -179,14 +206,25 @@ def write_gemma4(spec, w, L, g, window):
     sublayer's output: the post-norms here are scaled so the layers' sum is of the order of
     the embedding (at weight 1 it would be ~1/30 of it and decide nothing). Mutations that
     this file must catch in the oracle test: no per-layer inputs, softmax scale 1/sqrt(d),
-    no v norm, global layers' RoPE without `rope_freqs`."""
+    no v norm, global layers' RoPE without `rope_freqs`. The MoE variant's experts are routed
+    decisively (router logits of spread ~3) and weigh as much as the dense MLP."""
     E, H, KV, D, D_swa, F, P = spec["E"], spec["H"], spec["KV"], spec["D"], spec["D_swa"], spec["F"], spec["ple"]
-    sliding = [i % 5 != 4 for i in range(L)]
+    # `run` sliding layers to one global; a file cut below that ends on a global layer
+    # (llama.cpp needs two layers at least, one of them sliding).
+    run = spec["swa_run"]
+    sliding = [i % (run + 1) != run and (L > run or i + 1 < L) for i in range(L)]
     # E2B: 15 of 35 layers keep their own cache, ending on a global layer after a sliding one.
     first_shared = min(L, max(5, 5 * round((L * (spec["L"] - spec["shared"]) / spec["L"]) / 5)))
     w.add_feed_forward_length([F if i < first_shared else 2 * F for i in range(L)])
     w.add_head_count(H)
-    w.add_head_count_kv(KV)
+    kv_swa, kv_global = KV if isinstance(KV, tuple) else (KV, KV)
+    w.add_head_count_kv(KV if not isinstance(KV, tuple) else [kv_swa if s else kv_global for s in sliding])
+    moe = spec.get("moe")
+    if moe:
+        n_expert, n_used, n_ff_exp = moe
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
     w.add_key_length(D)
     w.add_value_length(D)
     w.add_key_length_swa(D_swa)
@@ -207,19 +245,23 @@ def write_gemma4(spec, w, L, g, window):
     # The logits are soft-capped at 30: a narrower spread of the others keeps the favoured
     # token ahead of 262k rivals (at 0.05, steps of log-probability -5 are common, where
     # llama.cpp with and without flash attention differ by 0.17).
-    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=(0.15, 0.4), spread=0.02))
+    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=spec.get("strength", (0.15, 0.4)), spread=0.02))
     del embd
     w.add_tensor("output_norm.weight", g.norm(E))
     rot = int(D * spec["partial_rotary"] / 2)
-    w.add_tensor("rope_freqs.weight", np.array([1.0] * rot + [1e30] * (D // 2 - rot), dtype=np.float32))
-    # Token part of the per-layer inputs at unit RMS after the sqrt(P) scale.
-    w.add_tensor("per_layer_token_embd.weight", g.normal((n_vocab, P * L), 1.0 / np.sqrt(P)).astype(np.float16))
-    w.add_tensor("per_layer_model_proj.weight", g.matrix(P * L, E))
-    w.add_tensor("per_layer_proj_norm.weight", g.norm(P))
+    if not all(sliding):
+        # (llama.cpp refuses a tensor no layer reads.)
+        w.add_tensor("rope_freqs.weight", np.array([1.0] * rot + [1e30] * (D // 2 - rot), dtype=np.float32))
+    if P:
+        # Token part of the per-layer inputs at unit RMS after the sqrt(P) scale.
+        w.add_tensor("per_layer_token_embd.weight", g.normal((n_vocab, P * L), 1.0 / np.sqrt(P)).astype(np.float16))
+        w.add_tensor("per_layer_model_proj.weight", g.matrix(P * L, E))
+        w.add_tensor("per_layer_proj_norm.weight", g.norm(P))
     post = 0.55 * np.sqrt(E) / np.sqrt(3 * L)
     for i in range(L):
         p = f"blk.{i}."
         d = D_swa if sliding[i] else D
+        KV = kv_swa if sliding[i] else kv_global
         ff = F if i < first_shared else 2 * F
         # q.k (unscaled in Gemma 4) of spread ~2 after the q/k norms: attention picks
         # positions, so RoPE and the cache it reads decide.
@@ -239,9 +281,25 @@ def write_gemma4(spec, w, L, g, window):
         w.add_tensor(p + "ffn_up.weight", g.matrix(ff, E))
         w.add_tensor(p + "ffn_down.weight", g.matrix(E, ff))
         w.add_tensor(p + "post_ffw_norm.weight", g.norm(E, post))
-        w.add_tensor(p + "inp_gate.weight", g.matrix(P, E))
-        w.add_tensor(p + "proj.weight", g.matrix(E, P))
-        w.add_tensor(p + "post_norm.weight", g.norm(E, post))
+        if moe:
+            w.add_tensor(p + "post_ffw_norm_1.weight", g.norm(E))
+            w.add_tensor(p + "pre_ffw_norm_2.weight", g.norm(E))
+            w.add_tensor(p + "post_ffw_norm_2.weight", g.norm(E))
+            w.add_tensor(p + "ffn_gate_inp.weight", g.normal((n_expert, E), 3.0))
+            w.add_tensor(p + "ffn_gate_inp.scale", g.norm(E))
+            gate_up = np.empty((n_expert, 2 * n_ff_exp, E), dtype=np.float16)
+            down = np.empty((n_expert, E, n_ff_exp), dtype=np.float16)
+            for e in range(n_expert):
+                gate_up[e] = g.matrix(2 * n_ff_exp, E)
+                down[e] = g.matrix(E, n_ff_exp)
+            w.add_tensor(p + "ffn_gate_up_exps.weight", gate_up)
+            w.add_tensor(p + "ffn_down_exps.weight", down)
+            del gate_up, down
+            w.add_tensor(p + "ffn_down_exps.scale", g.rng.uniform(0.5, 1.5, size=n_expert).astype(np.float32))
+        if P:
+            w.add_tensor(p + "inp_gate.weight", g.matrix(P, E))
+            w.add_tensor(p + "proj.weight", g.matrix(E, P))
+            w.add_tensor(p + "post_norm.weight", g.norm(E, post))
         w.add_tensor(p + "layer_output_scale.weight", np.array([g.rng.uniform(0.6, 1.0)], dtype=np.float32))
 
 
@@ -257,9 +315,19 @@ def write_qwen35(spec, w, L, g):
     key_dim, value_dim = n_k * S, n_v * S
     conv_dim = 2 * key_dim + value_dim
     mtp = spec["mtp"]
-    recurrent = [(i + 1) % 4 != 0 for i in range(L)] + [False] * mtp
+    # Three recurrent layers to one attention layer; a file cut below four layers ends on
+    # an attention layer, so it has both kinds.
+    recurrent = [(i + 1) % 4 != 0 and (L >= 4 or i + 1 < L) for i in range(L)] + [False] * mtp
     w.add_nextn_predict_layers(mtp)
-    w.add_feed_forward_length(F)
+    moe = spec.get("moe")
+    if moe:
+        n_expert, n_used, n_ff_exp = moe
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
+        w.add_expert_shared_feed_forward_length(spec["shared"])
+    else:
+        w.add_feed_forward_length(F)
     w.add_head_count(H)
     w.add_head_count_kv(KV)
     w.add_key_length(D)
@@ -272,7 +340,8 @@ def write_qwen35(spec, w, L, g):
     w.add_ssm_group_count(n_k)
     w.add_ssm_time_step_rank(n_v)
     w.add_ssm_inner_size(value_dim)
-    w.add_full_attention_interval(4)
+    # (llama.cpp sizes its KV cache by the interval, not by the flags: keep them agreeing.)
+    w.add_full_attention_interval(min(L, 4))
     w.add_recurrent_layers(recurrent)
     n_vocab = add_tokenizer(w, spec["vocab"])
 
@@ -295,6 +364,24 @@ def write_qwen35(spec, w, L, g):
 
     def mlp(p):
         w.add_tensor(p + "post_attention_norm.weight", g.norm(E))
+        if moe:
+            # As qwen3moe's: a router spread over several units, the down projections
+            # sqrt(n_used) stronger; the shared expert's gate near 0.5.
+            def experts(rows, cols, gain=1.0):
+                out = np.empty((n_expert, rows, cols), dtype=np.float16)
+                for e in range(n_expert):
+                    out[e] = g.matrix(rows, cols, gain)
+                return out
+            ff, shared = n_ff_exp, spec["shared"]
+            w.add_tensor(p + "ffn_gate_inp.weight", g.normal((n_expert, E), 3.0 / np.sqrt(E)))
+            w.add_tensor(p + "ffn_gate_exps.weight", experts(ff, E))
+            w.add_tensor(p + "ffn_up_exps.weight", experts(ff, E))
+            w.add_tensor(p + "ffn_down_exps.weight", experts(E, ff, gain * np.sqrt(n_used)))
+            w.add_tensor(p + "ffn_gate_inp_shexp.weight", g.normal((E,), 1.0 / np.sqrt(E)))
+            w.add_tensor(p + "ffn_gate_shexp.weight", g.matrix(shared, E))
+            w.add_tensor(p + "ffn_up_shexp.weight", g.matrix(shared, E))
+            w.add_tensor(p + "ffn_down_shexp.weight", g.matrix(E, shared, gain))
+            return
         w.add_tensor(p + "ffn_gate.weight", g.matrix(F, E))
         w.add_tensor(p + "ffn_up.weight", g.matrix(F, E))
         w.add_tensor(p + "ffn_down.weight", g.matrix(E, F, gain))
@@ -348,7 +435,7 @@ def write(family, out, layers, seed, small_ctx, tied, window):
         write_gemma4(spec, w, L, g, window)
         finish(w)
         return
-    if arch == "qwen35":
+    if arch in ("qwen35", "qwen35moe"):
         write_qwen35(spec, w, L, g)
         finish(w)
         return

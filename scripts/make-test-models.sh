@@ -45,6 +45,8 @@ qwen3moe-Q4_K_M qwen3moe Q4_K_M --layers 1
 gpt-oss-MXFP4_MOE gpt-oss MXFP4_MOE --layers 1 --window 16
 gemma4-Q4_K_M gemma4 Q4_K_M --layers 10 --window 16
 qwen35-Q4_K_M qwen35 Q4_K_M --layers 4
+qwen35moe-Q4_K_M qwen35moe Q4_K_M --layers 2
+gemma4-moe-Q4_K_M gemma4-moe Q4_K_M --layers 2
 LIST
 ln -sfn "$dir" models/synthetic
 # Earlier generations' files.

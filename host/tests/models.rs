@@ -184,12 +184,13 @@ fn assert_within(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
     let (ta, tb) = (top(a), top(b));
     assert_eq!(ta[0], tb[0], "{what}: the most likely token differs");
     // The same ten best tokens, but for near-ties at the edge: a token of a's ten that b
-    // ranks lower must be within 1 % of the scale of b's tenth (a wrong cache slot or mask
-    // reorders tokens by their whole spread).
+    // ranks lower must be within 2 % of the scale of b's tenth (a wrong cache slot or mask
+    // reorders tokens by their whole spread; Gemma 4's CPU and candle attention paths swap
+    // a tenth place 1.03 % apart on Zen 4 once Q6_K runs on wisp's kernel).
     let edge = b[tb[9]];
     let missing: Vec<(usize, f32)> = ta.iter().filter(|t| !tb.contains(t)).map(|&t| (t, edge - b[t])).collect();
     assert!(
-        missing.len() <= 3 && missing.iter().all(|&(_, gap)| gap < 0.01 * scale),
+        missing.len() <= 3 && missing.iter().all(|&(_, gap)| gap < 0.02 * scale),
         "{what}: a's top 10 {ta:?}, b's {tb:?}: a's tokens below b's tenth by {missing:?} (scale {scale})"
     );
 }

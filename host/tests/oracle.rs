@@ -252,6 +252,22 @@ fn qwen35_q4_k_m_matches_llama_cpp() {
     check_with_candle_attention("qwen35-Q4_K_M");
 }
 
+/// Qwen3.5-35B-A3B's shapes cut to two layers, a Gated DeltaNet layer and an attention
+/// layer: 8 of 256 routed experts of width 512 and a shared expert behind a sigmoid gate in
+/// place of the MLP.
+#[test]
+fn qwen35moe_q4_k_m_matches_llama_cpp() {
+    check("qwen35moe-Q4_K_M");
+}
+
+/// Gemma-4-26B-A4B's shapes cut to two layers, a sliding one and a global one: 8 of 128 GELU experts of width 704
+/// (gate and up in one tensor, a per-expert output scale) beside the dense MLP, each side
+/// with its own norms, routed on the stream normed and scaled apart from the experts' input.
+#[test]
+fn gemma4_moe_q4_k_m_matches_llama_cpp() {
+    check("gemma4-moe-Q4_K_M");
+}
+
 #[test]
 fn qwen2_q4_k_m_matches_llama_cpp() {
     check("qwen2-Q4_K_M");

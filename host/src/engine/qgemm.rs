@@ -3,7 +3,10 @@
 //! minimum), and the K-quants Q4_K and Q5_K, whose 256-value super-blocks are eight such
 //! blocks with a 6-bit scale and minimum each: each sub-block is held as a Q4_1 / Q5_1
 //! block (scale `d·sc` and minimum `−dmin·m` rounded to f16), 5 and 6 bits a weight
-//! against the file's 4.5 and 5.5.
+//! against the file's 4.5 and 5.5. Q6_K's 16-value sub-blocks with their int8 scales are
+//! held as they are: a 32-value block carries two integer sums, combined by their scales as
+//! integers before the super-block's `d` (llama.cpp's Q6_K × Q8_K dot product), 7 bits a
+//! weight against the file's 6.56.
 //!
 //! Why not candle's: candle runs a Q8_0 matmul as one dot product per (input row, weight
 //! row), four weight rows at a time; its register-tiled, repacked x86 kernels exist only for
@@ -12,8 +15,10 @@
 //! multiply-adds, and the tied 262144 × 640 output projection) never use them. Prompt
 //! processing ran at 0.42× llama.cpp. Its kernels for the 4- and 5-bit types are one dot
 //! product per (input row, weight row), and scalar for Q5_0; its Q4_K decode on a
-//! Llama-3.2-1B-shaped file ran at 0.50× llama.cpp. (Q6_K, whose 16-value sub-blocks do
-//! not fit a 32-value block, stays with candle.)
+//! Llama-3.2-1B-shaped file ran at 0.50× llama.cpp. Its Q6_K kernel (the output projection
+//! and a quarter of the layers of every Q4_K_M file) picks another kernel for one row than
+//! for several, rounding differently, and expands the weights to bytes lazily beside the
+//! compact copy it keeps (+0.9 GB on a Qwen3.5-4B-shaped file).
 //!
 //! The weights are repacked at load in groups of [`COLS`] output rows: for each block of 32
 //! inputs, the group's 8 rows are interleaved 4 values at a time, so one 256-bit register
@@ -35,7 +40,7 @@
 //! quants). AVX2's 16-bit pair sums would overflow on Q8_0's full bytes, so there it is
 //! unbiased and multiplied as `|w| · (x with w's sign)`. A 4-bit type takes 4.5 (with a
 //! minimum: 5) bits per weight as in the file, a 5-bit one 5.5 (6): its fifth bits are a
-//! bit plane put back on the nibbles in registers.
+//! bit plane put back on the nibbles in registers; Q6_K's top two bits are two such planes.
 //!
 //! Every output element is computed by the same sequence of operations whatever the number
 //! of input rows or how they fall into tiles (one lane, blocks in order; the integer sums
@@ -168,10 +173,17 @@ enum Packing {
     /// IQ4_NL, IQ4_XS, MXFP4: indices as `Nibbles`, each standing for the entry of
     /// [`BlockMatrix::table`] it indexes.
     Lut,
+    /// Q6_K: the low 4 bits as `Nibbles`, and two registers ([`HIGHS`], `HIGHS + 1`) whose
+    /// byte `j` holds in bits `2(g mod 4)..` the top two bits of quad `g`'s byte `j`, quads
+    /// 0-3 in the first and 4-7 in the second. Quads 0-3 are the block's first 16-value
+    /// sub-block, 4-7 its second, each with its own scale ([`BlockMatrix::halves`]).
+    Sixes,
 }
 
 /// The register of a [`Packing::Fives`] block that holds the fifth bits.
 const FIFTHS: usize = COLS / 2;
+/// The first of the two registers of a [`Packing::Sixes`] block that hold the top bits.
+const HIGHS: usize = COLS / 2;
 
 impl Packing {
     /// Registers per group and block.
@@ -180,6 +192,7 @@ impl Packing {
             Packing::Int8 => COLS,
             Packing::Nibbles | Packing::Lut => COLS / 2,
             Packing::Fives => COLS / 2 + 1,
+            Packing::Sixes => COLS / 2 + 2,
         }
     }
 
@@ -187,7 +200,7 @@ impl Packing {
     const fn place(self, g: usize) -> (usize, u32) {
         match self {
             Packing::Int8 => (g, 0),
-            Packing::Nibbles | Packing::Fives | Packing::Lut => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
+            Packing::Nibbles | Packing::Fives | Packing::Lut | Packing::Sixes => (g % (COLS / 2), 4 * (g / (COLS / 2)) as u32),
         }
     }
 
@@ -195,7 +208,7 @@ impl Packing {
     const fn mask(self) -> u8 {
         match self {
             Packing::Int8 => 0xff,
-            Packing::Nibbles | Packing::Fives | Packing::Lut => 0x0f,
+            Packing::Nibbles | Packing::Fives | Packing::Lut | Packing::Sixes => 0x0f,
         }
     }
 }
@@ -216,6 +229,9 @@ pub struct BlockMatrix {
     scales: Vec<[f16; COLS]>,
     /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1).
     mins: Option<Vec<[f16; COLS]>>,
+    /// Per group, per block ([`Packing::Sixes`]): the int8 scales of the 8 rows' first
+    /// 16-value sub-block, then of their second; `scales` holds the super-block's `d`.
+    halves: Option<Vec<[i8; 2 * COLS]>>,
     /// Blocks that share one activation scale (8 for the K-quants and IQ4_XS, see
     /// [`Activations::quantize`]).
     group: usize,
@@ -232,6 +248,9 @@ struct Activations {
     scales: Vec<f32>,
     /// Per block: `Σ q`, for the weights' offset.
     totals: Vec<i32>,
+    /// Per block: `Σ q` of its first 16 values, for the offset of a weight type with
+    /// 16-value sub-blocks (Q6_K).
+    firsts: Vec<i32>,
     /// Per block: `scale · Σ q`, the block's sum as the kernel sees it, for the weights'
     /// minimum.
     sums: Vec<f32>,
@@ -253,6 +272,7 @@ fn format(file_type: FileType) -> Option<(Packing, i32, bool)> {
         // Each 32-value sub-block of a K-quant's 256 as a Q4_1 / Q5_1 block.
         GgmlDType::Q4K => (Packing::Nibbles, 0, true),
         GgmlDType::Q5K => (Packing::Fives, 0, true),
+        GgmlDType::Q6K => (Packing::Sixes, 32, false),
         _ => return None,
     })
 }
@@ -268,8 +288,17 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) }
 }
 
-/// Sub-block `sub` (of [`sub_blocks`]) of one block of a served type: its scale, its minimum
-/// (0 without one), and its 32 values as stored (unsigned, before their offset).
+/// One 32-value block as the kernel holds it: a weight is `scale · (q − offset) + min`, or
+/// with [`Packing::Sixes`] `scale · halves[h] · (q − offset)` in the block's 16-value half `h`.
+struct Unpacked {
+    scale: f16,
+    min: f16,
+    halves: [i8; 2],
+    /// The values as stored (unsigned, before their offset).
+    q: [u8; BLOCK],
+}
+
+/// Sub-block `sub` (of [`sub_blocks`]) of one block of a served type.
 ///
 /// A K-quant's sub-block is `d·sc·q − dmin·m` with f16 `d`, `dmin` and 6-bit `sc`, `m`: held
 /// as a Q4_1 / Q5_1 block whose scale `d·sc` and minimum `−dmin·m` are rounded to f16
@@ -277,7 +306,11 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 ///
 /// A table type's values are its indices; IQ4_XS's sub-block scale `d·(ls − 32)` and
 /// MXFP4's `2^(e − 128)` are rounded to f16 likewise (the latter exact from 2⁻²⁴ to 2¹⁵).
-fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> (f16, f16, [u8; BLOCK]) {
+///
+/// Q6_K's scales are kept as they are: `d` is the scale, the two int8 sub-block scales the
+/// halves.
+fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
+    let plain = |scale: f16, min: f16, q: [u8; BLOCK]| Unpacked { scale, min, halves: [1, 1], q };
     let f16_at = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
     let mut q = [0u8; BLOCK];
     let nibbles = |q: &mut [u8; BLOCK], qs: &[u8]| {
@@ -298,7 +331,7 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> (f16, f16, [u8
         // f16 d, 16 bytes of nibbles
         FileType::Iq4Nl => {
             nibbles(&mut q, &block[2..18]);
-            return (f16_at(0), f16::ZERO, q);
+            return plain(f16_at(0), f16::ZERO, q);
         }
         // f16 d, u16 of high scale bits, 4 bytes of low ones, 128 bytes of nibbles (16 per
         // sub-block)
@@ -306,12 +339,12 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> (f16, f16, [u8
             let high = u16::from_le_bytes([block[2], block[3]]);
             let ls = ((block[4 + sub / 2] >> (4 * (sub % 2))) & 0x0f) | ((((high >> (2 * sub)) & 3) as u8) << 4);
             nibbles(&mut q, &block[8 + 16 * sub..8 + 16 * sub + 16]);
-            return (f16::from_f32(f16_at(0).to_f32() * (ls as f32 - 32.0)), f16::ZERO, q);
+            return plain(f16::from_f32(f16_at(0).to_f32() * (ls as f32 - 32.0)), f16::ZERO, q);
         }
         // u8 exponent, 16 bytes of nibbles
         FileType::Mxfp4 => {
             nibbles(&mut q, &block[1..17]);
-            return (f16::from_f32((block[0] as f32 - 128.0).exp2()), f16::ZERO, q);
+            return plain(f16::from_f32((block[0] as f32 - 128.0).exp2()), f16::ZERO, q);
         }
     };
     let min = match dtype {
@@ -356,16 +389,30 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> (f16, f16, [u8
                 }
             }
             let scale = f16::from_f32(f16_at(0).to_f32() * sc as f32);
-            return (scale, f16::from_f32(-(f16_at(2).to_f32() * m as f32)), q);
+            return plain(scale, f16::from_f32(-(f16_at(2).to_f32() * m as f32)), q);
+        }
+        // 128 bytes of low nibbles, 64 of top bit pairs, 16 int8 scales, f16 d. Each 128
+        // values (n) take 64 low bytes and 32 top bytes: sub-block 4n + k's value l is the
+        // low (k < 2) or high nibble of low byte 64n + 32(k mod 2) + l, with bits 2k..2k + 1
+        // of top byte 32n + l above it, and scale 8n + 2k + l / 16 (ggml's
+        // `dequantize_row_q6_K`).
+        GgmlDType::Q6K => {
+            let (n, k) = (sub / 4, sub % 4);
+            let (ql, qh, sc) = (&block[64 * n + 32 * (k % 2)..], &block[128 + 32 * n..], &block[192 + 8 * n + 2 * k..]);
+            for (l, q) in q.iter_mut().enumerate() {
+                let low = if k < 2 { ql[l] & 0x0f } else { ql[l] >> 4 };
+                *q = low | (((qh[l] >> (2 * k)) & 3) << 4);
+            }
+            return Unpacked { scale: f16_at(208), min: f16::ZERO, halves: [sc[0] as i8, sc[1] as i8], q };
         }
         _ => unreachable!("{file_type} is not a served type"),
     };
-    (f16_at(0), min.unwrap_or(f16::ZERO), q)
+    plain(f16_at(0), min.unwrap_or(f16::ZERO), q)
 }
 
 impl Activations {
     const fn new() -> Activations {
-        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), totals: Vec::new(), sums: Vec::new() }
+        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), totals: Vec::new(), firsts: Vec::new(), sums: Vec::new() }
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
@@ -381,38 +428,42 @@ impl Activations {
         self.quants.resize(n, ZERO);
         self.scales.resize(n, 0.0);
         self.totals.resize(n, 0);
+        self.firsts.resize(n, 0);
         self.sums.resize(n, 0.0);
-        let blocks = xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.totals);
+        let blocks = xs.chunks_exact(BLOCK).zip(&mut self.quants).zip(&mut self.scales).zip(&mut self.totals).zip(&mut self.firsts);
         let mut floor = 0f32;
-        for (i, ((((x, q), d), total), sum)) in blocks.zip(&mut self.sums).enumerate() {
+        for (i, (((((x, q), d), total), first), sum)) in blocks.zip(&mut self.sums).enumerate() {
             if group > 1 && i.is_multiple_of(group) {
                 floor = xs[i * BLOCK..(i + group) * BLOCK].iter().fold(0f32, |m, v| m.max(v.abs()));
             }
             let x = x.try_into().expect("chunks of BLOCK");
             #[cfg(avx2_kernels)]
             // SAFETY: the features are enabled at compile time (cfg(avx2_kernels)).
-            let (scale, t) = unsafe { simd::quantize_block(x, floor, q) };
+            let (scale, t, f) = unsafe { simd::quantize_block(x, floor, q) };
             #[cfg(not(avx2_kernels))]
-            let (scale, t) = quantize_block(x, floor, q);
-            (*d, *total, *sum) = (scale, t, scale * t as f32);
+            let (scale, t, f) = quantize_block(x, floor, q);
+            (*d, *total, *first, *sum) = (scale, t, f, scale * t as f32);
         }
     }
 }
 
-/// One block of activations to int8: its quants, scale and `Σ q` (the SIMD version gets
-/// the same bits, tested).
+/// One block of activations to int8: its quants, scale, `Σ q` and `Σ q` of the first 16
+/// (the SIMD version gets the same bits, tested).
 #[cfg_attr(avx2_kernels, allow(dead_code, reason = "tested against the SIMD version"))]
-fn quantize_block(x: &[f32; BLOCK], floor: f32, q: &mut Quants) -> (f32, i32) {
+fn quantize_block(x: &[f32; BLOCK], floor: f32, q: &mut Quants) -> (f32, i32, i32) {
     let amax = x.iter().fold(floor, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut total = 0;
-    for (q, &v) in q.0.iter_mut().zip(x) {
+    let (mut total, mut first) = (0, 0);
+    for (i, (q, &v)) in q.0.iter_mut().zip(x).enumerate() {
         let r = (v * id).round_ties_even() as i8;
         total += r as i32;
+        if i < BLOCK / 2 {
+            first += r as i32;
+        }
         *q = r as u8;
     }
-    (d, total)
+    (d, total, first)
 }
 
 thread_local! {
@@ -422,7 +473,7 @@ thread_local! {
 
 impl BlockMatrix {
     /// Whether this kernel takes weights of `file_type` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K,
-    /// Q5_K, IQ4_NL, IQ4_XS, MXFP4).
+    /// Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4).
     pub fn serves(file_type: FileType) -> bool {
         format(file_type).is_some()
     }
@@ -451,6 +502,7 @@ impl BlockMatrix {
             quants: vec![ZERO; tiles * regs],
             scales: vec![[f16::ZERO; COLS]; tiles],
             mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
+            halves: (packing == Packing::Sixes).then(|| vec![[0; 2 * COLS]; tiles]),
             group: sub_blocks(dtype),
             table: dtype.table().map_or([0; 16], |t| t.map(|v| (v as u8) ^ 0x80)),
         };
@@ -469,7 +521,7 @@ impl BlockMatrix {
                     row.chunks_exact(block_bytes).enumerate().flat_map(|(b, block)| (0..subs).map(move |s| (b, s, block)))
                 {
                     let tile = group * blocks + b * subs + sub;
-                    let (d, min, q) = unpack_block(dtype, block, sub);
+                    let Unpacked { scale: d, min, halves, q } = unpack_block(dtype, block, sub);
                     if !d.is_finite() || !min.is_finite() {
                         candle_core::bail!("{dtype} row {r} has a scale beyond f16's range ({d}, {min})")
                     }
@@ -477,12 +529,18 @@ impl BlockMatrix {
                     if let Some(mins) = &mut m.mins {
                         mins[tile][lane] = min;
                     }
+                    if let Some(h) = &mut m.halves {
+                        (h[tile][lane], h[tile][COLS + lane]) = (halves[0], halves[1]);
+                    }
                     for (g, quad) in q.chunks_exact(4).enumerate() {
                         let (reg, shift) = packing.place(g);
                         for (e, &u) in quad.iter().enumerate() {
-                            m.quants[tile * regs + reg].0[lane * 4 + e] |= (u & packing.mask()) << shift;
-                            if packing == Packing::Fives {
-                                m.quants[tile * regs + FIFTHS].0[lane * 4 + e] |= (u >> 4) << g;
+                            let byte = lane * 4 + e;
+                            m.quants[tile * regs + reg].0[byte] |= (u & packing.mask()) << shift;
+                            match packing {
+                                Packing::Fives => m.quants[tile * regs + FIFTHS].0[byte] |= (u >> 4) << g,
+                                Packing::Sixes => m.quants[tile * regs + HIGHS + g / 4].0[byte] |= (u >> 4) << (2 * (g % 4)),
+                                _ => {}
                             }
                         }
                     }
@@ -508,8 +566,10 @@ impl BlockMatrix {
         let block = &self.quants[tile * self.packing.registers()..];
         std::array::from_fn(|e| {
             let mut u = (block[reg].0[lane * 4 + e] >> shift) & self.packing.mask();
-            if self.packing == Packing::Fives {
-                u |= ((block[FIFTHS].0[lane * 4 + e] >> g) & 1) << 4;
+            match self.packing {
+                Packing::Fives => u |= ((block[FIFTHS].0[lane * 4 + e] >> g) & 1) << 4,
+                Packing::Sixes => u |= ((block[HIGHS + g / 4].0[lane * 4 + e] >> (2 * (g % 4))) & 3) << 4,
+                _ => {}
             }
             if self.packing == Packing::Lut {
                 u = self.table[u as usize];
@@ -521,6 +581,12 @@ impl BlockMatrix {
     /// The scale and minimum (0 without one) of row `lane` in a tile.
     fn scale_and_min(&self, tile: usize, lane: usize) -> (f32, f32) {
         (self.scales[tile][lane].to_f32(), self.mins.as_ref().map_or(0.0, |m| m[tile][lane].to_f32()))
+    }
+
+    /// The integer scale of quad `g`'s 16-value half of row `lane`'s block in a tile (1
+    /// without halves).
+    fn half_scale(&self, tile: usize, g: usize, lane: usize) -> i32 {
+        self.halves.as_ref().map_or(1, |h| h[tile][(g / 4) * COLS + lane] as i32)
     }
 
     /// Dequantised rows `ids`, as `(ids.len(), cols)` f32 values (an embedding lookup).
@@ -536,7 +602,8 @@ impl BlockMatrix {
                 let tile = group * self.blocks + b;
                 let (d, min) = self.scale_and_min(tile, lane);
                 for g in 0..COLS {
-                    out.extend(self.quad(tile, g, lane).map(|q| d.mul_add(q as f32, min)));
+                    let half = self.half_scale(tile, g, lane);
+                    out.extend(self.quad(tile, g, lane).map(|q| d.mul_add((half * q) as f32, min)));
                 }
             }
         }
@@ -671,9 +738,11 @@ unsafe fn plain(t: Tile<'_>, rows: usize, out: *mut f32) {
             for (lane, acc) in acc.iter_mut().enumerate() {
                 let mut sum = 0i32;
                 for g in 0..COLS {
+                    let mut quad = 0i32;
                     for (e, w) in t.w.quad(tile, g, lane).into_iter().enumerate() {
-                        sum += w * xq[g * 4 + e] as i8 as i32;
+                        quad += w * xq[g * 4 + e] as i8 as i32;
                     }
+                    sum += t.w.half_scale(tile, g, lane) * quad;
                 }
                 let (d, min) = t.w.scale_and_min(tile, lane);
                 *acc = (sum as f32).mul_add(d * t.x.scales[xi + b], *acc);
@@ -690,7 +759,7 @@ unsafe fn plain(t: Tile<'_>, rows: usize, out: *mut f32) {
 /// The x86 kernels.
 #[cfg(avx2_kernels)]
 mod simd {
-    use super::{COLS, FIFTHS, Packing, Quants, Tile};
+    use super::{COLS, FIFTHS, HIGHS, Packing, Quants, Tile};
     use std::arch::x86_64::*;
 
     /// The packings as const parameters.
@@ -698,6 +767,7 @@ mod simd {
     const NIBBLES: u8 = 1;
     const FIVES: u8 = 2;
     const LUT: u8 = 3;
+    const SIXES: u8 = 4;
 
     /// A tile of `rows` (1..=RM) input rows, by packing and row count.
     ///
@@ -712,6 +782,7 @@ mod simd {
                 Packing::Nibbles => by_rows::<VNNI, NIBBLES>(t, rows, out),
                 Packing::Fives => by_rows::<VNNI, FIVES>(t, rows, out),
                 Packing::Lut => by_rows::<VNNI, LUT>(t, rows, out),
+                Packing::Sixes => by_rows::<VNNI, SIXES>(t, rows, out),
             }
         }
     }
@@ -770,7 +841,7 @@ mod simd {
     /// # Safety
     /// Needs the features of cfg(avx2_kernels).
     #[inline(always)]
-    pub(super) unsafe fn quantize_block(x: &[f32; super::BLOCK], floor: f32, q: &mut Quants) -> (f32, i32) {
+    pub(super) unsafe fn quantize_block(x: &[f32; super::BLOCK], floor: f32, q: &mut Quants) -> (f32, i32, i32) {
         // SAFETY: the loads read x's 32 values and the aligned store writes q's 32 bytes.
         unsafe {
             let p = x.as_ptr();
@@ -784,15 +855,18 @@ mod simd {
             let d = amax / 127.0;
             let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
             let i = v.map(|v| _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-            let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
-            let total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+            let sum = |t: __m256i| {
+                let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+                _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)))
+            };
+            let first = _mm256_add_epi32(i[0], i[1]);
+            let (first, total) = (sum(first), sum(_mm256_add_epi32(first, _mm256_add_epi32(i[2], i[3]))));
             // The packs interleave 128-bit lanes: dwords 0, 4, 1, 5, ... back in order.
             let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
             let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_store_si256(q.0.as_mut_ptr() as *mut __m256i, bytes);
-            (d, total)
+            (d, total, first)
         }
     }
 
@@ -824,6 +898,8 @@ mod simd {
             let wq = t.w.quants.as_ptr().add(t.group * kb * regs) as *const __m256i;
             let wd = t.w.scales.as_ptr().add(t.group * kb);
             let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
+            let wh = t.w.halves.as_ref().map_or(std::ptr::null(), |h| h.as_ptr().add(t.group * kb));
+            let xf = t.x.firsts.as_ptr().add(t.i * kb);
             let offset = t.w.offset;
             let low = _mm256_set1_epi8(0x0f);
             let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.w.table.as_ptr() as *const __m128i));
@@ -831,7 +907,41 @@ mod simd {
             for b in 0..kb {
                 let x = |row: usize| xq.add(row * kb + b);
                 let mut sums = [_mm256_setzero_si256(); R];
-                if P == NIBBLES || P == FIVES || P == LUT {
+                if P == SIXES {
+                    // Quad g's top bits (bits 2(g mod 4).. of `highs`) as bits 4-5 of each
+                    // byte; the 16-bit shifts move nothing across bytes into those bits.
+                    let top = |highs: __m256i, k: usize| {
+                        let h = match k {
+                            0 => _mm256_slli_epi16::<4>(highs),
+                            1 => _mm256_slli_epi16::<2>(highs),
+                            2 => highs,
+                            _ => _mm256_srli_epi16::<2>(highs),
+                        };
+                        _mm256_and_si256(h, _mm256_set1_epi8(0x30))
+                    };
+                    // The two 16-value halves apart: quads 0-3 are the low nibbles, 4-7 the
+                    // high ones. Each half's sum loses its offset (32 · Σx of the half) and
+                    // is multiplied by the half's int8 scale, as integers.
+                    for half in 0..2 {
+                        let highs = _mm256_load_si256(wq.add(b * regs + HIGHS + half));
+                        let mut part = [_mm256_setzero_si256(); R];
+                        for p in 0..COLS / 2 {
+                            let w = _mm256_load_si256(wq.add(b * regs + p));
+                            let w = if half == 0 { w } else { _mm256_srli_epi16::<4>(w) };
+                            let w = _mm256_or_si256(_mm256_and_si256(w, low), top(highs, p));
+                            for (row, part) in part.iter_mut().enumerate() {
+                                *part = dot::<VNNI>(*part, w, quad(x(row), p + half * COLS / 2));
+                            }
+                        }
+                        let scales = _mm256_cvtepi8_epi32(_mm_loadl_epi64((wh.add(b) as *const i8).add(half * COLS) as *const __m128i));
+                        for (row, sum) in sums.iter_mut().enumerate() {
+                            let first = *xf.add(row * kb + b);
+                            let x_total = if half == 0 { first } else { *xt.add(row * kb + b) - first };
+                            let part = _mm256_sub_epi32(part[row], _mm256_set1_epi32(offset * x_total));
+                            *sum = _mm256_add_epi32(*sum, _mm256_mullo_epi32(part, scales));
+                        }
+                    }
+                } else if P == NIBBLES || P == FIVES || P == LUT {
                     let fifths = if P == FIVES { _mm256_load_si256(wq.add(b * regs + FIFTHS)) } else { _mm256_setzero_si256() };
                     // Quad g's fifth bits as 0x10 in each byte.
                     let fifth = |g: usize| {
@@ -876,7 +986,7 @@ mod simd {
                     }
                 }
                 // The offset of the stored values (taken off biased bytes already under AVX2).
-                if offset != 0 && (P == NIBBLES || P == FIVES || VNNI) {
+                if offset != 0 && P != SIXES && (P == NIBBLES || P == FIVES || VNNI) {
                     for (row, sum) in sums.iter_mut().enumerate() {
                         *sum = _mm256_sub_epi32(*sum, _mm256_set1_epi32(offset * *xt.add(row * kb + b)));
                     }
@@ -914,7 +1024,7 @@ mod tests {
     }
 
     /// The block types the kernel takes.
-    const TYPES: [FileType; 10] = [
+    const TYPES: [FileType; 11] = [
         FileType::Ggml(GgmlDType::Q8_0),
         FileType::Ggml(GgmlDType::Q5_0),
         FileType::Ggml(GgmlDType::Q5_1),
@@ -922,6 +1032,7 @@ mod tests {
         FileType::Ggml(GgmlDType::Q4_1),
         FileType::Ggml(GgmlDType::Q4K),
         FileType::Ggml(GgmlDType::Q5K),
+        FileType::Ggml(GgmlDType::Q6K),
         FileType::Iq4Nl,
         FileType::Iq4Xs,
         FileType::Mxfp4,
@@ -1015,9 +1126,9 @@ mod tests {
             }
             assert!(w.gather(&[13]).is_err());
         }
-        let q6k = FileType::Ggml(GgmlDType::Q6K);
-        assert!(!BlockMatrix::serves(q6k), "Q6_K stays with candle");
-        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), q6k, 4, 256).is_err());
+        let q3k = FileType::Ggml(GgmlDType::Q3K);
+        assert!(!BlockMatrix::serves(q3k), "Q3_K stays with candle");
+        assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), q3k, 4, 256).is_err());
         let q4k = FileType::Ggml(GgmlDType::Q4K);
         assert!(BlockMatrix::read(&mut std::io::Cursor::new(vec![0u8; 1024]), q4k, 4, 96).is_err(), "rows of 96 are no K-quant");
         // An MXFP4 exponent past f16's range is refused, not run as infinities.
@@ -1123,9 +1234,10 @@ mod tests {
         let a = activations(&xs, 8 * BLOCK, 1);
         for (b, x) in xs.chunks_exact(BLOCK).enumerate() {
             let mut q = ZERO;
-            let (d, total) = quantize_block(x.try_into().unwrap(), 0.0, &mut q);
-            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b]), (q.0, d, total), "block {b}");
+            let (d, total, first) = quantize_block(x.try_into().unwrap(), 0.0, &mut q);
+            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b], a.firsts[b]), (q.0, d, total, first), "block {b}");
             assert_eq!(total, q.0.iter().map(|&q| q as i8 as i32).sum::<i32>());
+            assert_eq!(first, q.0[..BLOCK / 2].iter().map(|&q| q as i8 as i32).sum::<i32>());
         }
         assert_eq!(a.quants[0].0[1..5].iter().map(|&q| q as i8).collect::<Vec<_>>(), [-14, -14, -12, -12], "ties to even");
         // K-quants' activations: one scale per 8 blocks, from the largest |x| of the 256.
@@ -1134,23 +1246,26 @@ mod tests {
             let group = &xs[b / 8 * 8 * BLOCK..(b / 8 + 1) * 8 * BLOCK];
             let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
             let mut q = ZERO;
-            let (d, total) = quantize_block(x.try_into().unwrap(), amax, &mut q);
+            let (d, total, first) = quantize_block(x.try_into().unwrap(), amax, &mut q);
             assert_eq!(d, amax / 127.0, "block {b}");
-            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b]), (q.0, d, total), "block {b}");
+            assert_eq!((a.quants[b].0, a.scales[b], a.totals[b], a.firsts[b]), (q.0, d, total, first), "block {b}");
         }
     }
 
     #[test]
-    fn four_and_five_bit_types_keep_their_width() {
+    fn types_keep_about_their_width() {
         for (dtype, width) in [
             (FileType::Ggml(GgmlDType::Q4_0), 4.5),
             (FileType::Ggml(GgmlDType::Q5_0), 5.5),
             (FileType::Iq4Nl, 4.5),
             (FileType::Iq4Xs, 4.5),
             (FileType::Mxfp4, 4.5),
+            // The file's 6.5625 and `d` once per 32 values instead of per 256.
+            (FileType::Ggml(GgmlDType::Q6K), 7.0),
         ] {
             let (w, _) = weights(16, 768, 3, dtype);
-            let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2) * 8;
+            let halves = w.halves.as_ref().map_or(0, |h| h.len() * 2 * COLS);
+            let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2 + halves) * 8;
             assert_eq!(bits as f64 / (16 * 768) as f64, width, "{dtype}: bits per weight");
         }
     }

@@ -89,7 +89,7 @@ pub fn builtin_template(family: Family) -> &'static str {
         Family::Gemma3 => GEMMA_TEMPLATE,
         Family::Gemma4 => GEMMA4_TEMPLATE,
         Family::GptOss => HARMONY_TEMPLATE,
-        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen35 => CHATML_TEMPLATE,
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen35 | Family::Qwen35Moe => CHATML_TEMPLATE,
         Family::Llama => LLAMA3_TEMPLATE,
         Family::Phi3 => PHI3_TEMPLATE,
         Family::Mistral3 => MISTRAL_TEMPLATE,

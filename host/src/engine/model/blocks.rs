@@ -53,8 +53,8 @@ impl Linear {
         // with several (repacked tiles), and the two round differently: a sequence decoded
         // alone would not produce the tokens it produces beside others. Padding one row to
         // two keeps every row on the tiled kernel, so batched output equals single-stream
-        // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own Q8_0
-        // kernel needs no such care.
+        // output exactly (tested in host/tests/models.rs and e2e.rs). wisp's own kernel,
+        // which runs Q6_K on the CPU, needs no such care.
         let pad_single_row = matches!(&weight, Weight::Candle(QMatMul::QTensor(t)) if t.dtype() == GgmlDType::Q6K);
         Linear { weight, bias, pad_single_row }
     }
@@ -68,6 +68,27 @@ impl Linear {
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
+        }
+    }
+}
+
+/// An MLP's gate and up projections, separate or one fused matrix, gate rows first (Phi 3,
+/// Gemma 4's experts).
+pub(super) enum GateUp {
+    Separate(Linear, Linear),
+    Fused(Linear),
+}
+
+impl GateUp {
+    /// The gate and up projections of `h`, `(1, rows, width)` each.
+    pub fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            GateUp::Separate(gate, up) => Ok((gate.forward(h)?, up.forward(h)?)),
+            GateUp::Fused(w) => {
+                let both = w.forward(h)?;
+                let ff = both.dim(2)? / 2;
+                Ok((both.narrow(2, 0, ff)?.contiguous()?, both.narrow(2, ff, ff)?.contiguous()?))
+            }
         }
     }
 }

@@ -158,7 +158,7 @@ impl DeltaNet {
         let units: Vec<(usize, usize)> = (0..spans.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
         let scale = 1.0 / (d as f32).sqrt();
         candle_core::utils::barrier_pool().execute_chunked(units.len(), |range| {
-            let (mut q, mut k, mut delta) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            let (mut q, mut k) = (vec![0f32; d], vec![0f32; d]);
             for &(s, h) in &units[range] {
                 let (offset, n, states) = spans[s];
                 // SAFETY: each (sequence, head) is one unit, so this head's d × d values of
@@ -176,21 +176,19 @@ impl DeltaNet {
                     let softplus = if a > 20.0 { a } else { (1.0 + a.exp()).ln() };
                     let decay = (softplus * self.a[h]).exp();
                     let b = 1.0 / (1.0 + (-beta[at]).exp());
-                    state.iter_mut().for_each(|s| *s *= decay);
-                    for (j, delta) in delta.iter_mut().enumerate() {
-                        *delta = (v[j] - dot(&state[j * d..(j + 1) * d], &k)) * b;
-                    }
-                    for (s_row, &delta) in state.chunks_exact_mut(d).zip(&delta) {
-                        for (s, &k) in s_row.iter_mut().zip(&k) {
-                            *s = k.mul_add(delta, *s);
-                        }
-                    }
                     // SAFETY: row `row` and head `h` are this unit's alone (sequences' rows
                     // are disjoint and inside the step, checked in `forward`), inside `out`
                     // (rows × value_dim values), which lives until the pool has joined.
                     let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * value_dim + h * d), d) };
-                    for (j, o) in o.iter_mut().enumerate() {
-                        *o = dot(&state[j * d..(j + 1) * d], &q) * scale;
+                    // Row j of the state is all that value j's decay, delta, update and
+                    // output read: one pass over the state per token.
+                    for ((s_row, o), &v) in state.chunks_exact_mut(d).zip(o.iter_mut()).zip(v) {
+                        s_row.iter_mut().for_each(|s| *s *= decay);
+                        let delta = (v - dot(s_row, &k)) * b;
+                        for (s, &k) in s_row.iter_mut().zip(&k) {
+                            *s = k.mul_add(delta, *s);
+                        }
+                        *o = dot(s_row, &q) * scale;
                     }
                     let mean_square = o.iter().map(|x| x * x).sum::<f32>() / d as f32;
                     let inv = 1.0 / (mean_square + self.eps).sqrt();

@@ -11,16 +11,19 @@
 //!   token, mixed with a projection of the embedding, gated into the residual stream after
 //!   the MLP;
 //! - an optional scalar on each layer's output, MLP widths per layer, and logits soft-capped
-//!   at 30 unless the file says otherwise.
+//!   at 30 unless the file says otherwise;
+//! - in 26B-A4B, routed experts (GELU, softmax top 8 of 128, renormalised) beside the dense
+//!   MLP in every layer with a router, each side with its own norms ([`super::moe::Beside`]).
 
 use candle_core::Result;
 
-use super::hparams::{Family, Hparams, Layout, Meta};
+use super::hparams::{Activation, Family, Hparams, Layout, Meta, Moe};
 use super::rope::{Factors, RopeParams};
 
 pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     let mut hp = Hparams::common(meta, Family::Gemma4)?;
-    hp.layout = Layout { qk_norm: true, post_norms: true, gelu: true, embed_scale: true, v_norm: true, ..Layout::LLAMA };
+    hp.layout =
+        Layout { qk_norm: true, post_norms: true, gelu: true, embed_scale: true, v_norm: true, experts_beside_mlp: true, ..Layout::LLAMA };
     let n = hp.n_layer;
     let sliding = meta.flags("attention.sliding_window_pattern", n)?;
     hp.set_windows(meta.u32("attention.sliding_window")?, |i| sliding[i]);
@@ -67,5 +70,8 @@ pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     // llama.cpp's default when the key is absent is 30, not "off"; 0 turns it off.
     hp.final_softcap = Some(meta.opt_f32("final_logit_softcapping")?.unwrap_or(30.0)).filter(|c| *c != 0.0);
     hp.per_layer_input = meta.u32("embedding_length_per_layer_input")?;
+    if meta.opt_u32("expert_count")?.is_some() {
+        hp.moe = Some(Moe { activation: Activation::Gelu, ..Moe::read(meta, &hp)? });
+    }
     Ok(hp)
 }

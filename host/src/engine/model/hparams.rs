@@ -26,10 +26,11 @@ pub enum Family {
     Qwen3,
     Qwen3Moe,
     Qwen35,
+    Qwen35Moe,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Gemma3,
         Family::Gemma4,
         Family::GptOss,
@@ -40,6 +41,7 @@ impl Family {
         Family::Qwen3,
         Family::Qwen3Moe,
         Family::Qwen35,
+        Family::Qwen35Moe,
     ];
 
     /// Maps a GGUF `general.architecture` to a family; `None` if unsupported.
@@ -60,6 +62,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3moe",
             Family::Qwen35 => "qwen35",
+            Family::Qwen35Moe => "qwen35moe",
         }
     }
 
@@ -93,6 +96,9 @@ pub struct Layout {
     /// The q projection is twice as wide, each head's q followed by a gate of the same
     /// size whose sigmoid multiplies that head's attention output (Qwen 3.5).
     pub gated_q: bool,
+    /// Routed experts ([`Hparams::moe`]) run beside the dense MLP, in the layers that have
+    /// a router, instead of replacing it (Gemma 4).
+    pub experts_beside_mlp: bool,
 }
 
 impl Layout {
@@ -108,6 +114,7 @@ impl Layout {
         ffn_norm: "ffn_norm.weight",
         v_norm: false,
         gated_q: false,
+        experts_beside_mlp: false,
     };
 }
 
@@ -200,6 +207,9 @@ pub struct Moe {
     pub n_used: usize,
     pub n_ff: usize,
     pub activation: Activation,
+    /// Width of a shared expert every row runs beside the routed ones, its output gated by
+    /// a sigmoid (Qwen 3.5 MoE); 0 without one.
+    pub n_ff_shared: usize,
 }
 
 impl Moe {
@@ -209,7 +219,8 @@ impl Moe {
         let dense_ff = hp.layers.first().map_or(0, |l| l.n_ff);
         let (n_expert, n_used) = (meta.u32("expert_count")?, meta.u32("expert_used_count")?);
         let n_ff = meta.opt_u32("expert_feed_forward_length")?.unwrap_or(dense_ff / n_used.max(1));
-        Ok(Moe { n_expert, n_used, n_ff, activation: Activation::Silu })
+        let n_ff_shared = meta.opt_u32("expert_shared_feed_forward_length")?.unwrap_or(0);
+        Ok(Moe { n_expert, n_used, n_ff, activation: Activation::Silu, n_ff_shared })
     }
 }
 
@@ -234,7 +245,7 @@ impl Hparams {
             Family::Qwen2 => super::qwen2::hparams(&meta)?,
             Family::Qwen3 => super::qwen3::hparams(&meta)?,
             Family::Qwen3Moe => super::qwen3moe::hparams(&meta)?,
-            Family::Qwen35 => super::qwen35::hparams(&meta)?,
+            Family::Qwen35 | Family::Qwen35Moe => super::qwen35::hparams(&meta, family)?,
         };
         hp.validate()?;
         Ok(hp)
@@ -250,7 +261,8 @@ impl Hparams {
         let n_embd = meta.u32("embedding_length")?;
         let n_head = meta.per_layer("attention.head_count", n_layer)?;
         let n_kv_head = meta.opt_per_layer("attention.head_count_kv", n_layer)?.unwrap_or_else(|| n_head.clone());
-        let n_ff = meta.per_layer("feed_forward_length", n_layer)?;
+        // Absent in some mixture-of-experts files; a dense layer of width 0 is refused below.
+        let n_ff = meta.opt_per_layer("feed_forward_length", n_layer)?.unwrap_or_else(|| vec![0; n_layer]);
         let head_dim = match meta.opt_u32("attention.key_length")? {
             Some(d) => d,
             None => n_embd.checked_div(n_head.first().copied().unwrap_or(0)).unwrap_or(0),
@@ -330,7 +342,7 @@ impl Hparams {
             if head_dim == 0 || !head_dim.is_multiple_of(2) {
                 return fail(format!("layer {i}: head dim {head_dim}"));
             }
-            if layer.n_ff == 0 && self.moe.is_none() {
+            if layer.n_ff == 0 && (self.moe.is_none() || self.layout.experts_beside_mlp) {
                 return fail(format!("layer {i}: feed-forward length 0"));
             }
             if layer.window == Some(0) {

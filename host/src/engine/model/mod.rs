@@ -5,9 +5,9 @@
 //! - [`rope`]: rotary tables as ggml computes them (plain, Llama 3 factors, LongRoPE, YaRN);
 //! - [`gguf`]: the header of an untrusted file, read without panics;
 //! - `gemma3`, `gemma4`, `gpt_oss`, `llama`, `mistral3`, `phi3`, `qwen2`, `qwen3`, `qwen3moe`,
-//!   `qwen35`: what sets each family apart, its keys and its [`Layout`], with the llama.cpp
-//!   file it follows;
-//! - [`moe`]: routed experts in place of the MLP;
+//!   `qwen35` (with `qwen35moe`): what sets each family apart, its keys and its [`Layout`],
+//!   with the llama.cpp file it follows;
+//! - [`moe`]: routed experts in place of the MLP, or beside it (Gemma 4);
 //! - [`deltanet`]: the Gated DeltaNet layer (a recurrent state in place of attention);
 //! - this file: the pre-norm decoder block every family shares and the batched forward pass.
 //!
@@ -20,9 +20,9 @@
 //! - RoPE tables are built once per parameter set, sized to the configured context;
 //! - grouped-query attention folds the query heads of one KV head into the row dimension,
 //!   so K and V are never repeated;
-//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS and MXFP4
+//! - on the CPU, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4
 //!   matrices (and a tied embedding/output table of those types) are repacked at load and
-//!   run on wisp's own kernel ([`super::qgemm`]), Q6_K and the float types on candle's; Gemma's
+//!   run on wisp's own kernel ([`super::qgemm`]), Q2_K, Q3_K and the float types on candle's; Gemma's
 //!   `gelu(gate) · up` is one fused, vectorised pass ([`super::ops::gelu_mul`]).
 //! - on the CPU, attention is one pass per layer over every sequence of the step
 //!   ([`super::attention`]) on caches that are plain host buffers; on GPUs it is candle's
@@ -55,7 +55,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Heads, LayerKv, SeqRows};
-use blocks::{Embedding, Linear, RmsNorm, Tensors, Weight};
+use blocks::{Embedding, GateUp, Linear, RmsNorm, Tensors, Weight};
 pub use hparams::{AttnTemperature, DeltaNetShape, Family, Hparams, LayerShape, Layout, Moe};
 pub use rope::{Factors, RopeParams, Yarn};
 
@@ -208,12 +208,6 @@ enum Qkv {
     Fused(Linear),
 }
 
-/// The MLP's gate and up projections, separate or one fused matrix, gate rows first (Phi 3).
-enum GateUp {
-    Separate(Linear, Linear),
-    Fused(Linear),
-}
-
 /// The feed-forward part of a layer.
 enum Ffn {
     Dense { gate_up: GateUp, down: Linear },
@@ -260,6 +254,8 @@ struct Layer {
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     ffn: Ffn,
+    /// Routed experts added to the MLP's output (Gemma 4's [`Layout::experts_beside_mlp`]).
+    experts_beside: Option<moe::Beside>,
     post_ffn_norm: Option<RmsNorm>,
     per_layer: Option<PerLayerGate>,
     /// Multiplies the layer's output (Gemma 4's `layer_output_scale`).
@@ -374,14 +370,18 @@ impl Layer {
         };
         let ff = shape.n_ff;
         let ffn = match hp.moe {
-            Some(moe) => Ffn::Experts(moe::Experts::load(file, i, e, moe)?),
-            None => {
+            Some(moe) if !layout.experts_beside_mlp => Ffn::Experts(moe::Experts::load(file, i, e, moe)?),
+            _ => {
                 let gate_up = match layout.fused_gate_up {
                     true => GateUp::Fused(file.linear(&name("ffn_up"), [2 * ff, e])?),
                     false => GateUp::Separate(file.linear(&name("ffn_gate"), [ff, e])?, file.linear(&name("ffn_up"), [ff, e])?),
                 };
                 Ffn::Dense { gate_up, down: file.linear(&name("ffn_down"), [e, ff])? }
             }
+        };
+        let experts_beside = match hp.moe {
+            Some(moe) if layout.experts_beside_mlp => moe::Beside::load(file, i, e, moe, eps)?,
+            _ => None,
         };
         let mut optional = |present: bool, n: &str, len: usize| present.then(|| file.norm(&name(n), len, eps)).transpose();
         let post_attn_norm = optional(layout.post_norms, "post_attention_norm.weight", e)?;
@@ -407,6 +407,7 @@ impl Layer {
             post_attn_norm,
             ffn_norm: file.norm(&name(layout.ffn_norm), e, eps)?,
             ffn,
+            experts_beside,
             post_ffn_norm,
             per_layer,
             out_scale,
@@ -419,14 +420,7 @@ impl Layer {
             Ffn::Dense { gate_up, down } => (gate_up, down),
             Ffn::Experts(experts) => return experts.forward(h),
         };
-        let (gate, up) = match gate_up {
-            GateUp::Separate(gate, up) => (gate.forward(h)?, up.forward(h)?),
-            GateUp::Fused(w) => {
-                let both = w.forward(h)?;
-                let ff = both.dim(2)? / 2;
-                (both.narrow(2, 0, ff)?.contiguous()?, both.narrow(2, ff, ff)?.contiguous()?)
-            }
-        };
+        let (gate, up) = gate_up.forward(h)?;
         let act = if gelu { super::ops::gelu_mul(&gate, &up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
         down.forward(&act)
     }
@@ -507,8 +501,8 @@ impl Model {
             let t = Arc::new(file.tensor("token_embd.weight", &[vocab, e])?);
             (Embedding::Quantized(t.clone()), Weight::Candle(QMatMul::from_arc(t)?))
         };
-        // A Linear, so a Q6_K table is padded to candle's kernel for several rows as the
-        // layers' are: one sequence's logits equal its logits in a batch.
+        // A Linear, so a Q6_K table left to candle (off the CPU) is padded to its kernel for
+        // several rows as the layers' are: one sequence's logits equal its logits in a batch.
         let output = Linear::new(output, None);
         let norm = file.norm("output_norm.weight", e, hp.rms_eps as f32)?;
         let per_layer = match hp.per_layer_input {
@@ -715,6 +709,9 @@ impl Model {
 
         let h = layer.ffn_norm.forward(&x)?;
         let mut ffn = layer.ffn(&h, self.hp.layout.gelu)?;
+        if let Some(experts) = &layer.experts_beside {
+            ffn = experts.forward(&x, &ffn)?;
+        }
         if let Some(norm) = &layer.post_ffn_norm {
             ffn = norm.forward(&ffn)?;
         }

@@ -14,10 +14,12 @@
 
 use candle_core::Result;
 
-use super::hparams::{DeltaNetShape, Family, Hparams, Layout, Meta};
+use super::hparams::{DeltaNetShape, Family, Hparams, Layout, Meta, Moe};
 
-pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
-    let mut hp = Hparams::common(meta, Family::Qwen35)?;
+/// `qwen35`, or `qwen35moe` (Qwen3.5-35B-A3B: the same layers with routed experts and a
+/// gated shared expert in place of the MLP).
+pub(super) fn hparams(meta: &Meta<'_>, family: Family) -> Result<Hparams> {
+    let mut hp = Hparams::common(meta, family)?;
     hp.layout = Layout { qk_norm: true, gated_q: true, ffn_norm: "post_attention_norm.weight", ..Layout::LLAMA };
     let n = hp.n_layer;
     let recurrent = match meta.opt_flags("attention.recurrent_layers", n)? {
@@ -38,6 +40,9 @@ pub(super) fn hparams(meta: &Meta<'_>) -> Result<Hparams> {
     };
     hp.n_layer = trunk;
     hp.layers.truncate(trunk);
+    if family == Family::Qwen35Moe {
+        hp.moe = Some(Moe::read(meta, &hp)?);
+    }
 
     let head_dim = meta.u32("ssm.state_size")?;
     let n_v_heads = meta.u32("ssm.time_step_rank")?;
