@@ -109,7 +109,8 @@ FAMILIES = {
     # both engines skip (the qwen35 file checks that they do).
     "qwen35moe": dict(arch="qwen35moe", E=2048, L=40, H=16, KV=2, D=256, F=0, vocab="qwen35", eps=1e-6,
                       base=1e7, ctx=262144, tied=False, n_rot=64, sections=[11, 11, 10, 0],
-                      ssm=dict(conv=4, state=128, groups=16, v_heads=32), mtp=0, moe=(256, 8, 512), shared=512),
+                      ssm=dict(conv=4, state=128, groups=16, v_heads=32), mtp=0, moe=(256, 8, 512), shared=512,
+                      strength=(0.08, 0.3)),
     "gemma4": dict(arch="gemma4", E=1536, L=35, H=8, KV=1, D=512, F=6144, vocab="gemma-4", eps=1e-6,
                    base=1e6, ctx=131072, tied=True, D_swa=256, base_swa=1e4, window=512, shared=20, ple=256,
                    softcap=30.0, partial_rotary=0.25, swa_run=4),
@@ -295,7 +296,7 @@ def write_gemma4(spec, w, L, g, window):
             w.add_tensor(p + "ffn_gate_up_exps.weight", gate_up)
             w.add_tensor(p + "ffn_down_exps.weight", down)
             del gate_up, down
-            w.add_tensor(p + "ffn_down_exps.scale", g.rng.uniform(0.5, 1.5, size=n_expert).astype(np.float32))
+            w.add_tensor(p + "ffn_down_exps.scale", g.rng.uniform(0.25, 2.0, size=n_expert).astype(np.float32))
         if P:
             w.add_tensor(p + "inp_gate.weight", g.matrix(P, E))
             w.add_tensor(p + "proj.weight", g.matrix(E, P))
@@ -349,7 +350,7 @@ def write_qwen35(spec, w, L, g):
     w.add_tensor("token_embd.weight", embd.astype(np.float16))
     # The embedding's favoured token leads by ~3 nats at the median (at the default
     # strength, by 18: the layers would move nothing the test sees).
-    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=(0.06, 0.24)))
+    w.add_tensor("output.weight", g.next_token_output(embd, E, strength=spec.get("strength", (0.06, 0.24))))
     del embd
     w.add_tensor("output_norm.weight", g.norm(E))
     gain = 0.7

@@ -346,7 +346,7 @@ fn gemma3_logits_do_not_depend_on_chunking_past_the_sliding_window() {
     let whole = last_logits(&parts, &tokens, tokens.len());
     assert_close(&whole, &last_logits(&parts, &tokens, 128), "chunks of 128");
     // On the CPU every row goes through the same operations whatever the chunk (wisp's
-    // attention and Q8_0 kernel, Q6_K padded to the tiled kernel): exactly the same bits.
+    // attention and block kernel, Q6_K included): exactly the same bits.
     assert_eq!(whole, last_logits(&parts, &tokens, 1), "token by token");
     // Prefill 590 tokens, then decode the last ones one by one.
     let mut cache = parts.model.new_cache(tokens.len()).unwrap();
@@ -407,7 +407,7 @@ fn batched_forward_equals_forward_alone() {
 
 /// With routed experts too: each expert runs the rows routed to it from every sequence of
 /// the step, so a row's experts see other sequences' rows beside it (gate and up on wisp's
-/// Q4_K kernel, down on candle's Q6_K), and an untied Q6_K output projection.
+/// block kernel in Q4_K, down in Q6_K), and an untied Q6_K output projection.
 #[test]
 fn batched_forward_equals_forward_alone_with_experts() {
     let parts = load(&common::synthetic("qwen3moe-Q4_K_M"));

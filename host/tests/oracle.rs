@@ -214,8 +214,8 @@ fn llama3_iq4_nl_matches_llama_cpp() {
 }
 
 /// Routed experts: 8 of Qwen3-30B-A3B's 128 per token, one layer of them. llama-quantize's
-/// Q4_K_M keeps the experts' down projection in Q6_K (candle's kernel), gate and up in Q4_K
-/// (wisp's). (Q8_0 and MXFP4 experts on this file agreed too, 0.059 and 0.064 in session
+/// Q4_K_M keeps the experts' down projection in Q6_K, gate and up in Q4_K (wisp's kernel
+/// both). (Q8_0 and MXFP4 experts on this file agreed too, 0.059 and 0.064 in session
 /// 14; CI keeps one MoE file of each family to stay within its time: gpt-oss's is MXFP4.)
 #[test]
 fn qwen3moe_q4_k_m_matches_llama_cpp() {
