@@ -202,6 +202,17 @@ def add_tokenizer(w, vocab):
     return len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
 
 
+def add_experts(w, spec):
+    """The expert keys of a mixture-of-experts family: its (count, used, width), else None."""
+    moe = spec.get("moe")
+    if moe:
+        n_expert, n_used, n_ff_exp = moe
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
+    return moe
+
+
 def write_gemma4(spec, w, L, g, window):
     """Gemma 4 (src/models/gemma4.cpp). Gemma scales the embedding by sqrt(E) and norms every
     sublayer's output: the post-norms here are scaled so the layers' sum is of the order of
@@ -220,12 +231,9 @@ def write_gemma4(spec, w, L, g, window):
     w.add_head_count(H)
     kv_swa, kv_global = KV if isinstance(KV, tuple) else (KV, KV)
     w.add_head_count_kv(KV if not isinstance(KV, tuple) else [kv_swa if s else kv_global for s in sliding])
-    moe = spec.get("moe")
+    moe = add_experts(w, spec)
     if moe:
-        n_expert, n_used, n_ff_exp = moe
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(n_used)
-        w.add_expert_feed_forward_length(n_ff_exp)
+        n_expert, _, n_ff_exp = moe
     w.add_key_length(D)
     w.add_value_length(D)
     w.add_key_length_swa(D_swa)
@@ -320,12 +328,9 @@ def write_qwen35(spec, w, L, g):
     # an attention layer, so it has both kinds.
     recurrent = [(i + 1) % 4 != 0 and (L >= 4 or i + 1 < L) for i in range(L)] + [False] * mtp
     w.add_nextn_predict_layers(mtp)
-    moe = spec.get("moe")
+    moe = add_experts(w, spec)
     if moe:
         n_expert, n_used, n_ff_exp = moe
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(n_used)
-        w.add_expert_feed_forward_length(n_ff_exp)
         w.add_expert_shared_feed_forward_length(spec["shared"])
     else:
         w.add_feed_forward_length(F)
@@ -466,11 +471,8 @@ def write(family, out, layers, seed, small_ctx, tied, window):
         w.add_attn_temperature_scale(spec["temp_scale"])
     if "window" in spec:
         w.add_sliding_window(window or spec["window"])
-    if "moe" in spec:
+    if add_experts(w, spec):
         n_expert, n_used, n_ff_exp = spec["moe"]
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(n_used)
-        w.add_expert_feed_forward_length(n_ff_exp)
     n_vocab = add_tokenizer(w, spec["vocab"])
     normal, matrix, norm = g.normal, g.matrix, g.norm
 
