@@ -1,12 +1,13 @@
 //! wisp's CPU matrix multiply for block-quantised weights of 32-element blocks: Q8_0, Q5_0,
 //! Q5_1, Q4_0 and Q4_1, each kept at its own width (Q4_1 and Q5_1 with their per-block
-//! minimum), and the K-quants Q4_K and Q5_K, whose 256-value super-blocks are eight such
-//! blocks with a 6-bit scale and minimum each: each sub-block is held as a Q4_1 / Q5_1
-//! block (scale `d·sc` and minimum `−dmin·m` rounded to f16), 5 and 6 bits a weight
-//! against the file's 4.5 and 5.5. Q6_K's 16-value sub-blocks with their int8 scales are
-//! held as they are: a 32-value block carries two integer sums, combined by their scales as
-//! integers before the super-block's `d` (llama.cpp's Q6_K × Q8_K dot product), 7 bits a
-//! weight against the file's 6.56.
+//! minimum), MXFP4 and IQ4_NL, and the super-block types Q4_K, Q5_K, Q6_K and IQ4_XS, whose
+//! 256 values are eight 32-value blocks with integer sub-block scales (and, in Q4_K and
+//! Q5_K, minimums) under one f16 `d` (and `dmin`). A super-block type is held as it is:
+//! each block's integer sum is multiplied by its sub-block scale as an integer, summed over
+//! the super-block and only then multiplied by `d` and the activations' scale (llama.cpp's
+//! K-quant × Q8_K dot products); Q6_K's 16-value halves carry an integer sum each. The
+//! widths are the file's but for a byte per 6-bit scale: Q4_K 4.625 bits a weight (file
+//! 4.5), Q5_K 5.625 (5.5), Q6_K 6.5625 (the same), IQ4_XS 4.3125 (4.25).
 //!
 //! Why not candle's: candle runs a Q8_0 matmul as one dot product per (input row, weight
 //! row), four weight rows at a time; its register-tiled, repacked x86 kernels exist only for
@@ -176,7 +177,7 @@ enum Packing {
     /// Q6_K: the low 4 bits as `Nibbles`, and two registers ([`HIGHS`], `HIGHS + 1`) whose
     /// byte `j` holds in bits `2(g mod 4)..` the top two bits of quad `g`'s byte `j`, quads
     /// 0-3 in the first and 4-7 in the second. Quads 0-3 are the block's first 16-value
-    /// sub-block, 4-7 its second, each with its own scale ([`BlockMatrix::halves`]).
+    /// sub-block, 4-7 its second, each with its own scale ([`BlockMatrix::sub_scales`]).
     Sixes,
 }
 
@@ -204,6 +205,15 @@ impl Packing {
         }
     }
 
+    /// Integer sub-block scales per block of a super-block type: Q6_K's 16-value halves
+    /// have one each.
+    const fn subs(self) -> usize {
+        match self {
+            Packing::Sixes => 2,
+            _ => 1,
+        }
+    }
+
     /// The low bits of one value once shifted down.
     const fn mask(self) -> u8 {
         match self {
@@ -225,15 +235,20 @@ pub struct BlockMatrix {
     /// Per group of [`COLS`] rows (the last one padded with zero rows), per block:
     /// `packing.registers()` registers.
     quants: Vec<Quants>,
-    /// Per group, per block: the 8 rows' scales (f16 in every served type).
+    /// Per group, per span of [`BlockMatrix::group`] blocks: the 8 rows' scales (f16 in
+    /// every served type): a 32-value type's block scale, a super-block's `d`.
     scales: Vec<[f16; COLS]>,
-    /// Per group, per block: the 8 rows' minimums (Q4_1 and Q5_1).
+    /// Per group, per span: the 8 rows' minimums: Q4_1's and Q5_1's `m`, Q4_K's and Q5_K's
+    /// `−dmin`.
     mins: Option<Vec<[f16; COLS]>>,
-    /// Per group, per block ([`Packing::Sixes`]): the int8 scales of the 8 rows' first
-    /// 16-value sub-block, then of their second; `scales` holds the super-block's `d`.
-    halves: Option<Vec<[i8; 2 * COLS]>>,
-    /// Blocks that share one activation scale (8 for the K-quants and IQ4_XS, see
-    /// [`Activations::quantize`]).
+    /// Super-block types, per group, per block: the 8 rows' integer sub-block scales,
+    /// [`Packing::subs`] of them (Q6_K's two 16-value halves, one otherwise).
+    sub_scales: Option<Vec<[i8; COLS]>>,
+    /// Q4_K and Q5_K, per group, per pair of blocks: the 8 rows' 6-bit minimum multipliers,
+    /// row by row (byte `2·row + b mod 2`), as the 16-bit pairs `vpmaddwd` takes once widened.
+    sub_mins: Option<Vec<[u8; 2 * COLS]>>,
+    /// Blocks that share one activation scale and one entry of `scales` (8 for the
+    /// super-block types: the K-quants and IQ4_XS, see [`Activations::quantize`]; else 1).
     group: usize,
     /// [`Packing::Lut`]: the value of each index, biased by 128 as Q8_0's bytes.
     table: [u8; 16],
@@ -254,6 +269,9 @@ struct Activations {
     /// Per block: `scale · Σ q`, the block's sum as the kernel sees it, for the weights'
     /// minimum.
     sums: Vec<f32>,
+    /// Per pair of blocks (with `group` > 1): their `Σ q` as two 16-bit halves, for
+    /// `vpmaddwd` against a super-block type's minimums.
+    pairs: Vec<i32>,
 }
 
 /// How each served type is held: its packing, its values' offset, whether it has a
@@ -289,28 +307,27 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// One 32-value block as the kernel holds it: a weight is `scale · (q − offset) + min`, or
-/// with [`Packing::Sixes`] `scale · halves[h] · (q − offset)` in the block's 16-value half `h`.
+/// in a super-block type `scale · subs[h] · (q − offset) + min · sub_min`, `h` the block's
+/// 16-value half in Q6_K (0 otherwise), `scale` and `min` the super-block's.
 struct Unpacked {
     scale: f16,
     min: f16,
-    halves: [i8; 2],
+    subs: [i8; 2],
+    sub_min: u8,
     /// The values as stored (unsigned, before their offset).
     q: [u8; BLOCK],
 }
 
 /// Sub-block `sub` (of [`sub_blocks`]) of one block of a served type.
 ///
-/// A K-quant's sub-block is `d·sc·q − dmin·m` with f16 `d`, `dmin` and 6-bit `sc`, `m`: held
-/// as a Q4_1 / Q5_1 block whose scale `d·sc` and minimum `−dmin·m` are rounded to f16
-/// (a relative 2⁻¹¹ at most, against the 4-5 bit rounding of the weights themselves).
+/// A super-block type's scales are kept as they are: Q4_K's and Q5_K's sub-block is
+/// `d·sc·q − dmin·m` with f16 `d`, `dmin` and 6-bit `sc`, `m`; Q6_K's halves are
+/// `d·sc·(q − 32)` with int8 `sc`; IQ4_XS's sub-block is `d·(ls − 32)·v` for table values `v`.
 ///
-/// A table type's values are its indices; IQ4_XS's sub-block scale `d·(ls − 32)` and
-/// MXFP4's `2^(e − 128)` are rounded to f16 likewise (the latter exact from 2⁻²⁴ to 2¹⁵).
-///
-/// Q6_K's scales are kept as they are: `d` is the scale, the two int8 sub-block scales the
-/// halves.
+/// A table type's values are its indices; MXFP4's scale `2^(e − 128)` is rounded to f16
+/// (exact from 2⁻²⁴ to 2¹⁵).
 fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
-    let plain = |scale: f16, min: f16, q: [u8; BLOCK]| Unpacked { scale, min, halves: [1, 1], q };
+    let plain = |scale: f16, min: f16, q: [u8; BLOCK]| Unpacked { scale, min, subs: [1, 1], sub_min: 0, q };
     let f16_at = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
     let mut q = [0u8; BLOCK];
     let nibbles = |q: &mut [u8; BLOCK], qs: &[u8]| {
@@ -339,7 +356,8 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
             let high = u16::from_le_bytes([block[2], block[3]]);
             let ls = ((block[4 + sub / 2] >> (4 * (sub % 2))) & 0x0f) | ((((high >> (2 * sub)) & 3) as u8) << 4);
             nibbles(&mut q, &block[8 + 16 * sub..8 + 16 * sub + 16]);
-            return plain(f16::from_f32(f16_at(0).to_f32() * (ls as f32 - 32.0)), f16::ZERO, q);
+            let ls = ls as i8 - 32;
+            return Unpacked { scale: f16_at(0), min: f16::ZERO, subs: [ls, ls], sub_min: 0, q };
         }
         // u8 exponent, 16 bytes of nibbles
         FileType::Mxfp4 => {
@@ -388,8 +406,7 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
                     *q |= ((qh[l] >> sub) & 1) << 4;
                 }
             }
-            let scale = f16::from_f32(f16_at(0).to_f32() * sc as f32);
-            return plain(scale, f16::from_f32(-(f16_at(2).to_f32() * m as f32)), q);
+            return Unpacked { scale: f16_at(0), min: -f16_at(2), subs: [sc as i8, sc as i8], sub_min: m, q };
         }
         // 128 bytes of low nibbles, 64 of top bit pairs, 16 int8 scales, f16 d. Each 128
         // values (n) take 64 low bytes and 32 top bytes: sub-block 4n + k's value l is the
@@ -403,7 +420,7 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
                 let low = if k < 2 { ql[l] & 0x0f } else { ql[l] >> 4 };
                 *q = low | (((qh[l] >> (2 * k)) & 3) << 4);
             }
-            return Unpacked { scale: f16_at(208), min: f16::ZERO, halves: [sc[0] as i8, sc[1] as i8], q };
+            return Unpacked { scale: f16_at(208), min: f16::ZERO, subs: [sc[0] as i8, sc[1] as i8], sub_min: 0, q };
         }
         _ => unreachable!("{file_type} is not a served type"),
     };
@@ -412,7 +429,16 @@ fn unpack_block(file_type: FileType, block: &[u8], sub: usize) -> Unpacked {
 
 impl Activations {
     const fn new() -> Activations {
-        Activations { rows: 0, blocks: 0, quants: Vec::new(), scales: Vec::new(), totals: Vec::new(), firsts: Vec::new(), sums: Vec::new() }
+        Activations {
+            rows: 0,
+            blocks: 0,
+            quants: Vec::new(),
+            scales: Vec::new(),
+            totals: Vec::new(),
+            firsts: Vec::new(),
+            sums: Vec::new(),
+            pairs: Vec::new(),
+        }
     }
 
     /// Quantises rows of `cols` values (per block: `scale = max|x| / 127`,
@@ -443,6 +469,12 @@ impl Activations {
             #[cfg(not(avx2_kernels))]
             let (scale, t, f) = quantize_block(x, floor, q);
             (*d, *total, *first, *sum) = (scale, t, f, scale * t as f32);
+        }
+        if group > 1 {
+            // |Σ q| ≤ 32 · 127: each fits 16 bits.
+            let pairs = self.totals.chunks_exact(2).map(|t| ((t[0] as u16 as u32) | ((t[1] as u16 as u32) << 16)) as i32);
+            self.pairs.clear();
+            self.pairs.extend(pairs);
         }
     }
 }
@@ -493,6 +525,7 @@ impl BlockMatrix {
         let subs = sub_blocks(dtype);
         let blocks = cols / BLOCK;
         let tiles = rows.div_ceil(COLS) * blocks;
+        let spans = tiles / subs;
         let regs = packing.registers();
         let mut m = BlockMatrix {
             rows,
@@ -500,10 +533,11 @@ impl BlockMatrix {
             packing,
             offset,
             quants: vec![ZERO; tiles * regs],
-            scales: vec![[f16::ZERO; COLS]; tiles],
-            mins: with_min.then(|| vec![[f16::ZERO; COLS]; tiles]),
-            halves: (packing == Packing::Sixes).then(|| vec![[0; 2 * COLS]; tiles]),
-            group: sub_blocks(dtype),
+            scales: vec![[f16::ZERO; COLS]; spans],
+            mins: with_min.then(|| vec![[f16::ZERO; COLS]; spans]),
+            sub_scales: (subs > 1).then(|| vec![[0; COLS]; tiles * packing.subs()]),
+            sub_mins: (subs > 1 && with_min).then(|| vec![[0; 2 * COLS]; tiles / 2]),
+            group: subs,
             table: dtype.table().map_or([0; 16], |t| t.map(|v| (v as u8) ^ 0x80)),
         };
         let block_bytes = dtype.type_size();
@@ -521,16 +555,22 @@ impl BlockMatrix {
                     row.chunks_exact(block_bytes).enumerate().flat_map(|(b, block)| (0..subs).map(move |s| (b, s, block)))
                 {
                     let tile = group * blocks + b * subs + sub;
-                    let Unpacked { scale: d, min, halves, q } = unpack_block(dtype, block, sub);
+                    let span = tile / subs;
+                    let Unpacked { scale: d, min, subs: sub_scales, sub_min, q } = unpack_block(dtype, block, sub);
                     if !d.is_finite() || !min.is_finite() {
                         candle_core::bail!("{dtype} row {r} has a scale beyond f16's range ({d}, {min})")
                     }
-                    m.scales[tile][lane] = d;
+                    m.scales[span][lane] = d;
                     if let Some(mins) = &mut m.mins {
-                        mins[tile][lane] = min;
+                        mins[span][lane] = min;
                     }
-                    if let Some(h) = &mut m.halves {
-                        (h[tile][lane], h[tile][COLS + lane]) = (halves[0], halves[1]);
+                    if let Some(s) = &mut m.sub_scales {
+                        for (h, &sc) in sub_scales[..packing.subs()].iter().enumerate() {
+                            s[tile * packing.subs() + h][lane] = sc;
+                        }
+                    }
+                    if let Some(s) = &mut m.sub_mins {
+                        s[tile / 2][2 * lane + tile % 2] = sub_min;
                     }
                     for (g, quad) in q.chunks_exact(4).enumerate() {
                         let (reg, shift) = packing.place(g);
@@ -578,15 +618,21 @@ impl BlockMatrix {
         })
     }
 
-    /// The scale and minimum (0 without one) of row `lane` in a tile.
+    /// The scale and minimum (0 without one) of row `lane` in the span of a tile.
     fn scale_and_min(&self, tile: usize, lane: usize) -> (f32, f32) {
-        (self.scales[tile][lane].to_f32(), self.mins.as_ref().map_or(0.0, |m| m[tile][lane].to_f32()))
+        let span = tile / self.group;
+        (self.scales[span][lane].to_f32(), self.mins.as_ref().map_or(0.0, |m| m[span][lane].to_f32()))
     }
 
-    /// The integer scale of quad `g`'s 16-value half of row `lane`'s block in a tile (1
-    /// without halves).
-    fn half_scale(&self, tile: usize, g: usize, lane: usize) -> i32 {
-        self.halves.as_ref().map_or(1, |h| h[tile][(g / 4) * COLS + lane] as i32)
+    /// The integer sub-block scale of quad `g` of row `lane` in a tile (1 without them).
+    fn sub_scale(&self, tile: usize, g: usize, lane: usize) -> i32 {
+        let subs = self.packing.subs();
+        self.sub_scales.as_ref().map_or(1, |s| s[tile * subs + g * subs / COLS][lane] as i32)
+    }
+
+    /// The integer minimum multiplier of row `lane` in a tile (0 without them).
+    fn sub_min(&self, tile: usize, lane: usize) -> i32 {
+        self.sub_mins.as_ref().map_or(0, |s| s[tile / 2][2 * lane + tile % 2] as i32)
     }
 
     /// Dequantised rows `ids`, as `(ids.len(), cols)` f32 values (an embedding lookup).
@@ -601,9 +647,17 @@ impl BlockMatrix {
             for b in 0..self.blocks {
                 let tile = group * self.blocks + b;
                 let (d, min) = self.scale_and_min(tile, lane);
+                if self.sub_scales.is_none() {
+                    for g in 0..COLS {
+                        out.extend(self.quad(tile, g, lane).map(|q| d.mul_add(q as f32, min)));
+                    }
+                    continue;
+                }
+                // As ggml's `dequantize_row_*` of these types: `(d · sc) · q − dmin · m`.
+                let min = min * self.sub_min(tile, lane) as f32;
                 for g in 0..COLS {
-                    let half = self.half_scale(tile, g, lane);
-                    out.extend(self.quad(tile, g, lane).map(|q| d.mul_add((half * q) as f32, min)));
+                    let d = d * self.sub_scale(tile, g, lane) as f32;
+                    out.extend(self.quad(tile, g, lane).map(|q| d * q as f32 + min));
                 }
             }
         }
@@ -722,32 +776,39 @@ impl Tile<'_> {
 }
 
 /// A tile in plain Rust, the same arithmetic per output element as the SIMD kernels: an
-/// integer sum per block, scaled and accumulated in block order.
+/// integer sum per span of blocks (a super-block's sub-blocks multiplied by their integer
+/// scales), scaled and accumulated in span order.
 ///
 /// # Safety
 /// `out` must hold `x.rows × w.rows` elements, and no other thread may write this tile's
 /// outputs while it runs.
 unsafe fn plain(t: Tile<'_>, rows: usize, out: *mut f32) {
-    let kb = t.x.blocks;
+    let (kb, span) = (t.x.blocks, t.w.group);
     for row in 0..rows {
         let xi = (t.i + row) * kb;
         let mut acc = [0f32; COLS];
-        for b in 0..kb {
-            let tile = t.group * kb + b;
-            let xq = &t.x.quants[xi + b].0;
+        for first in (0..kb).step_by(span) {
             for (lane, acc) in acc.iter_mut().enumerate() {
-                let mut sum = 0i32;
-                for g in 0..COLS {
-                    let mut quad = 0i32;
-                    for (e, w) in t.w.quad(tile, g, lane).into_iter().enumerate() {
-                        quad += w * xq[g * 4 + e] as i8 as i32;
+                let (mut sum, mut mins) = (0i32, 0i32);
+                for b in first..first + span {
+                    let tile = t.group * kb + b;
+                    let xq = &t.x.quants[xi + b].0;
+                    for g in 0..COLS {
+                        let mut quad = 0i32;
+                        for (e, w) in t.w.quad(tile, g, lane).into_iter().enumerate() {
+                            quad += w * xq[g * 4 + e] as i8 as i32;
+                        }
+                        sum += t.w.sub_scale(tile, g, lane) * quad;
                     }
-                    sum += t.w.half_scale(tile, g, lane) * quad;
+                    mins += t.w.sub_min(tile, lane) * t.x.totals[xi + b];
                 }
-                let (d, min) = t.w.scale_and_min(tile, lane);
-                *acc = (sum as f32).mul_add(d * t.x.scales[xi + b], *acc);
-                if t.w.mins.is_some() {
-                    *acc = min.mul_add(t.x.sums[xi + b], *acc);
+                let (d, min) = t.w.scale_and_min(t.group * kb + first, lane);
+                let xd = t.x.scales[xi + first];
+                *acc = (sum as f32).mul_add(d * xd, *acc);
+                if t.w.sub_mins.is_some() {
+                    *acc = (mins as f32).mul_add(min * xd, *acc);
+                } else if t.w.mins.is_some() {
+                    *acc = min.mul_add(t.x.sums[xi + first], *acc);
                 }
             }
         }
@@ -824,6 +885,23 @@ mod simd {
         }
     }
 
+    /// `acc + Σ a · b` over each 32-bit lane's 2 pairs of signed 16-bit values.
+    #[inline(always)]
+    unsafe fn dot16<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: as for `dot`.
+        unsafe {
+            #[cfg(all(vnni_kernels, target_feature = "avxvnni"))]
+            if VNNI {
+                return _mm256_dpwssd_avx_epi32(acc, a, b);
+            }
+            #[cfg(all(vnni_kernels, not(target_feature = "avxvnni")))]
+            if VNNI {
+                return _mm256_dpwssd_epi32(acc, a, b);
+            }
+            _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+        }
+    }
+
     /// `acc + w · x` for bytes `w` biased by 128 (Q8_0's, a table's entries) under AVX2,
     /// whose 16-bit pair sums would overflow on full bytes: unbiased, as
     /// `|w| · (x with w's sign)` in the unsigned × signed form, each byte under 129.
@@ -883,123 +961,158 @@ mod simd {
     /// As for [`super::plain`].
     #[inline(always)]
     unsafe fn tile<const VNNI: bool, const P: u8, const R: usize>(t: Tile<'_>, out: *mut f32) {
-        let kb = t.x.blocks;
+        let (kb, span) = (t.x.blocks, t.w.group);
         let regs = t.w.packing.registers();
+        let subs = t.w.packing.subs();
         // SAFETY: the features are enabled at compile time (cfg(avx2_kernels)). The quants, scales,
         // totals and sums are read at rows i..i+R of x and group `group` of w, all inside
         // their buffers (R rows remain from i, and the repacked w holds kb × regs vectors
-        // per group, 32-byte aligned for the aligned load); `store` writes only this tile's
-        // outputs.
+        // per group, 32-byte aligned for the aligned load, kb / span scales and kb × subs
+        // sub-block scales); `store` writes only this tile's outputs.
         unsafe {
             let xq = t.x.quants.as_ptr().add(t.i * kb);
             let xd = t.x.scales.as_ptr().add(t.i * kb);
             let xt = t.x.totals.as_ptr().add(t.i * kb);
             let xs = t.x.sums.as_ptr().add(t.i * kb);
-            let wq = t.w.quants.as_ptr().add(t.group * kb * regs) as *const __m256i;
-            let wd = t.w.scales.as_ptr().add(t.group * kb);
-            let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb));
-            let wh = t.w.halves.as_ref().map_or(std::ptr::null(), |h| h.as_ptr().add(t.group * kb));
             let xf = t.x.firsts.as_ptr().add(t.i * kb);
+            let wq = t.w.quants.as_ptr().add(t.group * kb * regs) as *const __m256i;
+            let wd = t.w.scales.as_ptr().add(t.group * kb / span);
+            let wm = t.w.mins.as_ref().map(|m| m.as_ptr().add(t.group * kb / span));
+            let wsc = t.w.sub_scales.as_ref().map_or(std::ptr::null(), |s| s.as_ptr().add(t.group * kb * subs));
+            let wsm = t.w.sub_mins.as_ref().map_or(std::ptr::null(), |s| s.as_ptr().add(t.group * kb / 2));
+            let xp = t.x.pairs.as_ptr().add(t.i * kb / 2);
+            // Eight int8 sub-block scales, one per lane.
+            let widen = |p: *const [i8; COLS]| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
             let offset = t.w.offset;
             let low = _mm256_set1_epi8(0x0f);
             let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.w.table.as_ptr() as *const __m128i));
             let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..kb {
-                let x = |row: usize| xq.add(row * kb + b);
+            for first in (0..kb).step_by(span) {
+                // The span's integer sums: of the products, and of the minimums' products.
                 let mut sums = [_mm256_setzero_si256(); R];
-                if P == SIXES {
-                    // Quad g's top bits (bits 2(g mod 4).. of `highs`) as bits 4-5 of each
-                    // byte; the 16-bit shifts move nothing across bytes into those bits.
-                    let top = |highs: __m256i, k: usize| {
-                        let h = match k {
-                            0 => _mm256_slli_epi16::<4>(highs),
-                            1 => _mm256_slli_epi16::<2>(highs),
-                            2 => highs,
-                            _ => _mm256_srli_epi16::<2>(highs),
+                let mut mins = [_mm256_setzero_si256(); R];
+                for b in first..first + span {
+                    let x = |row: usize| xq.add(row * kb + b);
+                    let mut block = [_mm256_setzero_si256(); R];
+                    if P == SIXES {
+                        // Quad g's top bits (bits 2(g mod 4).. of `highs`) as bits 4-5 of each
+                        // byte; the 16-bit shifts move nothing across bytes into those bits.
+                        let top = |highs: __m256i, k: usize| {
+                            let h = match k {
+                                0 => _mm256_slli_epi16::<4>(highs),
+                                1 => _mm256_slli_epi16::<2>(highs),
+                                2 => highs,
+                                _ => _mm256_srli_epi16::<2>(highs),
+                            };
+                            _mm256_and_si256(h, _mm256_set1_epi8(0x30))
                         };
-                        _mm256_and_si256(h, _mm256_set1_epi8(0x30))
-                    };
-                    // The two 16-value halves apart: quads 0-3 are the low nibbles, 4-7 the
-                    // high ones. Each half's sum loses its offset (32 · Σx of the half) and
-                    // is multiplied by the half's int8 scale, as integers.
-                    for half in 0..2 {
-                        let highs = _mm256_load_si256(wq.add(b * regs + HIGHS + half));
-                        let mut part = [_mm256_setzero_si256(); R];
+                        // The two 16-value halves apart: quads 0-3 are the low nibbles, 4-7 the
+                        // high ones. Each half's sum loses its offset (32 · Σx of the half) and
+                        // is multiplied by the half's int8 scale, as integers.
+                        for half in 0..2 {
+                            let highs = _mm256_load_si256(wq.add(b * regs + HIGHS + half));
+                            let mut part = [_mm256_setzero_si256(); R];
+                            for p in 0..COLS / 2 {
+                                let w = _mm256_load_si256(wq.add(b * regs + p));
+                                let w = if half == 0 { w } else { _mm256_srli_epi16::<4>(w) };
+                                let w = _mm256_or_si256(_mm256_and_si256(w, low), top(highs, p));
+                                for (row, part) in part.iter_mut().enumerate() {
+                                    *part = dot::<VNNI>(*part, w, quad(x(row), p + half * COLS / 2));
+                                }
+                            }
+                            let scales = widen(wsc.add(b * subs + half));
+                            for (row, block) in block.iter_mut().enumerate() {
+                                let first = *xf.add(row * kb + b);
+                                let x_total = if half == 0 { first } else { *xt.add(row * kb + b) - first };
+                                let part = _mm256_sub_epi32(part[row], _mm256_set1_epi32(offset * x_total));
+                                *block = _mm256_add_epi32(*block, _mm256_mullo_epi32(part, scales));
+                            }
+                        }
+                    } else if P == NIBBLES || P == FIVES || P == LUT {
+                        let fifths = if P == FIVES { _mm256_load_si256(wq.add(b * regs + FIFTHS)) } else { _mm256_setzero_si256() };
+                        // Quad g's fifth bits as 0x10 in each byte.
+                        let fifth = |g: usize| {
+                            let bit = _mm256_set1_epi8((1u8 << g) as i8);
+                            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(fifths, bit), bit), _mm256_set1_epi8(0x10))
+                        };
                         for p in 0..COLS / 2 {
                             let w = _mm256_load_si256(wq.add(b * regs + p));
-                            let w = if half == 0 { w } else { _mm256_srli_epi16::<4>(w) };
-                            let w = _mm256_or_si256(_mm256_and_si256(w, low), top(highs, p));
-                            for (row, part) in part.iter_mut().enumerate() {
-                                *part = dot::<VNNI>(*part, w, quad(x(row), p + half * COLS / 2));
+                            let mut lo = _mm256_and_si256(w, low);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                            if P == FIVES {
+                                lo = _mm256_or_si256(lo, fifth(p));
+                                hi = _mm256_or_si256(hi, fifth(p + COLS / 2));
+                            }
+                            if P == LUT {
+                                // Each index's table entry (biased by 128, as Q8_0's bytes).
+                                lo = _mm256_shuffle_epi8(table, lo);
+                                hi = _mm256_shuffle_epi8(table, hi);
+                            }
+                            for (row, block) in block.iter_mut().enumerate() {
+                                if P == LUT && !VNNI {
+                                    *block = signed_dot(*block, lo, quad(x(row), p));
+                                    *block = signed_dot(*block, hi, quad(x(row), p + COLS / 2));
+                                } else {
+                                    *block = dot::<VNNI>(*block, lo, quad(x(row), p));
+                                    *block = dot::<VNNI>(*block, hi, quad(x(row), p + COLS / 2));
+                                }
                             }
                         }
-                        let scales = _mm256_cvtepi8_epi32(_mm_loadl_epi64((wh.add(b) as *const i8).add(half * COLS) as *const __m128i));
-                        for (row, sum) in sums.iter_mut().enumerate() {
-                            let first = *xf.add(row * kb + b);
-                            let x_total = if half == 0 { first } else { *xt.add(row * kb + b) - first };
-                            let part = _mm256_sub_epi32(part[row], _mm256_set1_epi32(offset * x_total));
-                            *sum = _mm256_add_epi32(*sum, _mm256_mullo_epi32(part, scales));
-                        }
-                    }
-                } else if P == NIBBLES || P == FIVES || P == LUT {
-                    let fifths = if P == FIVES { _mm256_load_si256(wq.add(b * regs + FIFTHS)) } else { _mm256_setzero_si256() };
-                    // Quad g's fifth bits as 0x10 in each byte.
-                    let fifth = |g: usize| {
-                        let bit = _mm256_set1_epi8((1u8 << g) as i8);
-                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(fifths, bit), bit), _mm256_set1_epi8(0x10))
-                    };
-                    for p in 0..COLS / 2 {
-                        let w = _mm256_load_si256(wq.add(b * regs + p));
-                        let mut lo = _mm256_and_si256(w, low);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-                        if P == FIVES {
-                            lo = _mm256_or_si256(lo, fifth(p));
-                            hi = _mm256_or_si256(hi, fifth(p + COLS / 2));
-                        }
-                        if P == LUT {
-                            // Each index's table entry (biased by 128, as Q8_0's bytes).
-                            lo = _mm256_shuffle_epi8(table, lo);
-                            hi = _mm256_shuffle_epi8(table, hi);
-                        }
-                        for (row, sum) in sums.iter_mut().enumerate() {
-                            if P == LUT && !VNNI {
-                                *sum = signed_dot(*sum, lo, quad(x(row), p));
-                                *sum = signed_dot(*sum, hi, quad(x(row), p + COLS / 2));
+                    } else {
+                        for g in 0..COLS {
+                            let w = _mm256_load_si256(wq.add(b * regs + g));
+                            if P == INT8 && !VNNI {
+                                for (row, block) in block.iter_mut().enumerate() {
+                                    *block = signed_dot(*block, w, quad(x(row), g));
+                                }
                             } else {
-                                *sum = dot::<VNNI>(*sum, lo, quad(x(row), p));
-                                *sum = dot::<VNNI>(*sum, hi, quad(x(row), p + COLS / 2));
+                                for (row, block) in block.iter_mut().enumerate() {
+                                    *block = dot::<VNNI>(*block, w, quad(x(row), g));
+                                }
                             }
                         }
                     }
-                } else {
-                    for g in 0..COLS {
-                        let w = _mm256_load_si256(wq.add(b * regs + g));
-                        if P == INT8 && !VNNI {
-                            for (row, sum) in sums.iter_mut().enumerate() {
-                                *sum = signed_dot(*sum, w, quad(x(row), g));
-                            }
-                        } else {
-                            for (row, sum) in sums.iter_mut().enumerate() {
-                                *sum = dot::<VNNI>(*sum, w, quad(x(row), g));
-                            }
+                    // The offset of the stored values (taken off biased bytes already under AVX2).
+                    if offset != 0 && P != SIXES && (P == NIBBLES || P == FIVES || VNNI) {
+                        for (row, block) in block.iter_mut().enumerate() {
+                            *block = _mm256_sub_epi32(*block, _mm256_set1_epi32(offset * *xt.add(row * kb + b)));
+                        }
+                    }
+                    // A super-block's sub-block: times its integer scale (Q6_K's halves have
+                    // theirs already).
+                    if P != SIXES && !wsc.is_null() {
+                        let scales = widen(wsc.add(b));
+                        for block in &mut block {
+                            *block = _mm256_mullo_epi32(*block, scales);
+                        }
+                    }
+                    for (sum, block) in sums.iter_mut().zip(block) {
+                        *sum = _mm256_add_epi32(*sum, block);
+                    }
+                }
+                // The minimums' products `Σ m · Σx`, two blocks at a time.
+                if !wsm.is_null() {
+                    for pair in (first..first + span).step_by(2).map(|b| b / 2) {
+                        let m = _mm256_cvtepu8_epi16(_mm_loadu_si128(wsm.add(pair) as *const __m128i));
+                        for (row, mins) in mins.iter_mut().enumerate() {
+                            *mins = dot16::<VNNI>(*mins, m, _mm256_set1_epi32(*xp.add(row * kb / 2 + pair)));
                         }
                     }
                 }
-                // The offset of the stored values (taken off biased bytes already under AVX2).
-                if offset != 0 && P != SIXES && (P == NIBBLES || P == FIVES || VNNI) {
-                    for (row, sum) in sums.iter_mut().enumerate() {
-                        *sum = _mm256_sub_epi32(*sum, _mm256_set1_epi32(offset * *xt.add(row * kb + b)));
-                    }
-                }
-                let ws = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b) as *const __m128i));
+                let ws = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(first / span) as *const __m128i));
                 for (row, acc) in acc.iter_mut().enumerate() {
-                    let d = _mm256_mul_ps(ws, _mm256_set1_ps(*xd.add(row * kb + b)));
+                    let d = _mm256_mul_ps(ws, _mm256_set1_ps(*xd.add(row * kb + first)));
                     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[row]), d, *acc);
                 }
                 if let Some(wm) = wm {
-                    let mins = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b) as *const __m128i));
+                    let mv = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(first / span) as *const __m128i));
                     for (row, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(mins, _mm256_set1_ps(*xs.add(row * kb + b)), *acc);
+                        *acc = if wsm.is_null() {
+                            _mm256_fmadd_ps(mv, _mm256_set1_ps(*xs.add(row * kb + first)), *acc)
+                        } else {
+                            let d = _mm256_mul_ps(mv, _mm256_set1_ps(*xd.add(row * kb + first)));
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins[row]), d, *acc)
+                        };
                     }
                 }
             }
@@ -1037,11 +1150,6 @@ mod tests {
         FileType::Iq4Xs,
         FileType::Mxfp4,
     ];
-
-    /// Types whose 32-value blocks' scales are rounded to f16 from a product.
-    fn rounded_scales(dtype: FileType) -> bool {
-        matches!(dtype, FileType::Ggml(GgmlDType::Q4K | GgmlDType::Q5K) | FileType::Iq4Xs)
-    }
 
     /// A row length of whole blocks for `dtype`.
     fn row_length(dtype: FileType, short: usize) -> usize {
@@ -1116,12 +1224,10 @@ mod tests {
             let got = w.gather(&ids).unwrap();
             let amax = want.iter().fold(0f32, |m, w| m.max(w.abs()));
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                // d·q + m is one fused step here, two roundings in candle; a K-quant's
-                // sub-block scale and minimum are each rounded to f16 (2⁻¹¹ of the range each).
-                let tolerance = if rounded_scales(dtype) { amax / 512.0 } else { 1e-6 * w.abs().max(1.0) };
-                assert!((g - w).abs() <= tolerance, "{dtype} [{i}]: {g} vs {w}");
+                // Q4_1's and Q5_1's d·q + m is one fused step here, two roundings in candle.
+                assert!((g - w).abs() <= 1e-6 * amax.max(1.0), "{dtype} [{i}]: {g} vs {w}");
             }
-            if !matches!(dtype, FileType::Ggml(GgmlDType::Q4_1 | GgmlDType::Q5_1)) && !rounded_scales(dtype) {
+            if !matches!(dtype, FileType::Ggml(GgmlDType::Q4_1 | GgmlDType::Q5_1)) {
                 assert_eq!(got, want, "{dtype} widens exactly");
             }
             assert!(w.gather(&[13]).is_err());
@@ -1258,14 +1364,17 @@ mod tests {
             (FileType::Ggml(GgmlDType::Q4_0), 4.5),
             (FileType::Ggml(GgmlDType::Q5_0), 5.5),
             (FileType::Iq4Nl, 4.5),
-            (FileType::Iq4Xs, 4.5),
             (FileType::Mxfp4, 4.5),
-            // The file's 6.5625 and `d` once per 32 values instead of per 256.
-            (FileType::Ggml(GgmlDType::Q6K), 7.0),
+            (FileType::Ggml(GgmlDType::Q6K), 6.5625),
+            // The file's 4.25, 4.5 and 5.5 with a byte for each 6-bit scale and minimum.
+            (FileType::Iq4Xs, 4.3125),
+            (FileType::Ggml(GgmlDType::Q4K), 4.625),
+            (FileType::Ggml(GgmlDType::Q5K), 5.625),
         ] {
             let (w, _) = weights(16, 768, 3, dtype);
-            let halves = w.halves.as_ref().map_or(0, |h| h.len() * 2 * COLS);
-            let bits = (w.quants.len() * BLOCK + w.scales.len() * COLS * 2 + halves) * 8;
+            let f16s = (w.scales.len() + w.mins.as_ref().map_or(0, Vec::len)) * COLS * 2;
+            let ints = w.sub_scales.as_ref().map_or(0, |v| v.len() * COLS) + w.sub_mins.as_ref().map_or(0, |v| v.len() * 2 * COLS);
+            let bits = (w.quants.len() * BLOCK + f16s + ints) * 8;
             assert_eq!(bits as f64 / (16 * 768) as f64, width, "{dtype}: bits per weight");
         }
     }
