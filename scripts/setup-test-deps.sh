@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides Rust: cargo-nextest if absent, the official OpenAI
-# SDKs and Anthropic's Python SDK (Python in .venv/, JavaScript in host/tests/sdk/node_modules), Chromium for the
+# SDKs, Anthropic's Python SDK and the OpenAI Agents SDK (Python in .venv/, JavaScript in host/tests/sdk/node_modules), Chromium for the
 # web chat's browser tests, llama.cpp's tools for the proxy-mode and oracle tests, and the
 # synthetic model files of the oracle tests. Idempotent.
 set -euo pipefail
@@ -11,7 +11,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, websockets, jsonschema, anthropic, numpy, yaml" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, websockets, jsonschema, anthropic, agents, numpy, yaml" 2>/dev/null; then
   echo "setup: creating .venv with the openai Python SDK"
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r host/tests/sdk/requirements.txt

@@ -207,7 +207,7 @@ async fn test(wasm: &Path, request: &Path, config: &str) -> anyhow::Result<()> {
     let engine = PolicyEngine::new(Arc::new(MemoryKv::new()), Arc::new(Metrics::new()), RequestRules::default())?;
     let chain = Arc::new(PolicyChain::load(engine, &[plugin]).await?);
     let prompt_chars: usize = t.messages.iter().map(|m| m.content.len()).sum();
-    let shape = Shape::new(request::tools(t.tools, t.tool_choice, t.parallel_tool_calls)?, request::format(t.response_format)?)?;
+    let shape = Shape::new(request::tools(t.tools, t.tool_choice, t.parallel_tool_calls)?, request::format(t.response_format)?);
     let mut request = Request {
         route: "chat".into(),
         model: t.model,

@@ -652,7 +652,7 @@ pub fn validate_chat(r: ChatCompletionRequest, sampling: SamplingFields, vocab: 
         (None, b) => b,
     };
     let (stream, include_usage) = stream_flags(r.stream, r.stream_options)?;
-    let shape = Shape::new(tools(r.tools, r.tool_choice, r.parallel_tool_calls)?, format(r.response_format)?)?;
+    let shape = Shape::new(tools(r.tools, r.tool_choice, r.parallel_tool_calls)?, format(r.response_format)?);
     Ok(ValidChat {
         params: ValidParams { model: r.model, sampling, stop, max_tokens, stream, include_usage, constraint: None },
         messages,
@@ -787,8 +787,10 @@ mod tests {
         assert!(!none.shape.calls_tools() && none.shape.tools.is_some() && none.messages.len() == 1);
         let e = with(r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("tool_choice.function.name"));
-        let e = with(r#","response_format":{"type":"json_object"}"#).err().unwrap();
-        assert_eq!(e.param.as_deref(), Some("response_format"));
+        // Beside the tools, a format shapes the answer the model may give instead of calls.
+        let both = with(r#","response_format":{"type":"json_object"}"#).ok().unwrap();
+        let Some(crate::engine::grammar::Constraint::JsonSchema(schema)) = both.shape.constraint() else { panic!() };
+        assert_eq!(schema["anyOf"][1]["properties"]["response"], serde_json::json!({"type": "object"}));
         let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"tool_choice":"required"}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
     }

@@ -376,13 +376,15 @@ fn the_anthropic_sdk_works_against_messages_behind_the_auth_plugin() {
     run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/anthropic_sdk.py", "sk-demo"]);
 }
 
-/// OpenAI's Responses API through the Python SDK's `client.responses.*` on the instruct model.
+/// OpenAI's Responses API through the Python SDK's `client.responses.*` on the instruct model,
+/// then an agent framework's tool loop over it (the OpenAI Agents SDK).
 #[test]
 fn the_responses_api_works_through_the_python_sdk() {
     let instruct = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let server = Server::start(&format!("[[models]]\nid = \"smollm2-135m-instruct\"\npath = \"{}\"\npreload = true\n", instruct.display()));
     let python = workspace_root().join(".venv/bin/python");
     run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/responses.py"]);
+    run_sdk_against(&server, python.to_str().unwrap(), &["host/tests/sdk/agents_sdk.py"]);
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! framed in Anthropic's shape, streamed with its typed events (`message_start`,
 //! `content_block_start`, `ping`, `content_block_delta`, `content_block_stop`,
 //! `message_delta`, `message_stop`), and every error is `{"type":"error","error":{"type",
-//! "message"}}`.
+//! "message"}}`. Tools are chat's tools in Anthropic's words: `tools` with `input_schema`,
+//! `tool_choice` (`auto`, `any`, `tool`, `none`), `tool_use` blocks out (streamed as
+//! `input_json_delta`s) and `tool_result` blocks back in.
 
 use std::convert::Infallible;
 
@@ -20,6 +22,7 @@ use serde_json::{Value, json};
 use super::{caller, read_body, state};
 use crate::engine::{FinishReason, StreamEvent};
 use crate::error::{ApiError, ErrorLabel};
+use crate::pipeline::tools::{self, CallIds, CallStream, Piece};
 use crate::pipeline::{self, Output};
 use crate::request::{ChatCompletionRequest, parse_body, parse_request};
 use crate::shutdown::Shutdown;
@@ -48,6 +51,39 @@ pub struct MessagesRequest {
     pub metadata: Option<Metadata>,
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Client tools: `{"name", "description", "input_schema"}`.
+    #[serde(default)]
+    pub tools: Option<Vec<ToolDef>>,
+    /// `{"type": "auto" | "any" | "tool" | "none", "name", "disable_parallel_tool_use"}`.
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoiceDef>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolDef {
+    /// `custom` (the default); Anthropic's server tools are not served.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema of the tool's input (an object).
+    pub input_schema: Value,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolChoiceDef {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub disable_parallel_tool_use: Option<bool>,
 }
 
 /// `POST /v1/messages/count_tokens`.
@@ -59,6 +95,10 @@ pub struct CountTokensRequest {
     pub messages: Vec<InputMessage>,
     #[serde(default)]
     pub system: Option<Content>,
+    #[serde(default)]
+    pub tools: Option<Vec<ToolDef>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoiceDef>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -69,7 +109,7 @@ pub struct InputMessage {
     pub content: Content,
 }
 
-/// Text, or a list of content blocks (wisp serves text blocks).
+/// Text, or a list of content blocks (wisp serves text, `tool_use` and `tool_result`).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
@@ -86,6 +126,25 @@ pub enum Block {
         #[serde(default)]
         cache_control: Option<Value>,
     },
+    /// An earlier call of the assistant's.
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
+    /// A call's result, in a user message.
+    ToolResult {
+        tool_use_id: String,
+        /// Text, or text blocks.
+        #[serde(default)]
+        content: Option<Content>,
+        #[serde(default)]
+        is_error: Option<bool>,
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -97,29 +156,108 @@ pub struct Metadata {
 }
 
 impl Content {
-    fn text(&self) -> String {
+    /// The text blocks' text (`param` names the content in an error about other blocks).
+    fn text(&self, param: &str) -> Result<String, ApiError> {
         match self {
-            Content::Text(text) => text.clone(),
-            Content::Blocks(blocks) => blocks.iter().map(|Block::Text { text, .. }| text.as_str()).collect::<Vec<_>>().join("\n\n"),
+            Content::Text(text) => Ok(text.clone()),
+            Content::Blocks(blocks) => blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| match b {
+                    Block::Text { text, .. } => Ok(text.as_str()),
+                    _ => Err(ApiError::invalid(format!("{param}.{i}"), "only text blocks are taken here")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|texts| texts.join("\n\n")),
         }
     }
 }
 
+/// The chat messages of one Messages message: an assistant's text and `tool_use` blocks
+/// are one message with `tool_calls`; a user's `tool_result` blocks are `tool` messages,
+/// before the user's text (Anthropic puts results first).
+fn chat_messages(m: &InputMessage, i: usize) -> Result<Vec<Value>, ApiError> {
+    let param = format!("messages.{i}.content");
+    let blocks = match &m.content {
+        Content::Text(text) => return Ok(vec![json!({"role": m.role, "content": text})]),
+        Content::Blocks(blocks) => blocks,
+    };
+    let (mut texts, mut calls, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for (j, block) in blocks.iter().enumerate() {
+        match (m.role.as_str(), block) {
+            (_, Block::Text { text, .. }) => texts.push(text.as_str()),
+            ("assistant", Block::ToolUse { id, name, input, .. }) => {
+                calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}}))
+            }
+            ("user", Block::ToolResult { tool_use_id, content, is_error, .. }) => {
+                let text = content.as_ref().map(|c| c.text(&format!("{param}.{j}.content"))).transpose()?.unwrap_or_default();
+                let text = if *is_error == Some(true) { format!("Error: {text}") } else { text };
+                out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": text}));
+            }
+            (role, _) => return Err(ApiError::invalid(format!("{param}.{j}"), format!("a {role} message cannot hold this block"))),
+        }
+    }
+    let text = texts.join("\n\n");
+    match calls.is_empty() {
+        false => out.push(json!({"role": "assistant", "content": (!text.is_empty()).then_some(text), "tool_calls": calls})),
+        true if !text.is_empty() || out.is_empty() => out.push(json!({"role": m.role, "content": text})),
+        true => {}
+    }
+    Ok(out)
+}
+
 /// The chat completions body a Messages request means.
-fn chat_body(model: &str, system: Option<&Content>, messages: &[InputMessage]) -> Result<serde_json::Map<String, Value>, ApiError> {
+fn chat_body(
+    model: &str,
+    system: Option<&Content>,
+    messages: &[InputMessage],
+    tools: Option<&[ToolDef]>,
+    tool_choice: Option<&ToolChoiceDef>,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     let mut chat = Vec::with_capacity(messages.len() + 1);
     if let Some(system) = system {
-        chat.push(json!({"role": "system", "content": system.text()}));
+        chat.push(json!({"role": "system", "content": system.text("system")?}));
     }
     for (i, m) in messages.iter().enumerate() {
         if m.role != "user" && m.role != "assistant" {
             return Err(ApiError::invalid(format!("messages.{i}.role"), format!("`role` must be user or assistant, got `{}`", m.role)));
         }
-        chat.push(json!({"role": m.role, "content": m.content.text()}));
+        chat.extend(chat_messages(m, i)?);
     }
     let mut body = serde_json::Map::new();
     body.insert("model".into(), json!(model));
     body.insert("messages".into(), Value::Array(chat));
+    if let Some(tools) = tools {
+        let functions = tools
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.kind.as_deref() {
+                None | Some("custom") => {
+                    let mut function = json!({"name": t.name, "parameters": t.input_schema});
+                    if let Some(description) = &t.description {
+                        function["description"] = json!(description);
+                    }
+                    Ok(json!({"type": "function", "function": function}))
+                }
+                Some(kind) => Err(ApiError::invalid(format!("tools.{i}.type"), format!("server tool `{kind}` is not served; client tools are"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        body.insert("tools".into(), Value::Array(functions));
+    }
+    if let Some(choice) = tool_choice {
+        let mapped = match (choice.kind.as_str(), &choice.name) {
+            ("auto", _) => json!("auto"),
+            ("any", _) => json!("required"),
+            ("none", _) => json!("none"),
+            ("tool", Some(name)) => json!({"type": "function", "function": {"name": name}}),
+            ("tool", None) => return Err(ApiError::invalid("tool_choice.name", "`tool_choice` of type `tool` names the tool")),
+            (other, _) => return Err(ApiError::invalid("tool_choice.type", format!("`tool_choice.type` is auto, any, tool or none, got `{other}`"))),
+        };
+        body.insert("tool_choice".into(), mapped);
+        if choice.disable_parallel_tool_use == Some(true) {
+            body.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
     Ok(body)
 }
 
@@ -198,19 +336,24 @@ struct MessageBody {
     kind: String,
     role: String,
     model: String,
-    content: Vec<TextBlock>,
-    /// `end_turn` or `max_tokens`.
+    content: Vec<ContentBlock>,
+    /// `end_turn`, `max_tokens` or `tool_use`.
     stop_reason: Option<String>,
     stop_sequence: Option<String>,
     usage: MessageUsage,
 }
 
 #[derive(Serialize, ToSchema)]
-struct TextBlock {
-    /// `text`.
+struct ContentBlock {
+    /// `text` or `tool_use`.
     #[serde(rename = "type")]
     kind: String,
-    text: String,
+    /// A text block's text.
+    text: Option<String>,
+    /// A `tool_use` block's id, tool name and input.
+    id: Option<String>,
+    name: Option<String>,
+    input: Option<Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -224,8 +367,8 @@ struct TokenCount {
     input_tokens: u64,
 }
 
-/// A message in Anthropic's shape (a text reply; `x-api-key` or `Authorization: Bearer`
-/// authenticate). `stream: true` answers with Anthropic's typed server-sent events.
+/// A message in Anthropic's shape (text, or `tool_use` blocks with `tools`; `x-api-key` or
+/// `Authorization: Bearer` authenticate). `stream: true` answers with Anthropic's typed server-sent events.
 #[endpoint(
     tags("anthropic"),
     status_codes(200, 400, 401, 403, 404, 413, 429, 500, 503),
@@ -237,7 +380,7 @@ pub async fn create_message(req: &mut Request, depot: &mut Depot, res: &mut Resp
     let body = read_body(req, &state).await?;
     let r: MessagesRequest = parse_body(&body)?;
     let stream = r.stream.unwrap_or(false);
-    let mut chat = chat_body(&r.model, r.system.as_ref(), &r.messages)?;
+    let mut chat = chat_body(&r.model, r.system.as_ref(), &r.messages, r.tools.as_deref(), r.tool_choice.as_ref())?;
     chat.insert("max_tokens".into(), json!(r.max_tokens));
     let optional = [
         ("stop", r.stop_sequences.map(|s| json!(s))),
@@ -250,20 +393,19 @@ pub async fn create_message(req: &mut Request, depot: &mut Depot, res: &mut Resp
     let chat = serde_json::to_vec(&chat).map_err(|e| ApiError::engine_failure(e.to_string()))?;
     let (request, sampling) = parse_request::<ChatCompletionRequest>(&chat)?;
     let generation = pipeline::start_chat(&state, &caller(req), request, sampling).await?;
-    let message = Message::new(&generation.model);
+    let mut message = Message::new(&generation.model, generation.tools.clone());
     let mut output = generation.output;
     if !stream {
-        let mut text = String::new();
         loop {
             let Some((events, done)) = output.next_before(&state.shutdown).await? else {
                 return Err(ApiError::engine_failure("the engine ended the request without finishing".into()).into());
             };
             for event in events {
                 match event {
-                    StreamEvent::Token { text: piece, .. } => text.push_str(&piece),
-                    StreamEvent::Finished { text: piece, reason, prompt_tokens, completion_tokens } => {
-                        text.push_str(&piece);
-                        res.render(Json(message.whole(&text, reason, prompt_tokens, completion_tokens)));
+                    StreamEvent::Token { text, .. } => message.text.push_str(&text),
+                    StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                        message.text.push_str(&text);
+                        res.render(Json(message.whole(reason, prompt_tokens, completion_tokens)));
                         return Ok(());
                     }
                     StreamEvent::Error(e) => return Err(ApiError::engine_failure(e).into()),
@@ -275,11 +417,14 @@ pub async fn create_message(req: &mut Request, depot: &mut Depot, res: &mut Resp
         }
     }
     let shutdown = state.shutdown.clone();
-    let events = futures_util::stream::unfold(Some((output, message, true)), move |step| {
+    let calls = message.tools.clone().map(CallStream::new);
+    let streamer = Streamer { output, message, started: false, calls, open: None, blocks: 0, open_text: false };
+    let events = futures_util::stream::unfold(Some(streamer), move |streamer| {
         let shutdown = shutdown.clone();
         async move {
-            let (output, message, first) = step?;
-            Some(next_events(output, message, first, &shutdown).await)
+            let mut streamer = streamer?;
+            let (frames, over) = streamer.next(&shutdown).await;
+            Some((frames, (!over).then_some(streamer)))
         }
     });
     let events = events.flat_map(|frames: Vec<(&'static str, Value)>| {
@@ -291,55 +436,132 @@ pub async fn create_message(req: &mut Request, depot: &mut Depot, res: &mut Resp
     Ok(())
 }
 
-type Step = (Vec<(&'static str, Value)>, Option<(Output, Message, bool)>);
+/// The typed events of a streamed message. Without tools, one text block from the start;
+/// with tools, the reply is read as it grows ([`CallStream`]): an answer's text as a text
+/// block, each call as a `tool_use` block whose input streams as `input_json_delta`s.
+struct Streamer {
+    output: Output,
+    message: Message,
+    started: bool,
+    calls: Option<CallStream>,
+    /// The index of the open block (the next one's, less one), if one is open.
+    open: Option<usize>,
+    /// Blocks started.
+    blocks: usize,
+    /// Whether the open block is text.
+    open_text: bool,
+}
 
-/// The events for the output's next step; `None` state once the stream is over.
-async fn next_events(mut output: Output, message: Message, first: bool, shutdown: &Shutdown) -> Step {
-    let mut frames = Vec::new();
-    if first {
-        frames.push(("message_start", json!({"type": "message_start", "message": message.head(output.prompt_tokens())})));
-        frames.push((
-            "content_block_start",
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ));
-        frames.push(("ping", json!({"type": "ping"})));
-        return (frames, Some((output, message, false)));
+impl Streamer {
+    fn start_block(&mut self, frames: &mut Vec<(&'static str, Value)>, block: Value, text: bool) {
+        self.stop_block(frames);
+        let index = self.blocks;
+        (self.open, self.blocks, self.open_text) = (Some(index), index + 1, text);
+        frames.push(("content_block_start", json!({"type": "content_block_start", "index": index, "content_block": block})));
     }
-    let delta = |text: String| {
-        ("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}))
-    };
-    match output.next_before(shutdown).await {
-        Ok(Some((events, _))) => {
-            for event in events {
-                match event {
-                    StreamEvent::Token { text, .. } if !text.is_empty() => frames.push(delta(text)),
-                    StreamEvent::Token { .. } => {}
-                    StreamEvent::Finished { text, reason, completion_tokens, .. } => {
-                        if !text.is_empty() {
-                            frames.push(delta(text));
+
+    fn stop_block(&mut self, frames: &mut Vec<(&'static str, Value)>) {
+        if let Some(index) = self.open.take() {
+            frames.push(("content_block_stop", json!({"type": "content_block_stop", "index": index})));
+        }
+    }
+
+    fn delta(&mut self, frames: &mut Vec<(&'static str, Value)>, delta: Value) {
+        let index = self.open.expect("a block is open");
+        frames.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": delta})));
+    }
+
+    fn text(&mut self, frames: &mut Vec<(&'static str, Value)>, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if self.open.is_none() || !self.open_text {
+            self.start_block(frames, json!({"type": "text", "text": ""}), true);
+        }
+        self.delta(frames, json!({"type": "text_delta", "text": text}));
+    }
+
+    fn call(&mut self, frames: &mut Vec<(&'static str, Value)>, id: &str, name: &str) {
+        self.start_block(frames, json!({"type": "tool_use", "id": id, "name": name, "input": {}}), false);
+    }
+
+    fn input(&mut self, frames: &mut Vec<(&'static str, Value)>, json: &str) {
+        self.delta(frames, json!({"type": "input_json_delta", "partial_json": json}));
+    }
+
+    /// The events for more of the reply's text.
+    fn push(&mut self, frames: &mut Vec<(&'static str, Value)>, text: &str) {
+        let Some(calls) = &mut self.calls else { return self.text(frames, text) };
+        for piece in calls.push(text) {
+            match piece {
+                Piece::Text(text) => self.text(frames, &text),
+                Piece::Head { id, name, .. } => self.call(frames, &id, &name),
+                Piece::Arguments { text, .. } => self.input(frames, &text),
+            }
+        }
+    }
+
+    /// The events for the output's next step, and whether the stream is over.
+    async fn next(&mut self, shutdown: &Shutdown) -> (Vec<(&'static str, Value)>, bool) {
+        let mut frames = Vec::new();
+        if !self.started {
+            self.started = true;
+            frames.push(("message_start", json!({"type": "message_start", "message": self.message.head(self.output.prompt_tokens())})));
+            if self.calls.is_none() {
+                self.start_block(&mut frames, json!({"type": "text", "text": ""}), true);
+            }
+            frames.push(("ping", json!({"type": "ping"})));
+            return (frames, false);
+        }
+        let events = match self.output.next_before(shutdown).await {
+            Ok(Some((events, _))) => events,
+            Ok(None) => {
+                let e = ApiError::engine_failure("the engine ended the stream without finishing".into());
+                return (vec![("error", error_body(&e))], true);
+            }
+            Err(e) => return (vec![("error", error_body(&e))], true),
+        };
+        for event in events {
+            match event {
+                StreamEvent::Token { text, .. } => {
+                    self.message.text.push_str(&text);
+                    self.push(&mut frames, &text);
+                }
+                StreamEvent::Finished { text, reason, completion_tokens, .. } => {
+                    self.message.text.push_str(&text);
+                    self.push(&mut frames, &text);
+                    let (blocks, stop) = self.message.blocks(reason);
+                    // What the stream could not read as it grew goes out whole.
+                    if self.calls.as_ref().is_some_and(|c| !c.streamed()) {
+                        for block in blocks {
+                            match block["type"].as_str() {
+                                Some("tool_use") => {
+                                    self.call(&mut frames, block["id"].as_str().unwrap_or_default(), block["name"].as_str().unwrap_or_default());
+                                    self.input(&mut frames, &block["input"].to_string());
+                                }
+                                _ => self.text(&mut frames, block["text"].as_str().unwrap_or_default()),
+                            }
                         }
-                        frames.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
-                        frames.push((
-                            "message_delta",
-                            json!({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason), "stop_sequence": null},
-                                   "usage": {"output_tokens": completion_tokens}}),
-                        ));
-                        frames.push(("message_stop", json!({"type": "message_stop"})));
-                        return (frames, None);
                     }
-                    StreamEvent::Error(e) => {
-                        frames.push(("error", error_body(&ApiError::engine_failure(e))));
-                        return (frames, None);
+                    if self.blocks == 0 {
+                        self.start_block(&mut frames, json!({"type": "text", "text": ""}), true);
                     }
+                    self.stop_block(&mut frames);
+                    frames.push((
+                        "message_delta",
+                        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                               "usage": {"output_tokens": completion_tokens}}),
+                    ));
+                    frames.push(("message_stop", json!({"type": "message_stop"})));
+                    return (frames, true);
+                }
+                StreamEvent::Error(e) => {
+                    frames.push(("error", error_body(&ApiError::engine_failure(e))));
+                    return (frames, true);
                 }
             }
-            (frames, Some((output, message, false)))
         }
-        Ok(None) => {
-            let e = ApiError::engine_failure("the engine ended the stream without finishing".into());
-            (vec![("error", error_body(&e))], None)
-        }
-        Err(e) => (vec![("error", error_body(&e))], None),
+        (frames, false)
     }
 }
 
@@ -350,15 +572,19 @@ fn stop_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-/// The identity of one reply.
+/// One reply.
 struct Message {
     id: String,
     model: String,
+    /// With tools: the reply is read back into `tool_use` blocks or text.
+    tools: Option<CallIds>,
+    /// The reply's text so far.
+    text: String,
 }
 
 impl Message {
-    fn new(model: &str) -> Message {
-        Message { id: format!("msg_{}", uuid::Uuid::new_v4().simple()), model: model.to_string() }
+    fn new(model: &str, tools: Option<CallIds>) -> Message {
+        Message { id: format!("msg_{}", uuid::Uuid::new_v4().simple()), model: model.to_string(), tools, text: String::new() }
     }
 
     fn head(&self, input_tokens: usize) -> Value {
@@ -368,11 +594,29 @@ impl Message {
         })
     }
 
-    fn whole(&self, text: &str, reason: FinishReason, input_tokens: usize, output_tokens: usize) -> Value {
+    /// The reply's content blocks and stop reason: with tools, its calls as `tool_use`
+    /// blocks (an input cut short is `{}`) and `tool_use`, or its answer's text.
+    fn blocks(&self, reason: FinishReason) -> (Vec<Value>, &'static str) {
+        let Some(ids) = &self.tools else { return (vec![json!({"type": "text", "text": self.text})], stop_reason(reason)) };
+        let answer = tools::answer(&self.text, reason == FinishReason::Stop, ids);
+        let mut blocks: Vec<Value> = answer.content.iter().filter(|t| !t.is_empty()).map(|t| json!({"type": "text", "text": t})).collect();
+        blocks.extend(answer.calls.iter().map(|c| {
+            let input = serde_json::from_str::<Value>(&c.arguments).ok().filter(Value::is_object).unwrap_or_else(|| json!({}));
+            json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input})
+        }));
+        if blocks.is_empty() {
+            blocks.push(json!({"type": "text", "text": ""}));
+        }
+        let stop = if answer.finish_reason("stop") == "tool_calls" { "tool_use" } else { stop_reason(reason) };
+        (blocks, stop)
+    }
+
+    fn whole(&self, reason: FinishReason, input_tokens: usize, output_tokens: usize) -> Value {
+        let (content, stop) = self.blocks(reason);
         json!({
             "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": stop_reason(reason), "stop_sequence": null,
+            "content": content,
+            "stop_reason": stop, "stop_sequence": null,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
         })
     }
@@ -390,7 +634,7 @@ pub async fn count_message_tokens(req: &mut Request, depot: &mut Depot) -> Resul
     let state = state(depot);
     let body = read_body(req, &state).await?;
     let r: CountTokensRequest = parse_body(&body)?;
-    let chat = chat_body(&r.model, r.system.as_ref(), &r.messages)?;
+    let chat = chat_body(&r.model, r.system.as_ref(), &r.messages, r.tools.as_deref(), r.tool_choice.as_ref())?;
     let chat = serde_json::to_vec(&chat).map_err(|e| ApiError::engine_failure(e.to_string()))?;
     let (request, sampling) = parse_request::<ChatCompletionRequest>(&chat)?;
     let input_tokens = pipeline::count_chat_tokens(&state, &caller(req), request, sampling).await?;
@@ -430,11 +674,46 @@ mod tests {
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}, {"role": "assistant", "content": "Hello"}],
         }))
         .unwrap();
-        let chat = chat_body(&r.model, r.system.as_ref(), &r.messages).unwrap();
+        let chat = chat_body(&r.model, r.system.as_ref(), &r.messages, None, None).unwrap();
         assert_eq!(
             chat["messages"],
             json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"}, {"role": "assistant", "content": "Hello"}])
         );
+        let tools: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 8,
+            "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Looking."}, {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "18 C"}]},
+                                             {"type": "tool_result", "tool_use_id": "t2", "content": "down", "is_error": true},
+                                             {"type": "text", "text": "Thanks"}]},
+            ],
+        }))
+        .unwrap();
+        let chat = chat_body(&tools.model, None, &tools.messages, tools.tools.as_deref(), tools.tool_choice.as_ref()).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Looking.", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "18 C"},
+                {"role": "tool", "tool_call_id": "t2", "content": "Error: down"},
+                {"role": "user", "content": "Thanks"},
+            ])
+        );
+        assert_eq!(chat["tool_choice"], json!({"type": "function", "function": {"name": "get_weather"}}));
+        assert_eq!((chat["parallel_tool_calls"].clone(), chat["tools"][0]["function"]["parameters"].clone()), (json!(false), json!({"type": "object"})));
+        // A block in the wrong role, and a server tool, are refused by name.
+        let wrong = |body: Value| {
+            let r: MessagesRequest = serde_json::from_value(body).unwrap();
+            chat_body(&r.model, None, &r.messages, r.tools.as_deref(), r.tool_choice.as_ref()).unwrap_err().param
+        };
+        let use_by_user = json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "n", "input": {}}]}]});
+        assert_eq!(wrong(use_by_user).as_deref(), Some("messages.0.content.0"));
+        let server = json!({"model": "m", "max_tokens": 8, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search", "input_schema": {}}]});
+        assert_eq!(wrong(server).as_deref(), Some("tools.0.type"));
         let image = serde_json::from_value::<MessagesRequest>(json!({"model": "m", "max_tokens": 8,
             "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}));
         assert!(image.is_err());

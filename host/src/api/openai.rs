@@ -139,7 +139,7 @@ impl StreamFramer {
         StreamFramer { meta, offset: 0, held: String::new(), calls, done: false }
     }
 
-    /// OpenAI's `tool_calls` deltas for the pieces a reply's new text completed.
+    /// OpenAI's `tool_calls` and `content` deltas for the pieces a reply's new text completed.
     fn call_deltas(&mut self, text: &str) -> Vec<String> {
         let Some(calls) = &mut self.calls else { return Vec::new() };
         let pieces = calls.push(text);
@@ -151,6 +151,7 @@ impl StreamFramer {
                         json!({"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}})
                     }
                     Piece::Arguments { index, text } => json!({"index": index, "function": {"arguments": text}}),
+                    Piece::Text(text) => return self.choice(json!({"content": text}), None, None),
                 };
                 self.choice(json!({"tool_calls": [delta]}), None, None)
             })
@@ -188,10 +189,11 @@ impl StreamFramer {
                 self.held.push_str(&text);
                 let mut out = self.call_deltas(&text);
                 let streamed = self.calls.as_ref().map_or(0, CallStream::heads);
+                let any = self.calls.as_ref().is_some_and(CallStream::streamed);
                 let (message, finish) = tool_message(&self.held, reason, &ids);
-                // Calls went out as they grew; any the stream could not read as they grew (a
-                // plugin changed the text's layout, say) go out whole now. An answer, or a
-                // reply cut short before any call began, goes out whole.
+                // Calls and an answer's text went out as they grew; calls the stream could
+                // not read as they grew (a plugin changed the text's layout, say) go out
+                // whole now, and so does text when nothing streamed.
                 let calls = message["tool_calls"].as_array().cloned().unwrap_or_default();
                 for (index, call) in calls.iter().enumerate().skip(streamed) {
                     let mut head = call.clone();
@@ -201,7 +203,7 @@ impl StreamFramer {
                     let arguments = json!({"index": index, "function": {"arguments": call["function"]["arguments"]}});
                     out.push(self.choice(json!({"tool_calls": [arguments]}), None, None));
                 }
-                if streamed == 0 && message["content"].is_string() {
+                if !any && message["content"].as_str().is_some_and(|c| !c.is_empty()) {
                     out.push(self.choice(json!({"content": message["content"]}), None, None));
                 }
                 out.extend(self.end(finish, prompt_tokens, completion_tokens));

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::{caller, read_body, state};
 use crate::engine::{FinishReason, StreamEvent};
 use crate::error::ApiError;
-use crate::pipeline::tools::{self, CallIds};
+use crate::pipeline::tools::{self, CallIds, CallStream, Piece};
 use crate::pipeline::{self, Output};
 use crate::request::{ChatCompletionRequest, parse_body, parse_request};
 use crate::shutdown::Shutdown;
@@ -71,6 +71,36 @@ pub struct CreateResponse {
     pub metadata: Option<Value>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Extra output data: agent SDKs send it on every request (often `[]`). Every value
+    /// OpenAI documents is taken; none adds anything to wisp's output items (it serves no
+    /// reasoning items, images or built-in tools) but `message.output_text.logprobs`, which
+    /// is refused as not served.
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+}
+
+/// `include` values OpenAI documents that add nothing wisp produces.
+const INCLUDES: [&str; 7] = [
+    "reasoning.encrypted_content",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+];
+
+/// Checks `include` (see [`CreateResponse::include`]).
+fn check_include(include: &[String]) -> Result<(), ApiError> {
+    for (i, value) in include.iter().enumerate() {
+        if value == "message.output_text.logprobs" {
+            return Err(ApiError::invalid(format!("include[{i}]"), "`message.output_text.logprobs` is not served by the Responses API here; chat completions' `logprobs` is"));
+        }
+        if !INCLUDES.contains(&value.as_str()) {
+            return Err(ApiError::invalid(format!("include[{i}]"), format!("unknown `include` value `{value}`; known: {}", INCLUDES.join(", "))));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -99,6 +129,11 @@ fn not_found_as(param: &'static str) -> impl Fn(StoreError) -> ApiError {
 
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The id of the `function_call` item of a call (the same while it streams and once done).
+fn call_item_id(call_id: &str) -> String {
+    format!("fc_{}", call_id.strip_prefix("call_").unwrap_or(call_id))
 }
 
 /// Text of a message's content: a string, or parts with `text` (`input_text`, `output_text`).
@@ -353,7 +388,7 @@ impl Reply {
         };
         let answer = match &self.tools {
             Some(ids) => tools::answer(&self.text, reason == FinishReason::Stop, ids),
-            None => tools::Answer { content: Some(self.text.clone()), calls: Vec::new() },
+            None => tools::Answer::text(self.text.clone()),
         };
         if answer.calls.is_empty() {
             let text = answer.content.unwrap_or_default();
@@ -363,7 +398,7 @@ impl Reply {
         let items = answer
             .calls
             .iter()
-            .map(|c| json!({"type": "function_call", "id": new_id("fc"), "call_id": c.id, "name": c.name, "arguments": c.arguments, "status": "completed"}))
+            .map(|c| json!({"type": "function_call", "id": call_item_id(&c.id), "call_id": c.id, "name": c.name, "arguments": c.arguments, "status": "completed"}))
             .collect();
         let chat = vec![
             json!({"role": "assistant", "content": null, "tool_calls": answer.calls.iter().map(tools::ToolCall::to_openai).collect::<Vec<_>>()}),
@@ -410,6 +445,7 @@ pub async fn create_response(req: &mut Request, depot: &mut Depot, res: &mut Res
     let state = state(depot);
     let body = read_body(req, &state).await?;
     let r: CreateResponse = parse_body(&body)?;
+    check_include(r.include.as_deref().unwrap_or_default())?;
     let (input_items, input_chat) = read_input(&r.input)?;
     let (mut messages, owner) = match &r.previous_response_id {
         Some(previous) => match state.store.response_chain(previous).await {
@@ -464,7 +500,9 @@ pub async fn create_response(req: &mut Request, depot: &mut Depot, res: &mut Res
         }
     }
     let shutdown = state.shutdown.clone();
-    let events = futures_util::stream::unfold(Some(Streamer { output, reply, sequence: 0, started: false }), move |streamer| {
+    let calls = reply.tools.clone().map(CallStream::new);
+    let streamer = Streamer { output, reply, sequence: 0, started: false, calls, call_items: Vec::new(), text_open: false };
+    let events = futures_util::stream::unfold(Some(streamer), move |streamer| {
         let shutdown = shutdown.clone();
         async move {
             let mut streamer = streamer?;
@@ -488,12 +526,20 @@ fn array(value: Value) -> Vec<Value> {
     }
 }
 
-/// The typed events of a streamed response.
+/// The typed events of a streamed response. Text goes out as it generates; with tools, the
+/// reply is read as it grows ([`CallStream`]): an answer's text as text deltas, each call
+/// as its item (name first) and then its arguments piece by piece, as OpenAI streams them.
 struct Streamer {
     output: Output,
     reply: Reply,
     sequence: u64,
     started: bool,
+    /// With tools: the reply's reader.
+    calls: Option<CallStream>,
+    /// The item ids of the calls that went out.
+    call_items: Vec<String>,
+    /// Whether the message item and its text part went out.
+    text_open: bool,
 }
 
 impl Streamer {
@@ -504,26 +550,92 @@ impl Streamer {
         frames.push((name, data));
     }
 
+    /// The message item and its text part, before the first text.
+    fn open_message(&mut self, frames: &mut Vec<(&'static str, Value)>) {
+        self.text_open = true;
+        let id = self.reply.message_id.clone();
+        let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []});
+        self.event(frames, "response.output_item.added", json!({"output_index": 0, "item": item}));
+        let part = json!({"type": "output_text", "text": "", "annotations": []});
+        self.event(frames, "response.content_part.added", json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}));
+    }
+
+    fn text_delta(&mut self, frames: &mut Vec<(&'static str, Value)>, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if !self.text_open {
+            self.open_message(frames);
+        }
+        let id = self.reply.message_id.clone();
+        self.event(frames, "response.output_text.delta", json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text}));
+    }
+
+    /// A call's item, before its arguments.
+    fn open_call(&mut self, frames: &mut Vec<(&'static str, Value)>, index: usize, call_id: &str, name: &str) {
+        let id = call_item_id(call_id);
+        self.call_items.push(id.clone());
+        let item = json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": "", "status": "in_progress"});
+        self.event(frames, "response.output_item.added", json!({"output_index": index, "item": item}));
+    }
+
+    fn arguments_delta(&mut self, frames: &mut Vec<(&'static str, Value)>, index: usize, text: &str) {
+        let id = self.call_items[index].clone();
+        self.event(frames, "response.function_call_arguments.delta", json!({"item_id": id, "output_index": index, "delta": text}));
+    }
+
+    /// The events for more of the reply's text.
+    fn text(&mut self, frames: &mut Vec<(&'static str, Value)>, text: &str) {
+        self.reply.text.push_str(text);
+        let Some(calls) = &mut self.calls else { return self.text_delta(frames, text) };
+        for piece in calls.push(text) {
+            match piece {
+                Piece::Text(text) => self.text_delta(frames, &text),
+                Piece::Head { index, id, name } => self.open_call(frames, index, &id, &name),
+                Piece::Arguments { index, text } => self.arguments_delta(frames, index, &text),
+            }
+        }
+    }
+
+    /// The closing events of the output items: any not yet opened go out whole first.
+    fn close(&mut self, frames: &mut Vec<(&'static str, Value)>, items: &[Value]) {
+        for (index, item) in items.iter().enumerate() {
+            let id = item["id"].clone();
+            if item["type"] == "function_call" {
+                let arguments = item["arguments"].as_str().unwrap_or_default();
+                if index >= self.call_items.len() {
+                    self.open_call(frames, index, item["call_id"].as_str().unwrap_or_default(), item["name"].as_str().unwrap_or_default());
+                    self.arguments_delta(frames, index, arguments);
+                }
+                self.event(
+                    frames,
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": index, "arguments": arguments}),
+                );
+            } else {
+                let text = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
+                if !self.text_open {
+                    self.open_message(frames);
+                    self.text_delta(frames, &text);
+                }
+                self.event(frames, "response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}));
+                let part = json!({"type": "output_text", "text": text, "annotations": []});
+                self.event(frames, "response.content_part.done", json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}));
+            }
+            self.event(frames, "response.output_item.done", json!({"output_index": index, "item": item}));
+        }
+    }
+
     /// The events for the next step, and whether the stream is over.
     async fn next(&mut self, shutdown: &Shutdown) -> (Vec<(&'static str, Value)>, bool) {
         let mut frames = Vec::new();
-        let text_part = self.reply.tools.is_none();
         if !self.started {
             self.started = true;
             let object = self.reply.echo.object(&self.reply.id, self.reply.created_at, "in_progress", &[], None, None);
             self.event(&mut frames, "response.created", json!({"response": object}));
             self.event(&mut frames, "response.in_progress", json!({"response": object}));
-            if text_part {
-                let item = self.reply.message_item("", "in_progress");
-                let item = json!({"type": "message", "id": item["id"], "status": "in_progress", "role": "assistant", "content": []});
-                self.event(&mut frames, "response.output_item.added", json!({"output_index": 0, "item": item}));
-                let part = json!({"type": "output_text", "text": "", "annotations": []});
-                let id = self.reply.message_id.clone();
-                self.event(
-                    &mut frames,
-                    "response.content_part.added",
-                    json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
-                );
+            if self.calls.is_none() {
+                self.open_message(&mut frames);
             }
             return (frames, false);
         }
@@ -534,27 +646,9 @@ impl Streamer {
         };
         for event in events {
             match event {
-                StreamEvent::Token { text, .. } => {
-                    self.reply.text.push_str(&text);
-                    if text_part && !text.is_empty() {
-                        let id = self.reply.message_id.clone();
-                        self.event(
-                            &mut frames,
-                            "response.output_text.delta",
-                            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text}),
-                        );
-                    }
-                }
+                StreamEvent::Token { text, .. } => self.text(&mut frames, &text),
                 StreamEvent::Finished { text, reason, prompt_tokens, completion_tokens } => {
-                    self.reply.text.push_str(&text);
-                    let id = self.reply.message_id.clone();
-                    if text_part && !text.is_empty() {
-                        self.event(
-                            &mut frames,
-                            "response.output_text.delta",
-                            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text}),
-                        );
-                    }
+                    self.text(&mut frames, &text);
                     let (body, items) = match self.reply.finish(reason, prompt_tokens, completion_tokens).await {
                         Ok(done) => done,
                         Err(e) => {
@@ -562,26 +656,7 @@ impl Streamer {
                             return (frames, true);
                         }
                     };
-                    if text_part {
-                        let full = self.reply.text.clone();
-                        self.event(
-                            &mut frames,
-                            "response.output_text.done",
-                            json!({"item_id": id, "output_index": 0, "content_index": 0, "text": full}),
-                        );
-                        let part = json!({"type": "output_text", "text": full, "annotations": []});
-                        self.event(
-                            &mut frames,
-                            "response.content_part.done",
-                            json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
-                        );
-                        self.event(&mut frames, "response.output_item.done", json!({"output_index": 0, "item": items[0]}));
-                    } else {
-                        for (index, item) in items.iter().enumerate() {
-                            self.event(&mut frames, "response.output_item.added", json!({"output_index": index, "item": item}));
-                            self.event(&mut frames, "response.output_item.done", json!({"output_index": index, "item": item}));
-                        }
-                    }
+                    self.close(&mut frames, &items);
                     // Also when cut at max_output_tokens (the body's status says `incomplete`):
                     // the SDKs' stream helpers finish on this event only.
                     self.event(&mut frames, "response.completed", json!({"response": body}));

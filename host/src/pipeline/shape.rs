@@ -30,12 +30,19 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Checks that the two go together: a reply is either tool calls (or text) or JSON.
-    pub fn new(tools: Option<Tools>, format: Option<Format>) -> Result<Shape, ApiError> {
-        if tools.as_ref().is_some_and(Tools::callable) && format.is_some() {
-            return Err(ApiError::invalid("response_format", "`response_format` and `tools` cannot be used together"));
+    /// The two together: with callable tools, a format shapes the answer the model may give
+    /// instead of calls (`tool_choice: auto`), as OpenAI's do; one grammar admits either.
+    pub fn new(tools: Option<Tools>, format: Option<Format>) -> Shape {
+        Shape { tools, format }
+    }
+
+    /// The JSON schema of an answer, when a format asks for one.
+    fn answer_schema(&self) -> Option<Value> {
+        match &self.format {
+            None => None,
+            Some(Format::JsonObject) => Some(serde_json::json!({"type": "object"})),
+            Some(Format::JsonSchema { schema, .. }) => Some(schema.clone()),
         }
-        Ok(Shape { tools, format })
     }
 
     /// The reply is the tool grammar's JSON, to be read back into `tool_calls`.
@@ -46,7 +53,7 @@ impl Shape {
     /// The conversation as the model sees it: with the tool prompt when tools are callable.
     pub fn prompt_messages(&self, messages: Vec<TemplateMessage>) -> Vec<TemplateMessage> {
         match &self.tools {
-            Some(tools) if tools.callable() => tools.with_prompt(messages),
+            Some(tools) if tools.callable() => tools.with_prompt(messages, self.answer_schema().as_ref()),
             _ => messages,
         }
     }
@@ -54,7 +61,7 @@ impl Shape {
     /// The grammar of the reply.
     pub fn constraint(&self) -> Option<Constraint> {
         match (&self.tools, &self.format) {
-            (Some(tools), _) if tools.callable() => Some(tools.constraint()),
+            (Some(tools), _) if tools.callable() => Some(tools.constraint(self.answer_schema().as_ref())),
             (_, Some(Format::JsonObject)) => Some(Constraint::JsonObject),
             (_, Some(Format::JsonSchema { schema, .. })) => Some(Constraint::JsonSchema(schema.clone())),
             _ => None,
@@ -154,7 +161,7 @@ impl Shape {
         };
         let checked = || {
             let tools = request::tools(Some(tools), Some(choice), Some(request.parallel_tool_calls))?;
-            Shape::new(tools, request::format(Some(format))?)
+            Ok(Shape::new(tools, request::format(Some(format))?))
         };
         checked().map_err(|e: ApiError| match e.param {
             Some(param) => format!("{param}: {}", e.message),
@@ -206,9 +213,6 @@ mod tests {
         let mut r = policy_request(&shape());
         r.tools.push(r.tools[0].clone());
         assert!(Shape::from_policy(&r).unwrap_err().contains("listed twice"));
-        let mut r = policy_request(&shape());
-        r.response_format = policy::ResponseFormat::JsonObject;
-        assert!(Shape::from_policy(&r).unwrap_err().contains("cannot be used together"));
         let mut r = policy_request(&shape());
         r.tools.clear();
         assert!(Shape::from_policy(&r).unwrap_err().contains("needs `tools`"), "required with no tools left is refused");

@@ -89,30 +89,56 @@ impl Default for CallIds {
 /// A finished reply with tools as the client gets it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    /// The text (an answer, or a reply cut short as it came); `None` for calls.
+    /// The text (an answer, or a reply in no layout the grammar makes, as it came); `None`
+    /// for calls.
     pub content: Option<String>,
     pub calls: Vec<ToolCall>,
+    /// Whether the reply ended on its own.
+    complete: bool,
 }
 
 impl Answer {
-    /// `tool_calls` for calls, else the generation's `reason`.
+    /// A reply without tools: its text.
+    pub fn text(text: String) -> Answer {
+        Answer { content: Some(text), calls: Vec::new(), complete: true }
+    }
+
+    /// `tool_calls` for complete calls, else the generation's `reason` (a call cut by
+    /// `max_tokens` ends with `length`, its arguments as far as they came, as OpenAI's do).
     pub fn finish_reason<'a>(&self, reason: &'a str) -> &'a str {
-        match self.calls.is_empty() {
+        match self.calls.is_empty() || !self.complete {
             true => reason,
             false => "tool_calls",
         }
     }
 }
 
-/// Reads a finished reply: calls become `tool_calls`, an answer its text; a reply that did
-/// not end on its own (`complete` false: cut by `max_tokens`, a plugin or a hang-up) stays
-/// as it came.
+/// Reads a finished reply: calls become `tool_calls`, an answer its text. A reply that did
+/// not end on its own (`complete` false: cut by `max_tokens`, a plugin or a hang-up) is
+/// read as [`CallStream`] read it while it grew: the answer's text so far, or the calls
+/// begun with their arguments so far; never the grammar's JSON wrapper as text. Text in no
+/// layout of the grammar's (a plugin rewrote it) stays as it came.
 pub fn answer(text: &str, complete: bool, ids: &CallIds) -> Answer {
     match read_reply(text, ids).filter(|_| complete) {
-        Some(Reply::Calls(calls)) => Answer { content: None, calls },
-        Some(Reply::Text(answer)) => Answer { content: Some(answer), calls: Vec::new() },
-        None => Answer { content: Some(text.to_string()), calls: Vec::new() },
+        Some(Reply::Calls(calls)) => return Answer { content: None, calls, complete },
+        Some(Reply::Text(answer)) => return Answer { content: Some(answer), calls: Vec::new(), complete },
+        None => {}
     }
+    let mut stream = CallStream::new(ids.clone());
+    let pieces = stream.push(text);
+    if stream.strayed {
+        return Answer { content: Some(text.to_string()), calls: Vec::new(), complete };
+    }
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut content = String::new();
+    for piece in pieces {
+        match piece {
+            Piece::Head { id, name, .. } => calls.push(ToolCall { id, name, arguments: String::new() }),
+            Piece::Arguments { index, text } => calls[index].arguments.push_str(&text),
+            Piece::Text(text) => content.push_str(&text),
+        }
+    }
+    Answer { content: calls.is_empty().then_some(content), calls, complete }
 }
 
 impl Tools {
@@ -130,8 +156,9 @@ impl Tools {
         })
     }
 
-    /// The system prompt that describes the tools and the reply's shape.
-    pub fn prompt(&self) -> String {
+    /// The system prompt that describes the tools and the reply's shape; `answer` is the
+    /// JSON schema of an answer (a `response_format` beside the tools), else it is text.
+    pub fn prompt(&self, answer: Option<&Value>) -> String {
         let listing: Vec<Value> =
             self.admitted().map(|f| json!({"name": f.name, "description": f.description, "parameters": f.parameters})).collect();
         let listing = serde_json::to_string_pretty(&listing).unwrap_or_default();
@@ -140,14 +167,18 @@ impl Tools {
             "You can call these tools:\n{listing}\n\nTo call {calls}, reply with JSON only: \
              {{\"tool_calls\": [{{\"name\": \"<tool name>\", \"arguments\": {{<arguments>}}}}]}}"
         );
-        if self.choice == Choice::Auto {
-            prompt.push_str("\nTo answer without a tool, reply with JSON only: {\"response\": \"<your answer>\"}");
+        match (&self.choice, answer) {
+            (Choice::Auto, None) => prompt.push_str("\nTo answer without a tool, reply with JSON only: {\"response\": \"<your answer>\"}"),
+            (Choice::Auto, Some(schema)) => prompt.push_str(&format!(
+                "\nTo answer without a tool, reply with JSON only: {{\"response\": <your answer as JSON of this schema: {schema}>}}"
+            )),
+            _ => {}
         }
         prompt
     }
 
-    /// The grammar every reply must follow.
-    pub fn constraint(&self) -> Constraint {
+    /// The grammar every reply must follow (`answer` as for [`Tools::prompt`]).
+    pub fn constraint(&self, answer: Option<&Value>) -> Constraint {
         let call: Vec<Value> = self
             .admitted()
             .map(|f| {
@@ -172,7 +203,7 @@ impl Tools {
         Constraint::JsonSchema(match self.choice {
             Choice::Auto => json!({"anyOf": [calls, {
                 "type": "object",
-                "properties": {"response": {"type": "string"}},
+                "properties": {"response": answer.cloned().unwrap_or(json!({"type": "string"}))},
                 "required": ["response"],
                 "additionalProperties": false,
             }]}),
@@ -182,13 +213,13 @@ impl Tools {
 
     /// The conversation with the tool prompt in its system message (added first, or
     /// appended to the one there).
-    pub fn with_prompt(&self, mut messages: Vec<TemplateMessage>) -> Vec<TemplateMessage> {
+    pub fn with_prompt(&self, mut messages: Vec<TemplateMessage>, answer: Option<&Value>) -> Vec<TemplateMessage> {
         match messages.first_mut() {
             Some(first) if first.role == "system" => {
                 first.content.push_str("\n\n");
-                first.content.push_str(&self.prompt());
+                first.content.push_str(&self.prompt(answer));
             }
-            _ => messages.insert(0, TemplateMessage { role: "system".into(), content: self.prompt() }),
+            _ => messages.insert(0, TemplateMessage { role: "system".into(), content: self.prompt(answer) }),
         }
         messages
     }
@@ -244,8 +275,15 @@ fn result_as_text(call_id: &str, content: &str) -> String {
 /// `max_tokens`, say).
 pub fn read_reply(text: &str, ids: &CallIds) -> Option<Reply> {
     let value: Value = serde_json::from_str(text).ok()?;
-    if let Some(response) = value.get("response").and_then(Value::as_str) {
-        return Some(Reply::Text(response.to_string()));
+    match value.get("response") {
+        Some(Value::String(response)) => return Some(Reply::Text(response.clone())),
+        // An answer in JSON: its text as the model wrote it (as it streamed).
+        Some(_) => {
+            let mut stream = CallStream::new(ids.clone());
+            let pieces = stream.push(text);
+            return (!stream.strayed).then(|| Reply::Text(pieces.into_iter().filter_map(Piece::into_text).collect()));
+        }
+        None => {}
     }
     let calls = value.get("tool_calls")?.as_array()?;
     let calls = calls
@@ -265,13 +303,25 @@ pub enum Piece {
     Head { index: usize, id: String, name: String },
     /// More of a call's arguments (JSON text).
     Arguments { index: usize, text: String },
+    /// More of an answer's text (decoded from the JSON string it is written as, or JSON
+    /// when the answer has a `response_format`).
+    Text(String),
 }
 
-/// Reads a reply with tools as it grows, so calls stream as OpenAI streams them: each
-/// call's id and name once known, then its arguments piece by piece. It follows the
-/// layout the grammar emits (`{"tool_calls": [{"name": "…", "arguments": {…}}, …]}`);
-/// anything else (an answer, a reply cut short) yields no pieces, and the end is read
-/// whole by [`answer`], with the same ids.
+impl Piece {
+    fn into_text(self) -> Option<String> {
+        match self {
+            Piece::Text(text) => Some(text),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a reply with tools as it grows, so it streams as OpenAI streams one: each call's
+/// id and name once known, then its arguments piece by piece; an answer's text as it
+/// comes. It follows the layouts the grammar emits
+/// (`{"tool_calls": [{"name": "…", "arguments": {…}}, …]}`, `{"response": "…"}`); anything
+/// else yields no pieces, and the end is read whole by [`answer`], with the same ids.
 pub struct CallStream {
     ids: CallIds,
     text: String,
@@ -280,32 +330,41 @@ pub struct CallStream {
     state: Scan,
     /// Calls whose head went out.
     heads: usize,
+    /// Whether any piece went out.
+    any: bool,
+    /// The text left the grammar's layouts.
+    strayed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Scan {
     Start,
     Head,
-    /// Inside a call's arguments: nesting depth, within a string (after a backslash), and
-    /// within a bare scalar (`12`, `true`) at the top.
-    Arguments {
+    /// Inside a JSON value (a call's arguments, or an answer in JSON): nesting depth, within
+    /// a string (after a backslash), and within a bare scalar (`12`, `true`) at the top.
+    Value {
+        answer: bool,
         depth: usize,
         in_string: bool,
         escaped: bool,
         scalar: bool,
     },
     AfterCall,
-    /// Not (or no longer) calls in the grammar's layout, or the list ended.
+    /// Inside an answer's JSON string.
+    Text,
+    /// Not (or no longer) in the grammar's layout, or the list or answer ended.
     Done,
 }
 
 const CALLS_OPEN: &str = r#"{"tool_calls": ["#;
+const ANSWER_OPEN: &str = r#"{"response": ""#;
+const VALUE_OPEN: &str = r#"{"response": "#;
 const NAME_OPEN: &str = r#"{"name": ""#;
 const ARGUMENTS_OPEN: &str = r#"", "arguments": "#;
 
 impl CallStream {
     pub fn new(ids: CallIds) -> CallStream {
-        CallStream { ids, text: String::new(), pos: 0, state: Scan::Start, heads: 0 }
+        CallStream { ids, text: String::new(), pos: 0, state: Scan::Start, heads: 0, any: false, strayed: false }
     }
 
     /// Calls whose head went out.
@@ -313,23 +372,65 @@ impl CallStream {
         self.heads
     }
 
+    /// Whether any piece went out (else the end goes out whole).
+    pub fn streamed(&self) -> bool {
+        self.any
+    }
+
     /// More of the reply in; the pieces it completes out.
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        let pieces = self.scan(text);
+        self.any |= !pieces.is_empty();
+        pieces
+    }
+
+    fn stray(&mut self) {
+        (self.state, self.strayed) = (Scan::Done, true);
+    }
+
+    fn scan(&mut self, text: &str) -> Vec<Piece> {
         self.text.push_str(text);
         let mut pieces = Vec::new();
         loop {
             let rest = &self.text[self.pos..];
             match self.state {
                 Scan::Done => break,
-                Scan::Start => match expect(rest, CALLS_OPEN) {
-                    Some(n) => self.advance(n, Scan::Head),
-                    None if CALLS_OPEN.starts_with(rest.trim_start()) => break,
-                    None => self.state = Scan::Done,
+                Scan::Start => match (expect(rest, CALLS_OPEN), expect(rest, ANSWER_OPEN), expect(rest, VALUE_OPEN)) {
+                    (Some(n), _, _) => self.advance(n, Scan::Head),
+                    (_, Some(n), _) => self.advance(n, Scan::Text),
+                    // An answer in JSON (a `response_format` beside the tools): its text as it came.
+                    (_, _, Some(n)) if !rest[n..].trim_start().is_empty() => {
+                        let n = rest.len() - rest[n..].trim_start().len();
+                        self.advance(n, Scan::Value { answer: true, depth: 0, in_string: false, escaped: false, scalar: false })
+                    }
+                    _ if [CALLS_OPEN, ANSWER_OPEN].iter().any(|open| open.starts_with(rest.trim_start())) || expect(rest, VALUE_OPEN).is_some() => {
+                        break;
+                    }
+                    _ => self.stray(),
                 },
+                Scan::Text => {
+                    let (taken, closed) = string_prefix(rest);
+                    if taken > 0 {
+                        match serde_json::from_str::<String>(&format!("\"{}\"", &rest[..taken])) {
+                            Ok(text) => pieces.push(Piece::Text(text)),
+                            Err(_) => {
+                                self.stray();
+                                break;
+                            }
+                        }
+                    }
+                    match closed {
+                        true => self.advance(taken + 1, Scan::Done),
+                        false => {
+                            self.advance(taken, Scan::Text);
+                            break;
+                        }
+                    }
+                }
                 Scan::Head => {
                     let Some(start) = expect(rest, NAME_OPEN) else {
                         if !NAME_OPEN.starts_with(rest.trim_start()) {
-                            self.state = Scan::Done;
+                            self.stray();
                         }
                         break;
                     };
@@ -338,7 +439,7 @@ impl CallStream {
                     let after = &rest[start + len..];
                     if !after.starts_with(ARGUMENTS_OPEN) {
                         if !ARGUMENTS_OPEN.starts_with(after) {
-                            self.state = Scan::Done;
+                            self.stray();
                         }
                         break;
                     }
@@ -347,10 +448,10 @@ impl CallStream {
                     self.heads += 1;
                     self.advance(
                         start + len + ARGUMENTS_OPEN.len(),
-                        Scan::Arguments { depth: 0, in_string: false, escaped: false, scalar: false },
+                        Scan::Value { answer: false, depth: 0, in_string: false, escaped: false, scalar: false },
                     );
                 }
-                Scan::Arguments { mut depth, mut in_string, mut escaped, mut scalar } => {
+                Scan::Value { answer, mut depth, mut in_string, mut escaped, mut scalar } => {
                     let mut end = None;
                     for (i, c) in rest.char_indices() {
                         match (in_string, escaped, c) {
@@ -380,12 +481,13 @@ impl CallStream {
                     }
                     let taken = end.unwrap_or(rest.len());
                     if taken > 0 {
-                        pieces.push(Piece::Arguments { index: self.heads - 1, text: rest[..taken].to_string() });
+                        let text = rest[..taken].to_string();
+                        pieces.push(if answer { Piece::Text(text) } else { Piece::Arguments { index: self.heads - 1, text } });
                     }
                     match end {
-                        Some(n) => self.advance(n, Scan::AfterCall),
+                        Some(n) => self.advance(n, if answer { Scan::Done } else { Scan::AfterCall }),
                         None => {
-                            self.advance(taken, Scan::Arguments { depth, in_string, escaped, scalar });
+                            self.advance(taken, Scan::Value { answer, depth, in_string, escaped, scalar });
                             break;
                         }
                     }
@@ -397,7 +499,7 @@ impl CallStream {
                         self.advance(n, Scan::Head);
                     }
                     [b'}', b']', ..] => self.state = Scan::Done,
-                    _ => self.state = Scan::Done,
+                    _ => self.stray(),
                 },
             }
         }
@@ -408,6 +510,36 @@ impl CallStream {
         self.pos += n;
         self.state = state;
     }
+}
+
+/// How much of `rest`, the inside of a JSON string, can be decoded now: up to its closing
+/// quote (and whether it was found) or to the last whole escape (a `\uD83D` high surrogate
+/// waits for its low half).
+fn string_prefix(rest: &str) -> (usize, bool) {
+    let bytes = rest.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => return (i, true),
+            b'\\' => {
+                let width = match bytes.get(i + 1) {
+                    None => return (i, false),
+                    Some(b'u') => match rest.get(i + 2..i + 6).map(|hex| u16::from_str_radix(hex, 16)) {
+                        None => return (i, false),
+                        Some(Ok(0xd800..=0xdbff)) => 12,
+                        Some(_) => 6,
+                    },
+                    Some(_) => 2,
+                };
+                if i + width > bytes.len() {
+                    return (i, false);
+                }
+                i += width;
+            }
+            _ => i += 1,
+        }
+    }
+    (i, false)
 }
 
 /// The length of `rest` up to and including `prefix` (after leading whitespace), if it
@@ -436,19 +568,19 @@ mod tests {
 
     #[test]
     fn a_named_choice_admits_only_that_tool() {
-        let Constraint::JsonSchema(schema) = tools(Choice::Named("get_time".into()), true).constraint() else { panic!() };
+        let Constraint::JsonSchema(schema) = tools(Choice::Named("get_time".into()), true).constraint(None) else { panic!() };
         let items = &schema["properties"]["tool_calls"]["items"]["anyOf"];
         assert_eq!(items.as_array().unwrap().len(), 1);
         assert_eq!(items[0]["properties"]["name"]["const"], "get_time");
-        assert!(!tools(Choice::Named("get_time".into()), true).prompt().contains("get_weather"));
+        assert!(!tools(Choice::Named("get_time".into()), true).prompt(None).contains("get_weather"));
     }
 
     #[test]
     fn only_auto_admits_an_answer_and_parallel_false_admits_one_call() {
-        let Constraint::JsonSchema(auto) = tools(Choice::Auto, false).constraint() else { panic!() };
+        let Constraint::JsonSchema(auto) = tools(Choice::Auto, false).constraint(None) else { panic!() };
         assert_eq!(auto["anyOf"][1]["required"], json!(["response"]));
         assert_eq!(auto["anyOf"][0]["properties"]["tool_calls"]["maxItems"], 1);
-        let Constraint::JsonSchema(required) = tools(Choice::Required, true).constraint() else { panic!() };
+        let Constraint::JsonSchema(required) = tools(Choice::Required, true).constraint(None) else { panic!() };
         assert!(required.get("anyOf").is_none() && required["properties"]["tool_calls"].get("maxItems").is_none());
     }
 
@@ -464,20 +596,36 @@ mod tests {
         assert_ne!(read_reply(text, &CallIds::new()).unwrap(), read_reply(text, &ids).unwrap(), "another reply's ids differ");
         assert_eq!(read_reply(r#"{"response": "Hi."}"#, &ids), Some(Reply::Text("Hi.".into())));
         assert_eq!(read_reply(r#"{"tool_calls": [{"name": "get_wea"#, &ids), None);
-        let cut = answer(r#"{"tool_calls": [{"name": "get_wea"#, false, &ids);
-        assert_eq!((cut.content.as_deref(), cut.finish_reason("length")), (Some(r#"{"tool_calls": [{"name": "get_wea"#), "length"));
         assert_eq!(answer(text, true, &ids).finish_reason("stop"), "tool_calls");
         assert_eq!(answer(text, false, &ids).finish_reason("cancelled"), "cancelled", "a call not completed is not a call");
+    }
+
+    #[test]
+    fn a_reply_cut_short_keeps_what_came_and_never_the_wrapper() {
+        let ids = CallIds::new();
+        // Cut inside a call's name: nothing of it is known yet.
+        let cut = answer(r#"{"tool_calls": [{"name": "get_wea"#, false, &ids);
+        assert_eq!((cut.content.as_deref(), cut.calls.len(), cut.finish_reason("length")), (Some(""), 0, "length"));
+        // Cut inside the arguments: the call with its arguments so far, as OpenAI cuts one.
+        let cut = answer(r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par"#, false, &ids);
+        assert_eq!((cut.content.as_deref(), cut.calls.len(), cut.finish_reason("length")), (None, 1, "length"));
+        assert_eq!((cut.calls[0].name.as_str(), cut.calls[0].arguments.as_str()), ("get_weather", r#"{"city": "Par"#));
+        // Cut inside an answer: its text, decoded, up to the last whole escape.
+        let cut = answer(r#"{"response": "Caf\u00e9 \"ok\" \u00"#, false, &ids);
+        assert_eq!(cut.content.as_deref(), Some("Café \"ok\" "));
+        // Text in no layout of the grammar's stays as it came.
+        assert_eq!(answer("plain words", false, &ids).content.as_deref(), Some("plain words"));
+        assert_eq!(answer("plain words", true, &ids).content.as_deref(), Some("plain words"));
     }
 
     #[test]
     fn the_prompt_goes_into_the_system_message() {
         let t = tools(Choice::Auto, true);
         let user = TemplateMessage { role: "user".into(), content: "hi".into() };
-        let added = t.with_prompt(vec![user.clone()]);
+        let added = t.with_prompt(vec![user.clone()], None);
         assert_eq!((added.len(), added[0].role.as_str()), (2, "system"));
         let system = TemplateMessage { role: "system".into(), content: "Be brief.".into() };
-        let merged = t.with_prompt(vec![system, user]);
+        let merged = t.with_prompt(vec![system, user], None);
         assert_eq!(merged.len(), 2);
         assert!(merged[0].content.starts_with("Be brief.\n\nYou can call these tools:"));
     }
@@ -527,10 +675,31 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_streams_no_calls() {
+    fn an_answer_streams_as_text_and_no_calls() {
+        let text = r#"{"response": "Hi, \"there\"\\n\u00e9 \ud83d\ude00 — done."}"#;
+        let want = "Hi, \"there\"\\n\u{e9} \u{1f600} — done.";
+        assert_eq!(read_reply(text, &CallIds::new()), Some(Reply::Text(want.into())));
+        // Byte by byte where the text is whole characters: no piece splits an escape.
+        for width in [1, 2, 5] {
+            let mut stream = CallStream::new(CallIds::new());
+            let mut streamed = String::new();
+            let mut rest = text;
+            while !rest.is_empty() {
+                let mut cut = width.min(rest.len());
+                while !rest.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                for piece in stream.push(&rest[..cut]) {
+                    let Piece::Text(t) = piece else { panic!("{piece:?}") };
+                    streamed.push_str(&t);
+                }
+                rest = &rest[cut..];
+            }
+            assert_eq!((streamed.as_str(), stream.heads(), stream.streamed()), (want, 0, true), "pieces of {width}");
+        }
         let mut stream = CallStream::new(CallIds::new());
-        assert!(stream.push(r#"{"response": "Hi"#).is_empty());
-        assert!(stream.push(r#", there."}"#).is_empty());
-        assert_eq!(stream.heads(), 0);
+        assert!(stream.push(r#"{"resp"#).is_empty() && !stream.strayed, "a prefix of either layout waits");
+        assert!(stream.push(r#"onse": "#).is_empty());
+        assert_eq!(stream.push("Hi"), [Piece::Text("Hi".into())]);
     }
 }

@@ -3,7 +3,7 @@
 Usage: python anthropic_sdk.py API_KEY BASE_URL
 Run by host/tests/e2e.rs against a server with the api-key-auth plugin and the instruct
 model: the SDK's `x-api-key` is the credential the plugin checks; replies, streams, token
-counts and errors come back in Anthropic's shapes, as the SDK's own types.
+counts, a tool loop and errors come back in Anthropic's shapes, as the SDK's own types.
 """
 
 import sys
@@ -53,6 +53,33 @@ assert final.stop_reason in ("end_turn", "max_tokens") and final.usage.output_to
 events = [e.type for e in client.messages.create(model=MODEL, max_tokens=4, messages=ASK, stream=True)]
 assert events[:2] == ["message_start", "content_block_start"] and events[-3:] == ["content_block_stop", "message_delta", "message_stop"], events
 assert "content_block_delta" in events, events
+
+# A tool loop: a forced call comes back as a `tool_use` block (input valid for the schema),
+# streamed as `input_json` deltas the SDK assembles into the same input; its `tool_result`
+# goes back in and the model answers in text.
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}}
+WHERE = [{"role": "user", "content": "What is the weather in Paris?"}]
+forced = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+r = client.messages.create(model=MODEL, max_tokens=60, messages=WHERE, tools=[WEATHER], tool_choice=forced, temperature=0)
+assert r.stop_reason == "tool_use", r
+use = next(b for b in r.content if b.type == "tool_use")
+assert use.name == "get_weather" and isinstance(use.input.get("city"), str), use
+with client.messages.stream(model=MODEL, max_tokens=60, messages=WHERE, tools=[WEATHER], tool_choice=forced, temperature=0) as stream:
+    kinds = [e.type for e in stream]
+    final = stream.get_final_message()
+assert "input_json" in kinds and final.stop_reason == "tool_use", kinds
+assert [b.input for b in final.content if b.type == "tool_use"] == [use.input], (final.content, use)
+history = WHERE + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}]}]
+after = client.messages.create(model=MODEL, max_tokens=24, messages=history, tools=[WEATHER], tool_choice={"type": "none"}, temperature=0)
+assert after.content[0].type == "text" and after.content[0].text and after.stop_reason in ("end_turn", "max_tokens"), after
+# `auto` streams an answer's text as text deltas (the grammar's JSON never shows).
+with client.messages.stream(model=MODEL, max_tokens=30, messages=ASK, tools=[WEATHER], temperature=0) as stream:
+    text = "".join(stream.text_stream)
+    final = stream.get_final_message()
+if final.stop_reason != "tool_use":
+    assert not text.lstrip().startswith('{"') and final.content[0].text == text, (text, final)
 
 # Errors in Anthropic's shape, as the SDK's exception types.
 try:

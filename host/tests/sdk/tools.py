@@ -93,6 +93,19 @@ for model in models:
         assert final.choices[0].finish_reason == "tool_calls", final.choices[0]
         check_calls(final.choices[0].message.tool_calls, SCHEMAS)
 
+    # auto, streamed: an answer's text goes out as it generates (not whole at the end), the
+    # same text as unstreamed; a reply cut by max_tokens never shows the grammar's JSON.
+    hello = [{"role": "user", "content": "Say hello to Ada in one sentence."}]
+    kw = dict(model=model, messages=hello, tools=TOOLS, tool_choice="auto", max_tokens=40, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0]
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].delta.content]
+    if whole.message.content:
+        assert "".join(pieces) == whole.message.content, (pieces, whole.message.content)
+        assert len(whole.message.content) < 8 or len(pieces) > 1, pieces
+    for choice in ["auto", "required"]:
+        cut = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=5, temperature=0).choices[0]
+        assert cut.finish_reason == "length" and not (cut.message.content or "").lstrip().startswith('{"'), cut
+
     # The next turn: the call and its result go back in; the model answers.
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
