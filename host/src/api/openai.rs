@@ -469,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tool_grammar_answer_is_plain_content_and_a_cut_reply_stays_as_it_came() {
+    fn a_tool_grammar_answer_is_plain_content_and_a_cut_reply_never_shows_the_wrapper() {
         let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
         c.push(StreamEvent::Finished {
             text: r#"{"response": "Hi."}"#.into(),
@@ -489,7 +489,11 @@ mod tests {
         let r = c.finish().unwrap();
         assert_eq!(
             (r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()),
-            (json!(r#"{"tool_ca"#), json!("length"))
+            (json!(""), json!("length"))
         );
+        let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
+        let cut = r#"{"response": "Hello th"#;
+        c.push(StreamEvent::Finished { text: cut.into(), reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 1 }).unwrap();
+        assert_eq!(c.finish().unwrap()["choices"][0]["message"]["content"], json!("Hello th"));
     }
 }
