@@ -239,7 +239,9 @@ fn chat_body(
                     }
                     Ok(json!({"type": "function", "function": function}))
                 }
-                Some(kind) => Err(ApiError::invalid(format!("tools.{i}.type"), format!("server tool `{kind}` is not served; client tools are"))),
+                Some(kind) => {
+                    Err(ApiError::invalid(format!("tools.{i}.type"), format!("server tool `{kind}` is not served; client tools are")))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         body.insert("tools".into(), Value::Array(functions));
@@ -251,7 +253,9 @@ fn chat_body(
             ("none", _) => json!("none"),
             ("tool", Some(name)) => json!({"type": "function", "function": {"name": name}}),
             ("tool", None) => return Err(ApiError::invalid("tool_choice.name", "`tool_choice` of type `tool` names the tool")),
-            (other, _) => return Err(ApiError::invalid("tool_choice.type", format!("`tool_choice.type` is auto, any, tool or none, got `{other}`"))),
+            (other, _) => {
+                return Err(ApiError::invalid("tool_choice.type", format!("`tool_choice.type` is auto, any, tool or none, got `{other}`")));
+            }
         };
         body.insert("tool_choice".into(), mapped);
         if choice.disable_parallel_tool_use == Some(true) {
@@ -536,7 +540,11 @@ impl Streamer {
                         for block in blocks {
                             match block["type"].as_str() {
                                 Some("tool_use") => {
-                                    self.call(&mut frames, block["id"].as_str().unwrap_or_default(), block["name"].as_str().unwrap_or_default());
+                                    self.call(
+                                        &mut frames,
+                                        block["id"].as_str().unwrap_or_default(),
+                                        block["name"].as_str().unwrap_or_default(),
+                                    );
                                     self.input(&mut frames, &block["input"].to_string());
                                 }
                                 _ => self.text(&mut frames, block["text"].as_str().unwrap_or_default()),
@@ -704,7 +712,10 @@ mod tests {
             ])
         );
         assert_eq!(chat["tool_choice"], json!({"type": "function", "function": {"name": "get_weather"}}));
-        assert_eq!((chat["parallel_tool_calls"].clone(), chat["tools"][0]["function"]["parameters"].clone()), (json!(false), json!({"type": "object"})));
+        assert_eq!(
+            (chat["parallel_tool_calls"].clone(), chat["tools"][0]["function"]["parameters"].clone()),
+            (json!(false), json!({"type": "object"}))
+        );
         // A block in the wrong role, and a server tool, are refused by name.
         let wrong = |body: Value| {
             let r: MessagesRequest = serde_json::from_value(body).unwrap();

@@ -487,10 +487,7 @@ mod tests {
         c.push(StreamEvent::Finished { text: r#"{"tool_ca"#.into(), reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 1 })
             .unwrap();
         let r = c.finish().unwrap();
-        assert_eq!(
-            (r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()),
-            (json!(""), json!("length"))
-        );
+        assert_eq!((r["choices"][0]["message"]["content"].clone(), r["choices"][0]["finish_reason"].clone()), (json!(""), json!("length")));
         let mut c = Collector::new(ResponseMeta::new(Endpoint::Chat, "m", false, false, Some(CallIds::new())), None);
         let cut = r#"{"response": "Hello th"#;
         c.push(StreamEvent::Finished { text: cut.into(), reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 1 }).unwrap();

@@ -94,10 +94,16 @@ const INCLUDES: [&str; 7] = [
 fn check_include(include: &[String]) -> Result<(), ApiError> {
     for (i, value) in include.iter().enumerate() {
         if value == "message.output_text.logprobs" {
-            return Err(ApiError::invalid(format!("include[{i}]"), "`message.output_text.logprobs` is not served by the Responses API here; chat completions' `logprobs` is"));
+            return Err(ApiError::invalid(
+                format!("include[{i}]"),
+                "`message.output_text.logprobs` is not served by the Responses API here; chat completions' `logprobs` is",
+            ));
         }
         if !INCLUDES.contains(&value.as_str()) {
-            return Err(ApiError::invalid(format!("include[{i}]"), format!("unknown `include` value `{value}`; known: {}", INCLUDES.join(", "))));
+            return Err(ApiError::invalid(
+                format!("include[{i}]"),
+                format!("unknown `include` value `{value}`; known: {}", INCLUDES.join(", ")),
+            ));
         }
     }
     Ok(())
@@ -618,9 +624,17 @@ impl Streamer {
                     self.open_message(frames);
                     self.text_delta(frames, &text);
                 }
-                self.event(frames, "response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}));
+                self.event(
+                    frames,
+                    "response.output_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+                );
                 let part = json!({"type": "output_text", "text": text, "annotations": []});
-                self.event(frames, "response.content_part.done", json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}));
+                self.event(
+                    frames,
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                );
             }
             self.event(frames, "response.output_item.done", json!({"output_index": index, "item": item}));
         }

@@ -403,7 +403,9 @@ impl CallStream {
                         let n = rest.len() - rest[n..].trim_start().len();
                         self.advance(n, Scan::Value { answer: true, depth: 0, in_string: false, escaped: false, scalar: false })
                     }
-                    _ if [CALLS_OPEN, ANSWER_OPEN].iter().any(|open| open.starts_with(rest.trim_start())) || expect(rest, VALUE_OPEN).is_some() => {
+                    _ if [CALLS_OPEN, ANSWER_OPEN].iter().any(|open| open.starts_with(rest.trim_start()))
+                        || expect(rest, VALUE_OPEN).is_some() =>
+                    {
                         break;
                     }
                     _ => self.stray(),
