@@ -823,6 +823,12 @@ mod simd {
     use super::{COLS, FIFTHS, HIGHS, Packing, Quants, Tile};
     use std::arch::x86_64::*;
 
+    /// How far ahead of the block in use its weights are prefetched, in bytes. A decode
+    /// step (one input row) reads every weight once, so the loop waits on memory; the
+    /// hardware prefetchers alone left decode at 0.85× llama.cpp on a Zen 5 VM, and asking
+    /// for the weights 4–8 KiB ahead made it 13–35 % faster (measured at 0.4–10 KiB).
+    const PREFETCH: usize = 6 << 10;
+
     /// The packings as const parameters.
     const INT8: u8 = 0;
     const NIBBLES: u8 = 1;
@@ -993,6 +999,11 @@ mod simd {
                 let mut mins = [_mm256_setzero_si256(); R];
                 for b in first..first + span {
                     let x = |row: usize| xq.add(row * kb + b);
+                    // The weights PREFETCH bytes ahead, a cache line per two registers (past
+                    // the group's end: the next group's, in memory order).
+                    for r in (0..regs).step_by(2) {
+                        _mm_prefetch::<_MM_HINT_T0>(wq.wrapping_add(b * regs + r + PREFETCH / 32) as *const i8);
+                    }
                     let mut block = [_mm256_setzero_si256(); R];
                     if P == SIXES {
                         // Quad g's top bits (bits 2(g mod 4).. of `highs`) as bits 4-5 of each
