@@ -605,8 +605,15 @@ fn an_engine_panic_fails_its_requests_and_the_engine_serves_on() {
     // The second PANIC-NOW panicked the engine again, unless it found the queue still full
     // (the place of a request answered just before is given back a moment after its
     // answer): then it was refused with a 503 and never ran.
-    let panics = server.metric("wisp_errors_total{type=\"engine_panic\"}");
+    // A panic in admission drops its request as the stack unwinds, so its 500 can go out a
+    // moment before the supervisor counts the panic: the count is waited for (2 s at most).
     let expected = if statuses[0] == 503 { 1.0 } else { 2.0 };
+    let counted = || server.metric("wisp_errors_total{type=\"engine_panic\"}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while counted() < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let panics = counted();
     assert!(panics >= expected, "{panics} panics counted, statuses {statuses:?}");
     for _ in 0..4 {
         let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
